@@ -1,0 +1,1 @@
+"""bootrules: rules.yaml in, iPXE scripts out."""

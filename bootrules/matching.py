@@ -1,0 +1,111 @@
+"""Find the first rule that matches a machine: a pure function of the rules and the facts.
+
+An ordered collection of rules; `first_match` returns the first rule, top to bottom, whose
+every selector fits the machine. The index only narrows down which rules to try: each
+rule is filed under one of its selectors (an exact value, a glob's literal prefix or a
+CIDR), rules that cannot be filed are always tried, and candidates are tried in file
+order, so the answer is always the one a plain top-to-bottom scan gives.
+"""
+
+from __future__ import annotations
+
+import heapq
+import ipaddress
+from collections import defaultdict
+from typing import Iterable, Sequence
+
+from .model import Exact, Facts, Glob, Network, Rule, Selector
+
+
+def first_match_linear(rules: Sequence[Rule], facts: Facts) -> Rule | None:
+    """Return the first rule matching `facts` by trying every rule in order (the reference)."""
+    for rule in rules:
+        if rule.matches(facts):
+            return rule
+    return None
+
+
+def _indexable(selector: Selector) -> bool:
+    return all(
+        isinstance(pattern, (Exact, Network)) or (isinstance(pattern, Glob) and pattern.prefix)
+        for pattern in selector.patterns
+    )
+
+
+def _index_selector(rule: Rule) -> Selector | None:
+    """Pick the selector to file `rule` under: exact values first, then prefixes and ranges."""
+    best = None
+    for selector in rule.selectors:
+        if all(isinstance(pattern, Exact) for pattern in selector.patterns):
+            return selector
+        if best is None and _indexable(selector):
+            best = selector
+    return best
+
+
+class Matcher:
+    """First-match lookup whose cost does not grow with the number of indexed rules."""
+
+    def __init__(self, rules: Sequence[Rule]) -> None:
+        self.rules = tuple(rules)
+        exact: dict[str, dict[str, list[int]]] = defaultdict(lambda: defaultdict(list))
+        prefix: dict[str, dict[int, dict[str, list[int]]]] = defaultdict(lambda: defaultdict(lambda: defaultdict(list)))
+        networks: dict[str, dict[tuple[int, int], dict[object, list[int]]]] = defaultdict(
+            lambda: defaultdict(lambda: defaultdict(list))
+        )
+        always: list[int] = []
+        for position, rule in enumerate(self.rules):
+            selector = _index_selector(rule)
+            if selector is None:
+                always.append(position)
+                continue
+            for pattern in selector.patterns:
+                if isinstance(pattern, Exact):
+                    exact[selector.key][pattern.value].append(position)
+                elif isinstance(pattern, Glob):
+                    prefix[selector.key][len(pattern.prefix)][pattern.prefix].append(position)
+                else:
+                    net = pattern.network
+                    networks[selector.key][(net.version, net.prefixlen)][net.network_address].append(position)
+        # Plain dicts: lookups must not create entries, and frozen tables are cheap to share.
+        self._exact = {key: dict(table) for key, table in exact.items()}
+        self._prefix = {key: {n: dict(t) for n, t in sorted(tables.items())} for key, tables in prefix.items()}
+        self._networks = {key: {vp: dict(t) for vp, t in tables.items()} for key, tables in networks.items()}
+        self._always = always
+
+    def candidates(self, facts: Facts) -> Iterable[int]:
+        """Yield, in file order, the positions of the rules that may match `facts`."""
+        lists: list[list[int]] = [self._always] if self._always else []
+        for key, value in facts.items():
+            table = self._exact.get(key)
+            if table is not None:
+                hit = table.get(value)
+                if hit:
+                    lists.append(hit)
+            tables = self._prefix.get(key)
+            if tables is not None:
+                for length, by_prefix in tables.items():
+                    hit = by_prefix.get(value[:length])
+                    if hit:
+                        lists.append(hit)
+            ranges = self._networks.get(key)
+            if ranges is not None:
+                address = ipaddress.ip_address(value)
+                for (version, prefixlen), by_network in ranges.items():
+                    if version == address.version:
+                        network = ipaddress.ip_network((address, prefixlen), strict=False)
+                        hit = by_network.get(network.network_address)
+                        if hit:
+                            lists.append(hit)
+        if len(lists) == 1:
+            return lists[0]
+        return heapq.merge(*lists)
+
+    def first_match(self, facts: Facts) -> Rule | None:
+        """Return the first rule, in file order, whose every selector fits `facts`."""
+        rules = self.rules
+        for position in self.candidates(facts):
+            rule = rules[position]
+            if rule.matches(facts):
+                return rule
+        return None

@@ -1,0 +1,159 @@
+"""The rules as bootrules holds them after loading: small frozen objects, checked once.
+
+A rule is a name, the selectors a machine must satisfy (all of them), optional iPXE
+settings, and exactly one action. Nothing here knows about YAML, HTTP or iPXE syntax.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+from dataclasses import dataclass, field
+from typing import Mapping, Union
+
+Facts = Mapping[str, str]
+"""What a machine told us, by selector key, each value already normalised."""
+
+
+# --------------------------------------------------------------------------- patterns
+
+
+@dataclass(frozen=True)
+class Exact:
+    """A value that must equal the machine's value (both normalised)."""
+
+    value: str
+
+    def matches(self, value: str) -> bool:
+        """Tell whether the machine's value is this one."""
+        return value == self.value
+
+
+@dataclass(frozen=True)
+class Glob:
+    """A shell-style pattern (`*`, `?`, `[...]`), compiled once at load time."""
+
+    text: str
+    regex: re.Pattern[str] = field(compare=False)
+    # Literal text before the first wildcard, in the form facts are stored in; the
+    # matcher uses it to find candidate rules without trying every glob.
+    prefix: str
+    # MAC globs written without separators (`000c29*`) match the bare form of the MAC.
+    bare_mac: bool = False
+
+    def matches(self, value: str) -> bool:
+        """Tell whether the machine's value fits the pattern."""
+        subject = value.replace(":", "") if self.bare_mac else value
+        return self.regex.fullmatch(subject) is not None
+
+
+@dataclass(frozen=True)
+class Network:
+    """An address range (CIDR); a single address is a /32 or /128."""
+
+    network: Union[ipaddress.IPv4Network, ipaddress.IPv6Network]
+
+    def matches(self, value: str) -> bool:
+        """Tell whether the machine's address lies in this range."""
+        return ipaddress.ip_address(value) in self.network
+
+
+Pattern = Union[Exact, Glob, Network]
+
+
+@dataclass(frozen=True)
+class Selector:
+    """One `match:` entry: the machine's value for `key` must fit any of the patterns."""
+
+    key: str
+    patterns: tuple[Pattern, ...]
+
+    def matches(self, facts: Facts) -> bool:
+        """Tell whether the machine has a value for this key that fits a pattern."""
+        value = facts.get(self.key)
+        if value is None:
+            return False
+        return any(pattern.matches(value) for pattern in self.patterns)
+
+
+# --------------------------------------------------------------------------- actions
+
+
+@dataclass(frozen=True)
+class Chain:
+    """Hand the machine to another script or boot program at `url`."""
+
+    url: str
+
+
+@dataclass(frozen=True)
+class Sanboot:
+    """Boot from a SAN disk (iSCSI, HTTP disk image…); several URIs are multipath."""
+
+    uris: tuple[str, ...]
+    drive: int | None = None
+    no_describe: bool = False
+    keep: bool = False
+    filename: str | None = None
+
+
+@dataclass(frozen=True)
+class Boot:
+    """Fetch a kernel and its initrds, then boot the kernel with `args`."""
+
+    kernel: str
+    initrds: tuple[str, ...] = ()
+    args: str = ""
+
+
+@dataclass(frozen=True)
+class Exit:
+    """Leave iPXE so the firmware tries its next boot device (usually the local disk)."""
+
+    status: int = 1
+
+
+Action = Union[Chain, Sanboot, Boot, Exit]
+
+
+@dataclass(frozen=True)
+class Setting:
+    """An iPXE `set` line emitted before the action (initiator-iqn, CHAP username…)."""
+
+    name: str
+    value: str
+    secret: bool = False
+
+
+# --------------------------------------------------------------------------- rules
+
+
+@dataclass(frozen=True)
+class Rule:
+    """One entry of rules.yaml: who it is for, what to set, and what to do."""
+
+    name: str
+    line: int
+    selectors: tuple[Selector, ...]
+    action: Action
+    settings: tuple[Setting, ...] = ()
+
+    def matches(self, facts: Facts) -> bool:
+        """Tell whether every selector of this rule fits the machine (no selector: everyone)."""
+        return all(selector.matches(facts) for selector in self.selectors)
+
+    @property
+    def action_name(self) -> str:
+        """The rules.yaml key of this rule's action (`chain`, `sanboot`, `boot`, `exit`)."""
+        return type(self.action).__name__.lower()
+
+
+@dataclass(frozen=True)
+class RuleSet:
+    """The ordered rules of one file; the first rule that matches a machine wins."""
+
+    source: str
+    rules: tuple[Rule, ...]
+
+    def __len__(self) -> int:
+        return len(self.rules)

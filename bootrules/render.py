@@ -1,0 +1,114 @@
+"""The iPXE scripts bootrules sends: the entry script, and one small renderer per action.
+
+Scripts are built only from values the loader already checked (see loader.word_problem);
+nothing a machine sends ever reaches them. Every command that can fail jumps to one
+label that says what failed and exits, so a machine never hangs at an iPXE prompt: it
+goes on to its next boot device.
+"""
+
+from __future__ import annotations
+
+from .model import Boot, Chain, Exit, Rule, Sanboot, Setting
+
+FAILED_LABEL = "bootrules_failed"
+OR_FAIL = f" || goto {FAILED_LABEL}"
+
+# What the entry script reports, as (query key, iPXE expansion). Free text goes as
+# `:hexraw` because iPXE does not URL-encode `${serial}` and old builds leave `&` and `+`
+# raw even with `:uristring`; hex survives every version exactly.
+ENTRY_FACTS = (
+    ("mac", "${netX/mac:hexhyp}"),
+    ("uuid", "${uuid}"),
+    ("serial_hex", "${serial:hexraw}"),
+    ("product_hex", "${product:hexraw}"),
+    ("manufacturer_hex", "${manufacturer:hexraw}"),
+    ("asset_hex", "${asset:hexraw}"),
+    ("hostname_hex", "${hostname:hexraw}"),
+    ("ip", "${netX/ip}"),
+    ("platform", "${platform}"),
+    ("buildarch", "${buildarch}"),
+)
+
+
+def render_entry(decision_url: str) -> str:
+    """Return the entry script that sends a machine's facts to `decision_url` (…/ipxe)."""
+    query = "&".join(f"{key}={expansion}" for key, expansion in ENTRY_FACTS)
+    return (
+        "#!ipxe\n"
+        "# bootrules entry script: report what this machine is, then run what rules.yaml decides.\n"
+        f"chain --replace --autofree {decision_url}?{query}{OR_FAIL}\n"
+        f":{FAILED_LABEL}\n"
+        f"echo bootrules: could not fetch the boot decision from {decision_url}\n"
+        "echo bootrules: falling back to the next boot device\n"
+        "exit 1\n"
+    )
+
+
+def render_no_match() -> str:
+    """Return the script for a machine no rule matches: leave iPXE for the next boot device."""
+    return (
+        "#!ipxe\n"
+        "# bootrules: no rule matched this machine\n"
+        "echo bootrules: no rule matched this machine; booting from the next boot device\n"
+        "exit 1\n"
+    )
+
+
+def render_rule(rule: Rule) -> str:
+    """Return the decision script for a machine that `rule` matched."""
+    head = f"#!ipxe\n# bootrules: rule '{rule.name}' (line {rule.line})\n"
+    settings = "".join(_render_setting(setting) for setting in rule.settings)
+    action = rule.action
+    if isinstance(action, Exit):
+        return head + settings + _render_exit(rule.name, action)
+    if isinstance(action, Chain):
+        body = _render_chain(action)
+    elif isinstance(action, Sanboot):
+        body = _render_sanboot(action)
+    else:
+        body = _render_boot(action)
+    return head + settings + body + _failure_tail(rule.name, rule.action_name)
+
+
+def _render_setting(setting: Setting) -> str:
+    return f"set {setting.name} {setting.value}{OR_FAIL}\n"
+
+
+def _render_exit(name: str, action: Exit) -> str:
+    return f"echo bootrules: rule '{name}': booting from the next boot device\nexit {action.status}\n"
+
+
+def _render_chain(action: Chain) -> str:
+    # --replace: the chained script takes this one's place, so its own `exit` goes
+    # straight back to the firmware instead of returning here as a failure.
+    return f"chain --replace --autofree {action.url}{OR_FAIL}\n"
+
+
+def _render_sanboot(action: Sanboot) -> str:
+    words = ["sanboot"]
+    if action.drive is not None:
+        words.append(f"--drive 0x{action.drive:02x}")
+    if action.no_describe:
+        words.append("--no-describe")
+    if action.keep:
+        words.append("--keep")
+    if action.filename:
+        words.append(f"--filename {action.filename}")
+    words.extend(action.uris)
+    return " ".join(words) + f"{OR_FAIL}\n"
+
+
+def _render_boot(action: Boot) -> str:
+    kernel = f"kernel {action.kernel} {action.args}".rstrip()
+    lines = [kernel] + [f"initrd {initrd}" for initrd in action.initrds] + ["boot"]
+    return "".join(f"{line}{OR_FAIL}\n" for line in lines)
+
+
+def _failure_tail(name: str, action_name: str) -> str:
+    # Reached only if the action returned; a successful boot never comes back.
+    return (
+        "exit 0\n"
+        f":{FAILED_LABEL}\n"
+        f"echo bootrules: rule '{name}': {action_name} failed; falling back to the next boot device\n"
+        "exit 1\n"
+    )

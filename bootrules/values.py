@@ -1,0 +1,197 @@
+"""What a machine can be matched on, and the one normaliser per kind of value.
+
+The same functions read a value written in rules.yaml and a value a machine sends, so
+`00-11-22-AA-BB-CC` in a request meets `0011.22aa.bbcc` in a rule as the same MAC.
+Each normaliser returns the canonical text or raises ValueError with a reason that can
+be shown to the user as is.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+from typing import Mapping, Sequence
+
+# Selector keys, grouped by how their values are compared.
+MAC_KEYS = ("mac",)
+UUID_KEYS = ("uuid",)
+TEXT_KEYS = ("serial", "product", "manufacturer", "asset", "hostname")
+WORD_KEYS = ("platform", "buildarch")
+ADDRESS_KEYS = ("ip", "client")
+SELECTOR_KEYS = MAC_KEYS + UUID_KEYS + TEXT_KEYS + WORD_KEYS + ADDRESS_KEYS
+
+# Keys a machine may send in the /ipxe query; `client` is never sent: it is the peer.
+QUERY_KEYS = tuple(key for key in SELECTOR_KEYS if key != "client")
+
+# The values iPXE's builtins can take. A rule naming anything else has a typo.
+KNOWN_WORDS = {
+    "platform": ("pcbios", "efi", "linux", "sbi"),
+    "buildarch": ("i386", "x86_64", "arm32", "arm64", "riscv32", "riscv64", "loong64"),
+}
+
+# Firmware without a real UUID reports one of these; they identify no machine.
+PLACEHOLDER_UUIDS = frozenset(
+    {"00000000-0000-0000-0000-000000000000", "ffffffff-ffff-ffff-ffff-ffffffffffff"}
+)
+
+GLOB_CHARS = frozenset("*?[")
+
+_HEX = frozenset("0123456789abcdef")
+_MAC_SEPARATED = re.compile(r"[0-9a-f]{1,2}([:-])[0-9a-f]{1,2}(?:\1[0-9a-f]{1,2}){4}")
+_MAC_DOTTED = re.compile(r"[0-9a-f]{4}\.[0-9a-f]{4}\.[0-9a-f]{4}")
+_MAC_BARE = re.compile(r"[0-9a-f]{12}")
+_UUID_BARE = re.compile(r"[0-9a-f]{32}")
+_WORD = re.compile(r"[a-z0-9_]{1,32}")
+
+
+def is_glob(text: str) -> bool:
+    """Tell whether a rule value uses glob syntax (`*`, `?` or `[...]`)."""
+    return not GLOB_CHARS.isdisjoint(text)
+
+
+def normalize_mac(text: str) -> str:
+    """Return a MAC address as `aa:bb:cc:dd:ee:ff` from any common notation."""
+    value = text.strip().lower()
+    if _MAC_SEPARATED.fullmatch(value):
+        octets = re.split(r"[:-]", value)
+        return ":".join(octet.zfill(2) for octet in octets)
+    if _MAC_DOTTED.fullmatch(value) or _MAC_BARE.fullmatch(value):
+        bare = value.replace(".", "")
+        return ":".join(bare[i : i + 2] for i in range(0, 12, 2))
+    raise ValueError(
+        f"{text!r} is not a MAC address "
+        "(expected e.g. 00:11:22:33:44:55, 00-11-22-33-44-55, 0011.2233.4455 or 001122334455)"
+    )
+
+
+def normalize_mac_glob(text: str) -> tuple[str, bool]:
+    """Return a MAC glob in canonical form and whether it is written without separators.
+
+    `00:0C:29:*` and `00-0c-29-*` become `00:0c:29:*` (matched against `aa:bb:cc:dd:ee:ff`);
+    `000c29*` stays bare (matched against `aabbccddeeff`).
+    """
+    value = text.strip().lower()
+    if "." in value:
+        raise ValueError(f"{text!r}: write a MAC glob as 00:0c:29:* or 000c29*")
+    allowed = _HEX | GLOB_CHARS | set(":-]!")
+    if not set(value) <= allowed:
+        raise ValueError(f"{text!r} is not a MAC glob (hex digits, separators and * ? [...] only)")
+    if ":" not in value and "-" not in value:
+        return value, True
+    value = value.replace("-", ":")
+    for group in value.split(":"):
+        if is_glob(group) or group.endswith("]"):
+            continue
+        if len(group) != 2:
+            raise ValueError(f"{text!r}: each octet of a MAC glob needs two hex digits")
+    return value, False
+
+
+def normalize_uuid(text: str) -> str:
+    """Return a UUID as lowercase `8-4-4-4-12` from hyphenated, bare or braced notation."""
+    value = text.strip().lower()
+    if value.startswith("{") and value.endswith("}"):
+        value = value[1:-1]
+    bare = value.replace("-", "")
+    hyphens_ok = "-" not in value or [len(p) for p in value.split("-")] == [8, 4, 4, 4, 12]
+    if not (_UUID_BARE.fullmatch(bare) and hyphens_ok):
+        raise ValueError(f"{text!r} is not a UUID (expected e.g. 4c4c4544-0042-3510-8052-b4c04f4d4e31)")
+    return f"{bare[:8]}-{bare[8:12]}-{bare[12:16]}-{bare[16:20]}-{bare[20:]}"
+
+
+def normalize_text(text: str) -> str:
+    """Return free text (serial, product…) in the form compared: trimmed and case-folded.
+
+    Firmware often pads SMBIOS strings with spaces and vendors are inconsistent about case,
+    so neither counts; everything in between is compared exactly.
+    """
+    return text.strip().casefold()
+
+
+def normalize_word(key: str, text: str) -> str:
+    """Return an iPXE builtin value (platform, buildarch) lowercased, if it has their alphabet."""
+    value = text.strip().lower()
+    if not _WORD.fullmatch(value):
+        raise ValueError(f"{text!r} is not a {key} (letters, digits and _ only)")
+    return value
+
+
+def normalize_address(text: str) -> str:
+    """Return an IPv4 or IPv6 address in its compressed canonical form."""
+    try:
+        return str(ipaddress.ip_address(text.strip()))
+    except ValueError:
+        raise ValueError(f"{text!r} is not an IP address") from None
+
+
+def decode_hex_text(text: str) -> str:
+    """Decode the `:hexraw` form the entry script sends (e.g. `53264e2b`) back to text.
+
+    SMBIOS strings are bytes; UTF-8 is tried first, and anything else is read as Latin-1
+    so a machine with an odd byte in its serial still gets an answer.
+    """
+    value = text.strip().lower()
+    if len(value) % 2 or not set(value) <= _HEX:
+        raise ValueError(f"{text[:40]!r} is not hex (expected pairs of 0-9a-f, as ${{x:hexraw}} sends)")
+    raw = bytes.fromhex(value)
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError:
+        return raw.decode("latin-1")
+
+
+def normalize_fact(key: str, text: str) -> str:
+    """Normalise one value a machine sent for selector `key`; raise ValueError if it is not one."""
+    if key in MAC_KEYS:
+        return normalize_mac(text)
+    if key in UUID_KEYS:
+        return normalize_uuid(text)
+    if key in ADDRESS_KEYS:
+        return normalize_address(text)
+    if key in WORD_KEYS:
+        return normalize_word(key, text)
+    return normalize_text(text)
+
+
+MAX_TEXT_CHARS = 256
+
+
+class FactsError(ValueError):
+    """A request's values cannot be what they claim; the message is one line for the user."""
+
+
+def facts_from_query(params: Mapping[str, Sequence[str]]) -> tuple[dict[str, str], list[str]]:
+    """Turn a decision request's query into normalised facts, and list the keys it ignored.
+
+    Each selector key may be sent plain (`serial=ABC`, as a person types it) or, for free
+    text, hex-encoded (`serial_hex=414243`, as the entry script sends it). Empty values
+    count as absent. A value that is not what its key claims raises FactsError.
+    """
+    facts: dict[str, str] = {}
+    ignored: list[str] = []
+    for name, given in params.items():
+        key, hexed = (name[:-4], True) if name.endswith("_hex") else (name, False)
+        if key not in QUERY_KEYS or (hexed and key not in TEXT_KEYS):
+            ignored.append(name)
+            continue
+        distinct = {value for value in given if value != ""}
+        if len(distinct) > 1:
+            raise FactsError(f"{name} is given {len(distinct)} different values; send one")
+        if not distinct:
+            continue
+        raw = distinct.pop()
+        try:
+            text = decode_hex_text(raw) if hexed else raw
+            if len(text) > MAX_TEXT_CHARS:
+                raise ValueError(f"is longer than {MAX_TEXT_CHARS} characters")
+            value = normalize_fact(key, text)
+        except ValueError as error:
+            raise FactsError(f"{name}: {error}") from None
+        if key in UUID_KEYS and value in PLACEHOLDER_UUIDS:
+            continue  # firmware without a UUID; it identifies nothing
+        if value == "":
+            continue
+        if key in facts and facts[key] != value:
+            raise FactsError(f"{key} and {key}_hex disagree; send one")
+        facts[key] = value
+    return facts, ignored
