@@ -406,7 +406,7 @@ class _Reader:
                 options["filename"] = self.url(value_node, "sanboot filename", word_problem)
             else:
                 options[key.replace("-", "_")] = self.flag(value_node, f"sanboot {key}")
-        if not uris and options.get("drive") is None:
+        if not uris and "drive" not in options:
             self.problem(node, "sanboot needs 'uri:' (or only 'drive:' to boot a local BIOS disk)")
             return None
         if None in options.values():
@@ -540,6 +540,8 @@ def word_problem(word: str) -> str | None:
 
 def words_problem(text: str) -> str | None:
     """Say why `text` cannot be iPXE arguments separated by single spaces, or None if it can."""
+    if not text.isprintable():
+        return f"{text!r} contains a line break or control character"
     if text != text.strip(" ") or "  " in text:
         return f"{text!r} has leading, trailing or double spaces, which iPXE would drop"
     for word in text.split(" "):

@@ -1,0 +1,101 @@
+"""Helpers for tests that run real processes: a bootrules server on a real port."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def http_get(url: str, timeout: float = 5.0) -> tuple[int, dict[str, str], str]:
+    """GET `url`; return status, headers and body text, for any status."""
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as response:
+            return response.status, dict(response.headers), response.read().decode()
+    except urllib.error.HTTPError as error:
+        return error.code, dict(error.headers), error.read().decode()
+
+
+@dataclass
+class BootrulesServer:
+    """`python app.py serve` in a child process, logging to a file the test can read."""
+
+    rules: Path
+    port: int
+    log_path: Path
+    args: tuple[str, ...] = ()
+    host: str = "127.0.0.1"
+    netns: str | None = None
+    process: subprocess.Popen | None = field(default=None, init=False)
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+    def start(self, timeout: float = 20.0) -> "BootrulesServer":
+        command = [sys.executable, str(ROOT / "app.py"), "serve", "--rules", str(self.rules),
+                   "--host", self.host, "--port", str(self.port), *self.args]
+        if self.netns:
+            command = ["ip", "netns", "exec", self.netns, *command]
+        self._log = open(self.log_path, "ab")
+        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        self.process = subprocess.Popen(command, stdout=self._log, stderr=subprocess.STDOUT, cwd=ROOT, env=env)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"bootrules exited with {self.process.returncode}:\n{self.log()}")
+            if self.netns or self._answers():
+                if not self.netns or self._answers_in_netns():
+                    return self
+            time.sleep(0.1)
+        self.stop()
+        raise RuntimeError(f"bootrules did not answer within {timeout}s:\n{self.log()}")
+
+    def _answers(self) -> bool:
+        try:
+            return http_get(self.url + "/healthz", timeout=1)[0] in (200, 503)
+        except OSError:
+            return False
+
+    def _answers_in_netns(self) -> bool:
+        result = subprocess.run(
+            ["ip", "netns", "exec", self.netns, sys.executable, "-c",
+             f"import urllib.request; urllib.request.urlopen('{self.url}/healthz', timeout=1)"],
+            capture_output=True,
+        )
+        return result.returncode == 0
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def signal(self, signum: int) -> None:
+        assert self.process is not None
+        self.process.send_signal(signum)
+
+    def stop(self) -> int | None:
+        """Stop the server (SIGTERM, then SIGKILL) and return its exit status."""
+        if self.process is None:
+            return None
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        self._log.close()
+        return self.process.returncode
+
+    def __enter__(self) -> "BootrulesServer":
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()

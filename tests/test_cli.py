@@ -1,0 +1,61 @@
+"""The command line: check and preview work without a server."""
+
+from __future__ import annotations
+
+from app import cli
+
+
+def test_check_accepts_a_valid_file(runner, rules_path):
+    """`check` on a good file exits 0 and says how many rules it has."""
+    result = runner.invoke(cli, ["check", str(rules_path)])
+    assert result.exit_code == 0, result.output
+    assert result.output == f"{rules_path}: 3 rules, no problems\n"
+
+
+def test_check_lists_every_problem_and_exits_1(runner, write_rules):
+    """`check` on a bad file prints each problem as file:line and exits 1, no traceback."""
+    path = write_rules(
+        """
+        rules:
+          - name: a
+            match: {mack: 00:11:22:33:44:55}
+            exit: true
+          - name: b
+            chain: ftp//oops
+        """
+    )
+    result = runner.invoke(cli, ["check", str(path)])
+    assert result.exit_code == 1
+    assert result.output.splitlines() == [
+        f"{path}:3: rule 'a': match: unknown key 'mack' (did you mean 'mac'? expected one of: mac, uuid, serial, product, manufacturer, asset, hostname, platform, buildarch, ip, client)",
+        f"{path}:6: rule 'b': chain: 'ftp//oops' is not a URL (expected http://, https://, tftp://, ftp://, nfs://, file://, or a path starting with /)",
+    ]
+    assert result.exception is None or isinstance(result.exception, SystemExit)
+
+
+def test_check_on_a_missing_file_is_one_line(runner, tmp_path):
+    """A missing file is reported in one line with exit 1."""
+    result = runner.invoke(cli, ["check", str(tmp_path / "nope.yaml")])
+    assert result.exit_code == 1
+    assert result.output == f"{tmp_path / 'nope.yaml'}: file not found\n"
+
+
+def test_preview_prints_the_script_and_the_rule_that_answered(runner, rules_path):
+    """`preview --mac` prints exactly the script the server would send, and the rule."""
+    result = runner.invoke(cli, ["preview", "--rules", str(rules_path), "--mac", "00-12-34-56-78-90"])
+    assert result.exit_code == 0, result.output
+    assert result.stderr == f"# answered by rule 'lab-rescue' ({rules_path}:2), action chain\n"
+    assert result.stdout.startswith("#!ipxe\n# bootrules: rule 'lab-rescue' (line 2)\nchain --replace")
+
+
+def test_preview_matches_the_http_answer(runner, rules_path, client):
+    """What `preview` prints is byte for byte what /ipxe sends for the same machine."""
+    result = runner.invoke(cli, ["preview", "--rules", str(rules_path), "--mac", "00:0c:29:00:00:01"])
+    assert result.stdout == client.get("/ipxe?mac=00:0c:29:00:00:01").text
+
+
+def test_preview_refuses_a_bad_value(runner, rules_path):
+    """A malformed --mac is an error line and exit 1."""
+    result = runner.invoke(cli, ["preview", "--rules", str(rules_path), "--mac", "xx"])
+    assert result.exit_code == 1
+    assert "Error: mac: 'xx' is not a MAC address" in result.output

@@ -1,0 +1,167 @@
+"""The iPXE scripts, compared whole: what each action renders to."""
+
+import textwrap
+
+import pytest
+
+from bootrules.loader import parse_rules
+from bootrules.render import render_entry, render_no_match, render_rule
+
+
+def rendered(rule_yaml: str) -> str:
+    ruleset = parse_rules("rules:\n" + textwrap.indent(textwrap.dedent(rule_yaml).strip("\n"), "  ") + "\n")
+    return render_rule(ruleset.rules[0])
+
+
+def script(text: str) -> str:
+    return textwrap.dedent(text).lstrip("\n")
+
+
+# Appended to a case that ends with its indentation, so the first line carries none.
+FAIL_TAIL = """\
+exit 0
+        :bootrules_failed
+        echo bootrules: rule '{name}': {action} failed; falling back to the next boot device
+        exit 1
+"""
+
+CASES = [
+    pytest.param(
+        """
+        - name: lab-rescue
+          match: {mac: "00:12:34:56:78:90"}
+          chain: http://pxe.example.com/pxelinux.0
+        """,
+        """
+        #!ipxe
+        # bootrules: rule 'lab-rescue' (line 2)
+        chain --replace --autofree http://pxe.example.com/pxelinux.0 || goto bootrules_failed
+        """ + FAIL_TAIL.format(name="lab-rescue", action="chain"),
+        id="chain",
+    ),
+    pytest.param(
+        """
+        - name: db01
+          set:
+            initiator-iqn: iqn.2007-08.com.example.initiator:initiator
+            username: db01
+            password: s3cret
+          sanboot: iscsi:san.example.com:6:3260:0:iqn.2007-08.com.example.san:sometarget
+        """,
+        """
+        #!ipxe
+        # bootrules: rule 'db01' (line 2)
+        set initiator-iqn iqn.2007-08.com.example.initiator:initiator || goto bootrules_failed
+        set username db01 || goto bootrules_failed
+        set password s3cret || goto bootrules_failed
+        sanboot iscsi:san.example.com:6:3260:0:iqn.2007-08.com.example.san:sometarget || goto bootrules_failed
+        """ + FAIL_TAIL.format(name="db01", action="sanboot"),
+        id="sanboot-iscsi-with-set",
+    ),
+    pytest.param(
+        """
+        - name: multipath
+          sanboot:
+            uri: [http://a.example.com/disk.img, http://b.example.com/disk.img]
+            drive: 0x81
+            no-describe: true
+            keep: true
+            filename: \\EFI\\BOOT\\BOOTX64.EFI
+        """,
+        """
+        #!ipxe
+        # bootrules: rule 'multipath' (line 2)
+        sanboot --drive 0x81 --no-describe --keep --filename \\EFI\\BOOT\\BOOTX64.EFI http://a.example.com/disk.img http://b.example.com/disk.img || goto bootrules_failed
+        """ + FAIL_TAIL.format(name="multipath", action="sanboot"),
+        id="sanboot-http-multipath-options",
+    ),
+    pytest.param(
+        """
+        - name: local-bios-disk
+          sanboot: {drive: 0x80}
+        """,
+        """
+        #!ipxe
+        # bootrules: rule 'local-bios-disk' (line 2)
+        sanboot --drive 0x80 || goto bootrules_failed
+        """ + FAIL_TAIL.format(name="local-bios-disk", action="sanboot"),
+        id="sanboot-local-drive",
+    ),
+    pytest.param(
+        """
+        - name: installer
+          boot:
+            kernel: http://mirror.example.com/linux
+            initrd: [http://mirror.example.com/initrd.gz, http://mirror.example.com/firmware.cpio.gz]
+            args: auto=true priority=critical
+        """,
+        """
+        #!ipxe
+        # bootrules: rule 'installer' (line 2)
+        kernel http://mirror.example.com/linux auto=true priority=critical || goto bootrules_failed
+        initrd http://mirror.example.com/initrd.gz || goto bootrules_failed
+        initrd http://mirror.example.com/firmware.cpio.gz || goto bootrules_failed
+        boot || goto bootrules_failed
+        """ + FAIL_TAIL.format(name="installer", action="boot"),
+        id="boot",
+    ),
+    pytest.param(
+        """
+        - name: everyone-else
+          exit: true
+        """,
+        """
+        #!ipxe
+        # bootrules: rule 'everyone-else' (line 2)
+        echo bootrules: rule 'everyone-else': booting from the next boot device
+        exit 1
+        """,
+        id="exit",
+    ),
+    pytest.param(
+        """
+        - name: exit-zero
+          exit: 0
+        """,
+        """
+        #!ipxe
+        # bootrules: rule 'exit-zero' (line 2)
+        echo bootrules: rule 'exit-zero': booting from the next boot device
+        exit 0
+        """,
+        id="exit-status",
+    ),
+]
+
+
+@pytest.mark.parametrize("rule_yaml,expected", CASES)
+def test_each_action_renders_to_this_whole_script(rule_yaml, expected):
+    """Every action's script is exactly the expected text, failure path included."""
+    assert rendered(rule_yaml) == script(expected)
+
+
+def test_no_match_script_exits_to_the_next_boot_device():
+    """A machine no rule matches gets an explicit `exit`, never an error."""
+    assert render_no_match() == script(
+        """
+        #!ipxe
+        # bootrules: no rule matched this machine
+        echo bootrules: no rule matched this machine; booting from the next boot device
+        exit 1
+        """
+    )
+
+
+def test_entry_script_reports_every_fact_with_free_text_in_hex():
+    """The entry script chains /ipxe with the booting NIC's MAC and hex-encoded free text."""
+    assert render_entry("http://boot.example.com/pxe/ipxe") == script(
+        """
+        #!ipxe
+        # bootrules entry script: report what this machine is, then run what rules.yaml decides.
+        chain --replace --autofree http://boot.example.com/pxe/ipxe?mac=${netX/mac:hexhyp}&uuid=${uuid}&serial_hex=${serial:hexraw}&product_hex=${product:hexraw}&manufacturer_hex=${manufacturer:hexraw}&asset_hex=${asset:hexraw}&hostname_hex=${hostname:hexraw}&ip=${netX/ip}&platform=${platform}&buildarch=${buildarch} || goto bootrules_failed
+        :bootrules_failed
+        echo bootrules: could not fetch the boot decision from http://boot.example.com/pxe/ipxe
+        echo bootrules: falling back to the next boot device
+        exit 1
+        """
+    )

@@ -1,0 +1,96 @@
+"""bootrules as an operator runs it: `python app.py serve` with real waitress on a real port."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+import time
+
+from conftest import SAMPLE_RULES, free_port
+from support import ROOT, BootrulesServer, http_get
+
+
+def test_serve_answers_curl_style_requests_on_a_real_port(rules_path, tmp_path):
+    """The entry script, a decision and /healthz over real HTTP from waitress."""
+    with BootrulesServer(rules_path, free_port(), tmp_path / "server.log") as server:
+        status, headers, body = http_get(server.url + "/boot.ipxe")
+        assert status == 200 and body.startswith("#!ipxe\n")
+        assert f"chain --replace --autofree {server.url}/ipxe?mac=${{netX/mac:hexhyp}}&" in body
+
+        status, headers, body = http_get(server.url + "/ipxe?mac=00-12-34-56-78-90")
+        assert status == 200
+        assert headers["X-Bootrules-Rule"] == "lab-rescue"
+        assert "chain --replace --autofree http://pxe.example.com/pxelinux.0 || goto bootrules_failed\n" in body
+
+        status, _headers, body = http_get(server.url + "/ipxe?mac=bogus")
+        assert status == 400 and body.startswith("mac: 'bogus' is not a MAC address")
+
+        status, _headers, body = http_get(server.url + "/healthz")
+        assert status == 200 and '"rules":3' in body.replace(" ", "")
+
+    log = server.log()
+    assert "client=127.0.0.1 mac=00:12:34:56:78:90 rule=lab-rescue action=chain" in log
+    assert "Traceback" not in log
+
+
+def test_an_edit_takes_effect_without_a_restart_and_sighup_reloads_at_once(rules_path, tmp_path):
+    """Saving rules.yaml changes answers within two seconds; SIGHUP reloads immediately."""
+    with BootrulesServer(rules_path, free_port(), tmp_path / "server.log") as server:
+        rules_path.write_text(SAMPLE_RULES.replace("lab-rescue", "lab-rescue-v2"))
+        deadline = time.monotonic() + 3
+        rule = None
+        while time.monotonic() < deadline:
+            rule = http_get(server.url + "/ipxe?mac=00:12:34:56:78:90")[1]["X-Bootrules-Rule"]
+            if rule == "lab-rescue-v2":
+                break
+            time.sleep(0.1)
+        assert rule == "lab-rescue-v2"
+
+        rules_path.write_text(SAMPLE_RULES.replace("lab-rescue", "lab-rescue-v3"))
+        server.signal(signal.SIGHUP)
+        deadline = time.monotonic() + 2
+        while time.monotonic() < deadline:
+            rule = http_get(server.url + "/ipxe?mac=00:12:34:56:78:90")[1]["X-Bootrules-Rule"]
+            if rule == "lab-rescue-v3":
+                break
+            time.sleep(0.05)
+        assert rule == "lab-rescue-v3"
+    assert "reloading" in server.log() and "on request" in server.log()
+
+
+def test_serve_refuses_to_start_on_a_broken_file_with_every_error_listed(write_rules):
+    """A broken rules file stops `serve` with exit 1 and file:line errors, no traceback."""
+    path = write_rules("rules:\n  - name: a\n    match: {mac: nope}\n    exit: true\n  - name: b\n")
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "app.py"), "serve", "--rules", str(path), "--port", str(free_port())],
+        capture_output=True, text=True, timeout=30,
+    )
+    assert result.returncode == 1
+    assert f"{path}:3: rule 'a': match mac: 'nope' is not a MAC address" in result.stderr
+    assert f"{path}:5: rule 'b': no action" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_waitress_serve_call_uses_create_app_with_environment_settings(rules_path, tmp_path):
+    """`waitress-serve --call app:create_app` serves the file named by BOOTRULES_RULES."""
+    port = free_port()
+    env = {"BOOTRULES_RULES": str(rules_path), "BOOTRULES_BASE_URL": "http://boot.example.com", "PATH": "/usr/bin:/bin"}
+    process = subprocess.Popen(
+        [sys.executable, "-m", "waitress", f"--listen=127.0.0.1:{port}", "--call", "app:create_app"],
+        cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline:
+            try:
+                status, _h, body = http_get(f"http://127.0.0.1:{port}/boot.ipxe", timeout=1)
+                break
+            except OSError:
+                time.sleep(0.1)
+        assert status == 200
+        assert "chain --replace --autofree http://boot.example.com/ipxe?" in body
+        assert http_get(f"http://127.0.0.1:{port}/ipxe?mac=00:0c:29:01:02:03")[1]["X-Bootrules-Rule"] == "vmware-guests"
+    finally:
+        process.terminate()
+        process.wait(timeout=10)

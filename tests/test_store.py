@@ -1,0 +1,124 @@
+"""Reloading: edits are picked up, broken edits never replace good rules."""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+
+import pytest
+
+from bootrules.store import RuleStore
+
+GOOD_A = "rules:\n  - name: version-a\n    exit: true\n"
+GOOD_B = "rules:\n  - name: version-b\n    exit: true\n"
+BROKEN = "rules:\n  - name: broken\n    chain: not a url\n"
+
+
+def names(store: RuleStore) -> list[str]:
+    return [rule.name for rule in store.snapshot.ruleset.rules]
+
+
+def bump(path, text: str) -> None:
+    """Write `text` and move the mtime on, as a save a moment later would."""
+    path.write_text(text)
+    st = os.stat(path)
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns + 10_000_000))
+
+
+@pytest.fixture
+def store(tmp_path):
+    path = tmp_path / "rules.yaml"
+    path.write_text(GOOD_A)
+    store = RuleStore(str(path), poll_interval=0)
+    assert store.reload()
+    yield store
+    store.stop()
+
+
+def test_an_edit_is_loaded_once_it_has_settled(store, tmp_path):
+    """A changed file is loaded on the poll after the one that first saw the change."""
+    bump(tmp_path / "rules.yaml", GOOD_B)
+    assert store.reload_if_changed() is False  # just changed: wait one interval
+    assert names(store) == ["version-a"]
+    assert store.reload_if_changed() is True
+    assert names(store) == ["version-b"]
+    assert store.reload_if_changed() is False  # nothing new
+
+
+def test_a_broken_edit_keeps_the_last_good_rules_and_is_logged_once(store, tmp_path, caplog):
+    """A broken save leaves the good rules serving; the error is logged once, then cleared."""
+    path = tmp_path / "rules.yaml"
+    bump(path, BROKEN)
+    with caplog.at_level(logging.ERROR, logger="bootrules"):
+        for _ in range(5):
+            store.reload_if_changed()
+    assert names(store) == ["version-a"]
+    assert store.last_error is not None
+    assert store.last_error.problems == (f"{path}:3: rule 'broken': chain: 'not a url' contains a space, line break or control character",)
+    assert [r.levelname for r in caplog.records] == ["ERROR"]
+    bump(path, GOOD_B)
+    store.reload_if_changed()
+    store.reload_if_changed()
+    assert names(store) == ["version-b"] and store.last_error is None
+
+
+def test_a_file_truncated_before_being_rewritten_is_never_served_empty(store, tmp_path):
+    """An editor's truncate-then-write is seen as one change once the file settles."""
+    path = tmp_path / "rules.yaml"
+    bump(path, "")
+    store.reload_if_changed()  # sees the truncated file, waits for it to settle
+    bump(path, GOOD_B)
+    store.reload_if_changed()  # changed again: still waiting
+    assert names(store) == ["version-a"] and store.last_error is None
+    store.reload_if_changed()
+    assert names(store) == ["version-b"]
+
+
+def test_a_deleted_file_keeps_serving_and_a_restored_one_is_loaded(store, tmp_path):
+    """Deleting rules.yaml is reported; putting it back loads it."""
+    path = tmp_path / "rules.yaml"
+    path.unlink()
+    store.reload_if_changed()
+    store.reload_if_changed()
+    assert names(store) == ["version-a"]
+    assert store.last_error.problems == (f"{path}: file not found",)
+    bump(path, GOOD_B)
+    store.reload_if_changed()
+    store.reload_if_changed()
+    assert names(store) == ["version-b"]
+
+
+def test_the_watcher_thread_picks_up_an_edit_within_two_seconds(tmp_path):
+    """With the background watcher running, an edit is served within about a second."""
+    path = tmp_path / "rules.yaml"
+    path.write_text(GOOD_A)
+    store = RuleStore(str(path), poll_interval=0.2)
+    store.reload()
+    store.start()
+    try:
+        bump(path, GOOD_B)
+        deadline = time.monotonic() + 2
+        while names(store) != ["version-b"] and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert names(store) == ["version-b"]
+    finally:
+        store.stop()
+
+
+def test_request_reload_reloads_at_once(tmp_path):
+    """A forced reload (what SIGHUP does) does not wait for the file to settle."""
+    path = tmp_path / "rules.yaml"
+    path.write_text(GOOD_A)
+    store = RuleStore(str(path), poll_interval=30)
+    store.reload()
+    store.start()
+    try:
+        bump(path, GOOD_B)
+        store.request_reload()
+        deadline = time.monotonic() + 2
+        while names(store) != ["version-b"] and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert names(store) == ["version-b"]
+    finally:
+        store.stop()

@@ -1,0 +1,125 @@
+"""Value normalisation: the one function per kind used by both rules and requests."""
+
+import pytest
+
+from bootrules import values
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "00:11:22:aa:bb:cc",
+        "00-11-22-AA-BB-CC",
+        "001122aabbcc",
+        "0011.22aa.bbcc",
+        "0:11:22:aa:bb:cc",
+        " 00:11:22:AA:bb:cc ",
+    ],
+    ids=["colon", "hyphen-upper", "bare", "cisco-dotted", "unpadded-octet", "padded-mixed-case"],
+)
+def test_every_mac_notation_normalises_to_one_form(text):
+    """Any common MAC notation reads as the same lowercase colon form."""
+    assert values.normalize_mac(text) == "00:11:22:aa:bb:cc"
+
+
+@pytest.mark.parametrize(
+    "text", ["", "00:11:22:33:44", "00:11:22:33:44:55:66", "00:11-22:33:44:55", "zz:11:22:33:44:55", "0011223344556", "${mac}"]
+)
+def test_a_mac_that_is_no_mac_is_refused_with_a_reason(text):
+    """Something that is not a MAC raises ValueError naming the expected notations."""
+    with pytest.raises(ValueError, match="is not a MAC address"):
+        values.normalize_mac(text)
+
+
+@pytest.mark.parametrize(
+    "text,expected",
+    [
+        ("00:0C:29:*", ("00:0c:29:*", False)),
+        ("00-0c-29-*", ("00:0c:29:*", False)),
+        ("000c29*", ("000c29*", True)),
+        ("*:55", ("*:55", False)),
+    ],
+)
+def test_mac_globs_normalise_separators_and_case(text, expected):
+    """MAC globs keep their shape but lose case and hyphen/colon differences."""
+    assert values.normalize_mac_glob(text) == expected
+
+
+@pytest.mark.parametrize("text", ["00:c:29:*", "0c29.*", "00:0g:*"])
+def test_malformed_mac_globs_are_refused(text):
+    """A MAC glob with a one-digit octet, dots or non-hex characters is an error."""
+    with pytest.raises(ValueError):
+        values.normalize_mac_glob(text)
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "4C4C4544-0042-3510-8052-B4C04F4D4E31",
+        "4c4c454400423510 8052b4c04f4d4e31".replace(" ", ""),
+        "{4c4c4544-0042-3510-8052-b4c04f4d4e31}",
+    ],
+)
+def test_uuid_notations_normalise(text):
+    """UUIDs read the same in upper case, without hyphens, or in braces."""
+    assert values.normalize_uuid(text) == "4c4c4544-0042-3510-8052-b4c04f4d4e31"
+
+
+@pytest.mark.parametrize("text", ["4c4c4544-0042-3510-8052", "4c4c4544004235108052b4c04f4d4e3g", "4c4c-4544-0042-3510-8052b4c04f4d4e31"])
+def test_bad_uuids_are_refused(text):
+    """A UUID with the wrong length, a non-hex digit or misplaced hyphens is an error."""
+    with pytest.raises(ValueError, match="is not a UUID"):
+        values.normalize_uuid(text)
+
+
+def test_hex_text_round_trips_characters_iPXE_would_mangle():
+    """The entry script's :hexraw form decodes to exactly the firmware's bytes."""
+    serial = "S&N+1#x y%20"
+    assert values.decode_hex_text(serial.encode().hex()) == serial
+    assert values.decode_hex_text("ff41") == "\xffA"  # not UTF-8: read as Latin-1
+    with pytest.raises(ValueError, match="is not hex"):
+        values.decode_hex_text("abc")
+
+
+def test_query_facts_accept_plain_and_hex_values_and_ignore_empty_ones():
+    """A query yields normalised facts; empty values are absent; unknown keys are listed."""
+    facts, ignored = values.facts_from_query(
+        {
+            "mac": ["52-54-00-12-34-56"],
+            "serial_hex": ["S&N+1#x".encode().hex()],
+            "product": ["  PowerEdge R640 "],
+            "uuid": [""],
+            "hostname_hex": [""],
+            "platform": ["PCBIOS"],
+            "mca": ["00:11:22:33:44:55"],
+        }
+    )
+    assert facts == {"mac": "52:54:00:12:34:56", "serial": "s&n+1#x", "product": "poweredge r640", "platform": "pcbios"}
+    assert ignored == ["mca"]
+
+
+@pytest.mark.parametrize(
+    "query,reason",
+    [
+        ({"mac": ["nope"]}, "mac: 'nope' is not a MAC address"),
+        ({"mac": ["00:11:22:33:44:55", "00:11:22:33:44:66"]}, "mac is given 2 different values"),
+        ({"uuid": ["1234"]}, "uuid: '1234' is not a UUID"),
+        ({"ip": ["10.0.0.300"]}, "ip: '10.0.0.300' is not an IP address"),
+        ({"serial_hex": ["xyz"]}, "serial_hex: 'xyz' is not hex"),
+        ({"serial": ["a" * 300]}, "longer than 256"),
+        ({"platform": ["efi;exit"]}, "is not a platform"),
+        ({"serial": ["ABC"], "serial_hex": ["444546"]}, "serial and serial_hex disagree"),
+    ],
+    ids=["bad-mac", "two-macs", "bad-uuid", "bad-ip", "bad-hex", "too-long", "bad-platform", "plain-vs-hex"],
+)
+def test_query_values_that_cannot_be_what_they_claim_are_refused(query, reason):
+    """Each malformed request value raises FactsError with a one-line reason."""
+    with pytest.raises(values.FactsError, match=reason) as caught:
+        values.facts_from_query(query)
+    assert "\n" not in str(caught.value)
+
+
+def test_placeholder_uuid_counts_as_absent():
+    """The all-zero UUID of firmware without one is dropped rather than matched."""
+    facts, _ = values.facts_from_query({"uuid": ["00000000-0000-0000-0000-000000000000"]})
+    assert facts == {}
