@@ -126,6 +126,7 @@ def create_app(
 ) -> Flask:
     """Build the bootrules WSGI app serving `rules_path` (default $BOOTRULES_RULES, then ./rules.yaml)."""
     env = os.environ
+    _configure_logging()  # a no-op when the hosting server has set up logging already
     app = Flask(__name__)
     app.config["RULES_PATH"] = rules_path or env.get("BOOTRULES_RULES") or DEFAULT_RULES
     app.config["BASE_URL"] = parse_base_url(base_url if base_url is not None else env.get("BOOTRULES_BASE_URL"))
