@@ -1,0 +1,294 @@
+"""Proof by real boots: Debian's iPXE in QEMU runs what bootrules sends, action by action.
+
+Each test writes rules, starts `python app.py serve` on a free loopback port, and powers
+on a VM whose DHCP boot file is that server's /boot.ipxe. The test watches two things: the
+requests the servers receive, and the markers the guest's marker programs write to the
+QEMU debug console (the local-disk marker also copies the screen, so a test can read what
+iPXE printed just before).
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+
+from bootrules.render import render_entry
+from conftest import free_port, require_tool
+from markers import disk_image, marker_kernel
+from support import BootrulesServer, http_get
+from vm import HOST_FROM_GUEST, OVMF_CODE, OVMF_VARS, VIRTIO_ROM, FileServer, IscsiTarget, Machine, boot
+
+pytestmark = pytest.mark.qemu
+
+LOCAL_DISK = "LOCALDISK-OK"
+SAN_DISK = "SANBOOT-OK"
+KERNEL = "KERNEL-OK"
+
+
+def require_file(path: Path, package: str) -> None:
+    if not path.exists():
+        require_tool(str(path), f"from Debian's {package} package")
+
+
+class Lab:
+    """One test's servers and VM: bootrules, a file server, and a local disk."""
+
+    def __init__(self, tmp_path: Path, files: FileServer) -> None:
+        self.tmp = tmp_path
+        self.files = files
+        self.rules = tmp_path / "rules.yaml"
+        self.server: BootrulesServer | None = None
+        self.disk = tmp_path / "local.img"
+        self.disk.write_bytes(disk_image(LOCAL_DISK, 0x10))
+
+    def write_rules(self, text: str) -> None:
+        self.rules.write_text(textwrap.dedent(text).lstrip("\n").replace("FILES", f"http://{HOST_FROM_GUEST}:{self.files.port}"))
+
+    def serve(self, text: str) -> BootrulesServer:
+        self.write_rules(text)
+        self.server = BootrulesServer(self.rules, free_port(), self.tmp / "bootrules.log").start()
+        return self.server
+
+    def boot_url(self) -> str:
+        assert self.server is not None
+        return f"http://{HOST_FROM_GUEST}:{self.server.port}/boot.ipxe"
+
+    def boot(self, machine: Machine | None = None, **options):
+        result = boot(self.tmp, options.pop("boot_url", None) or self.boot_url(), machine or Machine(), disk=self.disk, **options)
+        return result
+
+    def decisions(self, mac: str = Machine.mac) -> list[str]:
+        """The `rule=… action=…` part of each decision bootrules logged for the VM's MAC."""
+        assert self.server is not None
+        return [line.split("rule=", 1)[1] for line in self.server.log().splitlines() if f" mac={mac} rule=" in line]
+
+    def close(self) -> None:
+        if self.server is not None:
+            self.server.stop()
+
+
+@pytest.fixture
+def lab(tmp_path):
+    require_tool("qemu-system-x86_64", "from Debian's qemu-system-x86 package")
+    require_file(VIRTIO_ROM, "ipxe-qemu")
+    with FileServer() as files:
+        lab = Lab(tmp_path, files)
+        yield lab
+        lab.close()
+
+
+def test_entry_script_reports_the_machines_true_identity(lab):
+    """MAC, UUID, SMBIOS strings (a serial full of & + # and a space), platform and
+    buildarch all reach /ipxe exactly: one rule requiring every one of them matches."""
+    lab.files.files["/facts-ok.ipxe"] = b"#!ipxe\nexit 1\n"
+    lab.serve(
+        """
+        rules:
+          - name: every-fact
+            match:
+              mac: 52-54-00-AB-CD-EF
+              uuid: 8C2F3F5E-1B2A-4C3D-9E8F-0A1B2C3D4E5F
+              serial: "S&N+1#x y"
+              product: "ProLiant DL360 Gen10"
+              manufacturer: HPE
+              asset: "IT-42 rack 7"
+              platform: pcbios
+              buildarch: i386
+            chain: FILES/facts-ok.ipxe
+          - name: rest
+            exit: true
+        """
+    )
+    machine = Machine(
+        mac="52:54:00:ab:cd:ef", uuid="8c2f3f5e-1b2a-4c3d-9e8f-0a1b2c3d4e5f", serial="S&N+1#x y",
+        product="ProLiant DL360 Gen10", manufacturer="HPE", asset="IT-42 rack 7",
+    )
+    result = lab.boot(machine)
+    assert lab.decisions("52:54:00:ab:cd:ef") == ["every-fact action=chain"], result.describe() + "\n" + lab.server.log()
+    assert lab.files.paths() == ["/facts-ok.ipxe"]
+    assert result.marker() == LOCAL_DISK
+
+
+def test_chain_runs_the_chained_script_which_fetches_a_third(lab):
+    """`chain`: the VM fetches the chained script, and that script runs (it fetches another)."""
+    lab.files.files["/second.ipxe"] = f"#!ipxe\nchain {lab.files.url('/third.ipxe')}\n".encode()
+    lab.files.files["/third.ipxe"] = b"#!ipxe\necho third script ran\nexit 1\n"
+    lab.serve("""
+        rules:
+          - name: to-second
+            match: {mac: "52:54:00:12:34:56"}
+            chain: FILES/second.ipxe
+        """)
+    result = lab.boot()
+    assert lab.files.paths() == ["/second.ipxe", "/third.ipxe"], result.describe()
+    assert "third script ran" in result.screen_text()
+    assert result.marker() == LOCAL_DISK
+
+
+def test_sanboot_over_http_boots_the_disk_image(lab):
+    """`sanboot` of an HTTP disk image (Range requests) boots the image's boot sector."""
+    lab.files.files["/disk.img"] = disk_image(SAN_DISK, 0x11)
+    lab.serve("""
+        rules:
+          - name: http-disk
+            sanboot: FILES/disk.img
+        """)
+    result = lab.boot()
+    assert result.marker() == SAN_DISK, result.describe()
+    assert any(request.range for request in lab.files.requests), lab.files.requests
+
+
+def test_sanboot_over_iscsi_needs_the_rules_initiator_name(lab, tmp_path):
+    """`sanboot` over iSCSI with `set: initiator-iqn`: tgtd admits only that initiator,
+    so the marker proves both the setting and the login; without it the boot fails over."""
+    require_tool("tgtd", "from Debian's tgt package")
+    image = tmp_path / "lun.img"
+    image.write_bytes(disk_image(SAN_DISK, 0x11))
+    target = "iqn.2026-11.test.bootrules:lun"
+    initiator = "iqn.2026-11.test.bootrules:vm-0042"
+    port = free_port()
+    with IscsiTarget(tmp_path, image, target, initiator, port):
+        lab.serve(f"""
+            rules:
+              - name: with-iqn
+                match: {{mac: "52:54:00:00:00:01"}}
+                set: {{initiator-iqn: "{initiator}"}}
+                sanboot: iscsi:{HOST_FROM_GUEST}::{port}:1:{target}
+              - name: without-iqn
+                match: {{mac: "52:54:00:00:00:02"}}
+                sanboot: iscsi:{HOST_FROM_GUEST}::{port}:1:{target}
+            """)
+        admitted = lab.boot(Machine(mac="52:54:00:00:00:01"))
+        refused = lab.boot(Machine(mac="52:54:00:00:00:02"))
+    assert admitted.marker() == SAN_DISK, admitted.describe()
+    assert refused.marker() == LOCAL_DISK, refused.describe()
+    assert "bootrules: rule 'without-iqn': sanboot failed; falling back to the next boot device" in refused.screen_text()
+
+
+def test_exit_hands_over_to_the_local_disk(lab):
+    """`exit`: iPXE returns to the BIOS, which boots the local disk."""
+    lab.serve("""
+        rules:
+          - name: go-local
+            exit: true
+        """)
+    result = lab.boot()
+    assert result.marker() == LOCAL_DISK, result.describe()
+    assert "bootrules: rule 'go-local': booting from the next boot device" in result.screen_text()
+
+
+def test_boot_fetches_kernel_and_initrd_and_runs_the_kernel_with_its_args(lab):
+    """`boot`: both files are fetched and the kernel runs with the initrd and arguments."""
+    initrd = b"INITRD" * 100
+    lab.files.files["/vmlinuz"] = marker_kernel(KERNEL, 0x12)
+    lab.files.files["/initrd.img"] = initrd
+    lab.serve("""
+        rules:
+          - name: kernel
+            boot:
+              kernel: FILES/vmlinuz
+              initrd: FILES/initrd.img
+              args: quiet bootrules=yes
+        """)
+    result = lab.boot()
+    assert lab.files.paths() == ["/vmlinuz", "/initrd.img"]
+    assert result.marker() == f"{KERNEL} initrd={len(initrd):08x} cmdline=quiet bootrules=yes", result.describe()
+
+
+def test_no_matching_rule_runs_the_explicit_default(lab):
+    """No rule matches: the default script exits and the local disk boots."""
+    lab.serve("""
+        rules:
+          - name: someone-else
+            match: {mac: "00:11:22:33:44:55"}
+            chain: FILES/never.ipxe
+        """)
+    result = lab.boot()
+    assert result.marker() == LOCAL_DISK, result.describe()
+    assert "bootrules: no rule matched this machine; booting from the next boot device" in result.screen_text()
+    assert lab.files.paths() == []
+
+
+def test_a_chain_that_404s_prints_why_and_falls_through(lab):
+    """A chained URL that 404s: the machine says so and boots its local disk."""
+    lab.serve("""
+        rules:
+          - name: broken-chain
+            chain: FILES/missing.ipxe
+        """)
+    result = lab.boot()
+    assert result.marker() == LOCAL_DISK, result.describe()
+    assert "bootrules: rule 'broken-chain': chain failed; falling back to the next boot device" in result.screen_text()
+
+
+def test_an_iscsi_target_that_is_down_prints_why_and_falls_through(lab):
+    """An iSCSI target nobody listens on: sanboot fails, the machine boots its local disk."""
+    with socket.socket() as closed:
+        closed.bind(("127.0.0.1", 0))
+        port = closed.getsockname()[1]
+    lab.serve(f"""
+        rules:
+          - name: san-down
+            sanboot: iscsi:{HOST_FROM_GUEST}::{port}:1:iqn.2026-11.test:nobody
+        """)
+    result = lab.boot()
+    assert result.marker() == LOCAL_DISK, result.describe()
+    assert "bootrules: rule 'san-down': sanboot failed; falling back to the next boot device" in result.screen_text()
+
+
+def test_an_unreachable_decision_url_prints_why_and_falls_through(lab):
+    """The entry script cannot reach /ipxe: it says so and the local disk boots."""
+    dead = free_port()
+    lab.files.files["/boot.ipxe"] = render_entry(f"http://{HOST_FROM_GUEST}:{dead}/ipxe").encode()
+    result = lab.boot(boot_url=lab.files.url("/boot.ipxe"))
+    assert result.marker() == LOCAL_DISK, result.describe()
+    assert f"bootrules: could not fetch the boot decision from http://{HOST_FROM_GUEST}:{dead}/ipxe" in result.screen_text()
+
+
+def test_uefi_firmware_reports_efi_and_a_platform_rule_answers(lab, tmp_path):
+    """UEFI (OVMF + the EFI iPXE ROM): /ipxe sees platform=efi, buildarch=x86_64."""
+    require_file(OVMF_CODE, "ovmf")
+    require_file(OVMF_VARS, "ovmf")
+    lab.files.files["/efi.ipxe"] = b"#!ipxe\necho efi rule answered\nexit 1\n"
+    lab.serve("""
+        rules:
+          - name: bios
+            match: {platform: pcbios}
+            exit: true
+          - name: uefi-x64
+            match: {platform: efi, buildarch: x86_64}
+            chain: FILES/efi.ipxe
+        """)
+    result = lab.boot(uefi=True, stop_when=lambda: "/efi.ipxe" in lab.files.paths())
+    assert lab.files.paths() == ["/efi.ipxe"], result.describe() + "\n" + lab.server.log()
+    assert lab.decisions() == ["uefi-x64 action=chain"]
+
+
+def test_an_edit_made_while_the_machine_is_off_applies_at_its_next_boot(lab):
+    """Edit rules.yaml between two boots: the second boot follows the new rule, no restart."""
+    lab.files.files["/after-edit.ipxe"] = b"#!ipxe\nexit 1\n"
+    server = lab.serve("""
+        rules:
+          - name: before-edit
+            exit: true
+        """)
+    first = lab.boot()
+    assert first.marker() == LOCAL_DISK and lab.files.paths() == []
+    lab.write_rules("""
+        rules:
+          - name: after-edit
+            chain: FILES/after-edit.ipxe
+        """)
+    deadline = time.monotonic() + 5
+    while http_get(server.url + "/ipxe")[1]["X-Bootrules-Rule"] != "after-edit":
+        assert time.monotonic() < deadline, server.log()
+        time.sleep(0.1)
+    second = lab.boot()
+    assert lab.files.paths() == ["/after-edit.ipxe"], second.describe()
+    assert lab.decisions() == ["before-edit action=exit", "after-edit action=chain"]
+    assert server.process.poll() is None  # the same server process answered both boots
