@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import socket
 import sys
@@ -29,6 +30,27 @@ def require_tool(name: str, why: str = "") -> str:
     if IN_CI:
         pytest.fail(message)
     pytest.skip(message)
+
+
+def require_root(why: str) -> None:
+    """Skip (laptop) or fail (CI) unless running as root, which namespaces and daemons need."""
+    if os.geteuid() == 0:
+        return
+    message = f"needs root: {why} (run tests/run as root)"
+    if IN_CI:
+        pytest.fail(message)
+    pytest.skip(message)
+
+
+def contrib(name: str, **values: str) -> str:
+    """Return contrib/<name> with its @PLACEHOLDERS@ replaced, and nothing else changed."""
+    text = (ROOT / "contrib" / name).read_text()
+    for key, value in values.items():
+        assert f"@{key}@" in text, f"contrib/{name} has no @{key}@"
+        text = text.replace(f"@{key}@", value)
+    left = set(re.findall(r"@[A-Z_]+@", text))
+    assert not left, f"contrib/{name}: placeholders not substituted: {sorted(left)}"
+    return text
 
 
 def free_port() -> int:
