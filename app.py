@@ -301,7 +301,9 @@ def serve(rules_path: str, host: str, port: int, base_url: str | None, trusted_p
     signal.signal(signal.SIGHUP, lambda _signum, _frame: store.request_reload())
     log.info("serving %d rules from %s on http://%s:%d/", len(store.snapshot.ruleset) if store.snapshot else 0,
              rules_path, host, port)
-    waitress.serve(app, host=host, port=port, threads=threads, ident="bootrules")
+    # waitress would strip X-Forwarded-* before the app sees them; TrustedProxies decides
+    # instead, by the peer's address, so that CIDRs and several proxies work.
+    waitress.serve(app, host=host, port=port, threads=threads, ident="bootrules", clear_untrusted_proxy_headers=False)
 
 
 @cli.command()

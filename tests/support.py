@@ -52,26 +52,21 @@ class BootrulesServer:
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
                 raise RuntimeError(f"bootrules exited with {self.process.returncode}:\n{self.log()}")
-            if self.netns or self._answers():
-                if not self.netns or self._answers_in_netns():
-                    return self
+            if self._answers():
+                return self
             time.sleep(0.1)
         self.stop()
         raise RuntimeError(f"bootrules did not answer within {timeout}s:\n{self.log()}")
 
     def _answers(self) -> bool:
+        if self.netns:  # only reachable from inside its namespace
+            probe = f"import urllib.request; urllib.request.urlopen('{self.url}/healthz', timeout=1)"
+            command = ["ip", "netns", "exec", self.netns, sys.executable, "-c", probe]
+            return subprocess.run(command, capture_output=True).returncode == 0
         try:
             return http_get(self.url + "/healthz", timeout=1)[0] in (200, 503)
         except OSError:
             return False
-
-    def _answers_in_netns(self) -> bool:
-        result = subprocess.run(
-            ["ip", "netns", "exec", self.netns, sys.executable, "-c",
-             f"import urllib.request; urllib.request.urlopen('{self.url}/healthz', timeout=1)"],
-            capture_output=True,
-        )
-        return result.returncode == 0
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""

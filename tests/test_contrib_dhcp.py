@@ -207,3 +207,36 @@ def test_each_firmware_gets_its_boot_file_and_the_file_arrives_intact(network, k
     assert (tmp_path / "fetched").read_bytes() == (network.tftp_root / expected).read_bytes()
     if expected in ("undionly.kpxe", "ipxe.efi"):
         assert (tmp_path / "fetched").read_bytes() == (IPXE_DIR / expected).read_bytes()
+
+
+@pytest.mark.qemu
+def test_a_real_ipxe_leases_from_contrib_dnsmasq_and_reaches_bootrules(tftp_root, tmp_path):
+    """The whole chain once for real: a QEMU guest's iPXE on a tap in the namespace LAN gets
+    its lease from dnsmasq on contrib/dnsmasq.conf, is recognised as iPXE, fetches
+    /boot.ipxe and then /ipxe?mac=<its MAC> from bootrules inside the namespace."""
+    require_root("network namespaces, a tap device and a DHCP daemon")
+    require_tool("qemu-system-x86_64", "from Debian's qemu-system-x86 package")
+    from markers import disk_image
+    from support import BootrulesServer
+    from vm import Machine, boot
+
+    mac = "52:54:00:99:00:07"
+    rules = tmp_path / "rules.yaml"
+    rules.write_text(f'rules:\n  - name: chain-test\n    match: {{mac: "{mac}"}}\n    exit: true\n')
+    disk = tmp_path / "local.img"
+    disk.write_bytes(disk_image("LOCALDISK-OK", 0x10))
+    with NetLab(tmp_path) as lab:
+        net = Network(lab, tftp_root)
+        dnsmasq_full(net)
+        server = BootrulesServer(rules, 8080, tmp_path / "bootrules.log", host=SERVER, netns=net.server).start()
+        try:
+            result = boot(tmp_path, "", Machine(mac=mac), disk=disk, tap=(lab.switch, lab.tap()))
+        finally:
+            server.stop()
+        dhcp_log = lab.log(net.daemon_log)
+    log = server.log()
+    assert f"DHCPACK(eth0) 10.99.0." in dhcp_log and mac in dhcp_log, dhcp_log[-2000:]
+    assert re.search(rf"tags: .*\bipxe\b", dhcp_log), "dnsmasq did not tag the guest as iPXE"
+    assert f"client=10.99.0." in log and f"mac={mac} rule=chain-test action=exit" in log, log + result.describe()
+    assert f"Filename: {BOOTRULES_URL}/boot.ipxe" in result.screen_text(), result.describe()
+    assert result.marker() == "LOCALDISK-OK", result.describe()

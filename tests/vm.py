@@ -182,11 +182,14 @@ def boot(
     uefi: bool = False,
     stop_when: Callable[[], bool] | None = None,
     timeout: float = BOOT_TIMEOUT,
+    tap: tuple[str, str] | None = None,
 ) -> BootResult:
     """Power on a VM that network-boots `boot_url` first, then its disk; wait for it to finish.
 
     Ends when a marker program exits QEMU, when `stop_when()` turns true (QEMU is then
     killed), or at `timeout` (killed too). QEMU never outlives this call.
+    With `tap=(namespace, device)` the NIC is that tap device instead of QEMU's user-mode
+    network (QEMU then runs in that namespace, and `boot_url` is unused: DHCP decides).
     """
     qemu = shutil.which("qemu-system-x86_64") or "qemu-system-x86_64"
     debugcon = workdir / f"debugcon-{time.monotonic_ns()}.txt"
@@ -194,7 +197,7 @@ def boot(
     command = [
         qemu, "-machine", "pc", "-m", "256", "-display", "none", "-vga", "std",
         "-no-reboot", "-monitor", "none", "-serial", "none", "-parallel", "none",
-        "-netdev", f"user,id=n0,bootfile={boot_url}",
+        "-netdev", f"tap,id=n0,ifname={tap[1]},script=no,downscript=no" if tap else f"user,id=n0,bootfile={boot_url}",
         "-debugcon", f"file:{debugcon}", "-global", "isa-debugcon.iobase=0x402",
         "-device", "isa-debug-exit,iobase=0xf4,iosize=0x04",
     ]
@@ -223,6 +226,8 @@ def boot(
     if machine.asset is not None:
         command += ["-smbios", f"type=3,asset={machine.asset.replace(',', ',,')}"]
 
+    if tap:
+        command = ["ip", "netns", "exec", tap[0], *command]
     started = time.monotonic()
     process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     status: int | None = None
