@@ -18,7 +18,7 @@ Facts = Mapping[str, str]
 # --------------------------------------------------------------------------- patterns
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Exact:
     """A value that must equal the machine's value (both normalised)."""
 
@@ -29,7 +29,7 @@ class Exact:
         return value == self.value
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Glob:
     """A shell-style pattern (`*`, `?`, `[...]`), compiled once at load time."""
 
@@ -47,7 +47,7 @@ class Glob:
         return self.regex.fullmatch(subject) is not None
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Network:
     """An address range (CIDR); a single address is a /32 or /128."""
 
@@ -61,7 +61,7 @@ class Network:
 Pattern = Union[Exact, Glob, Network]
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Selector:
     """One `match:` entry: the machine's value for `key` must fit any of the patterns."""
 
@@ -79,14 +79,14 @@ class Selector:
 # --------------------------------------------------------------------------- actions
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Chain:
     """Hand the machine to another script or boot program at `url`."""
 
     url: str
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Sanboot:
     """Boot from a SAN disk (iSCSI, HTTP disk image…); several URIs are multipath."""
 
@@ -97,7 +97,7 @@ class Sanboot:
     filename: str | None = None
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Boot:
     """Fetch a kernel and its initrds, then boot the kernel with `args`."""
 
@@ -106,7 +106,7 @@ class Boot:
     args: str = ""
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Exit:
     """Leave iPXE so the firmware tries its next boot device (usually the local disk)."""
 
@@ -116,7 +116,7 @@ class Exit:
 Action = Union[Chain, Sanboot, Boot, Exit]
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Setting:
     """An iPXE `set` line emitted before the action (initiator-iqn, CHAP username…)."""
 
@@ -128,7 +128,7 @@ class Setting:
 # --------------------------------------------------------------------------- rules
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Rule:
     """One entry of rules.yaml: who it is for, what to set, and what to do."""
 
@@ -148,7 +148,7 @@ class Rule:
         return type(self.action).__name__.lower()
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class RuleSet:
     """The ordered rules of one file; the first rule that matches a machine wins."""
 

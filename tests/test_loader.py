@@ -5,6 +5,7 @@ import textwrap
 import pytest
 
 from bootrules.loader import RulesError, load_rules, parse_rules
+from conftest import ROOT
 from bootrules.model import Boot, Chain, Exact, Exit, Glob, Network, Sanboot, Setting
 
 
@@ -226,6 +227,16 @@ BAD_DOCUMENTS = [
     pytest.param("", ["rules.yaml:1: the file is empty (expected 'rules:' and a list of rules)"], id="empty-file"),
     pytest.param("rules:\n", ["rules.yaml:1: 'rules:' is empty (write 'rules: []' for no rules)"], id="rules-null"),
     pytest.param("- name: a\n  exit: true\n", ["rules.yaml:1: the file must be a mapping of rules"], id="top-level-list"),
+    pytest.param(
+        "rule:\n  - name: a\n    exit: true\n",
+        ["rules.yaml:1: the file: unknown key 'rule' (did you mean 'rules'? expected one of: rules)", "rules.yaml:1: missing 'rules:' (the list of rules)"],
+        id="top-level-typo",
+    ),
+    pytest.param(
+        "rules:\n  - name: a\n    exit: true\n---\nrules: []\n",
+        ["rules.yaml:4: a second YAML document ('---'); put every rule in one"],
+        id="second-document",
+    ),
 ]
 
 
@@ -251,6 +262,37 @@ def test_load_rules_reports_unreadable_files_without_a_traceback(tmp_path):
     binary.write_bytes(b"rules:\n  - name: \xff\xfe\n")
     with pytest.raises(RulesError, match=r"binary.yaml:2: not UTF-8 text"):
         load_rules(binary)
+
+
+def test_anchors_and_aliases_are_followed():
+    """A selector shared through a YAML anchor applies to every rule that refers to it."""
+    ruleset = parse(
+        """
+        rules:
+          - name: a
+            match: &lab {mac: "00:11:22:33:44:55"}
+            exit: true
+          - name: b
+            match: *lab
+            chain: http://x/b
+        """
+    )
+    assert ruleset.rules[0].selectors == ruleset.rules[1].selectors
+
+
+def test_the_pure_python_yaml_parser_reads_the_same_rules(monkeypatch):
+    """Without libyaml, PyYAML's own parser gives the same rules and the same errors."""
+    import yaml
+
+    from bootrules import loader
+
+    text = (ROOT / "rules.yaml").read_text()
+    with_libyaml = parse_rules(text)
+    monkeypatch.setattr(loader, "_YamlLoader", yaml.SafeLoader)
+    assert parse_rules(text) == with_libyaml
+    for param in BAD_DOCUMENTS:
+        bad_text, expected = param.values
+        assert problems(bad_text) == expected
 
 
 def test_rules_without_match_and_empty_rule_list_are_valid():
