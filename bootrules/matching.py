@@ -9,10 +9,9 @@ order, so the answer is always the one a plain top-to-bottom scan gives.
 
 from __future__ import annotations
 
-import heapq
 import ipaddress
 from collections import defaultdict
-from typing import Iterable, Sequence
+from typing import Sequence
 
 from .model import Exact, Facts, Glob, Network, Rule, Selector
 
@@ -73,9 +72,9 @@ class Matcher:
         self._networks = {key: {vp: dict(t) for vp, t in tables.items()} for key, tables in networks.items()}
         self._always = always
 
-    def candidates(self, facts: Facts) -> Iterable[int]:
-        """Yield, in file order, the positions of the rules that may match `facts`."""
-        lists: list[list[int]] = [self._always] if self._always else []
+    def candidate_lists(self, facts: Facts) -> list[list[int]]:
+        """The index's lists of rule positions (each in file order) that may match `facts`."""
+        lists: list[list[int]] = []
         for key, value in facts.items():
             table = self._exact.get(key)
             if table is not None:
@@ -97,15 +96,21 @@ class Matcher:
                         hit = by_network.get(network.network_address)
                         if hit:
                             lists.append(hit)
-        if len(lists) == 1:
-            return lists[0]
-        return heapq.merge(*lists)
+        if self._always:
+            lists.append(self._always)
+        return lists
 
     def first_match(self, facts: Facts) -> Rule | None:
         """Return the first rule, in file order, whose every selector fits `facts`."""
         rules = self.rules
-        for position in self.candidates(facts):
-            rule = rules[position]
-            if rule.matches(facts):
-                return rule
-        return None
+        best = len(rules)
+        # The first match of each list, and the earliest of those; a list is abandoned
+        # as soon as it reaches past the best position found so far.
+        for positions in self.candidate_lists(facts):
+            for position in positions:
+                if position >= best:
+                    break
+                if rules[position].matches(facts):
+                    best = position
+                    break
+        return rules[best] if best < len(rules) else None

@@ -140,7 +140,10 @@ class Rule:
 
     def matches(self, facts: Facts) -> bool:
         """Tell whether every selector of this rule fits the machine (no selector: everyone)."""
-        return all(selector.matches(facts) for selector in self.selectors)
+        for selector in self.selectors:
+            if not selector.matches(facts):
+                return False
+        return True
 
     @property
     def action_name(self) -> str:

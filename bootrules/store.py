@@ -85,6 +85,7 @@ class RuleStore:
         """Load the file now; on success serve it, on failure keep the last good rules."""
         before = file_signature(self.path)
         self._attempted = before
+        started = time.monotonic()
         try:
             ruleset = load_rules(self.path)
         except RulesError as error:
@@ -100,7 +101,7 @@ class RuleStore:
             log.info("rules file %s is valid again", self.path)
         self.last_error = None
         self.last_error_at = None
-        log.info("loaded %d rules from %s", len(ruleset), self.path)
+        log.info("loaded %d rules from %s in %.2f s", len(ruleset), self.path, time.monotonic() - started)
         return True
 
     def _record_failure(self, error: RulesError) -> None:

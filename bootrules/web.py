@@ -1,0 +1,245 @@
+"""The HTTP layer: the decision endpoint, the Flask views, and the trusted-proxy check.
+
+GET /ipxe is answered by `DecisionEndpoint`, a bare WSGI callable in front of Flask. It is
+the one request every booting machine makes, and Flask's per-request machinery (request
+context, URL map, Response object) cost more than all of bootrules' own work: with it,
+two workers served 6,300 requests/s where waitress alone manages about 15,000 (see the
+README's performance section). Everything else goes through Flask as usual.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+import re
+import urllib.parse
+from typing import Any, Callable, Iterable, Sequence
+
+from flask import Response, current_app, request
+from werkzeug.exceptions import HTTPException
+
+from . import values
+from .render import render_entry
+from .store import NO_MATCH_SCRIPT, RuleStore
+
+log = logging.getLogger("bootrules")
+
+WSGIApp = Callable[[dict, Callable[..., Any]], Iterable[bytes]]
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+SCRIPT_TYPE = "text/plain; charset=utf-8"
+DECISION_PATH = "/ipxe"
+# The peer names itself in the Host header; only this alphabet reaches the entry script.
+_HOST = re.compile(r"(?:[A-Za-z0-9](?:[A-Za-z0-9-]{0,62})(?:\.[A-Za-z0-9-]{1,63})*\.?|\[[0-9A-Fa-f:.]+\])(?::[0-9]{1,5})?")
+_PREFIX = re.compile(r"(?:/[A-Za-z0-9._~-]+)*")
+
+
+class ConfigError(Exception):
+    """A setting given on the command line or in the environment is wrong."""
+
+
+def parse_networks(texts: Iterable[str]) -> tuple[Network, ...]:
+    """Parse trusted proxy addresses or CIDRs (commas or spaces between them)."""
+    networks = []
+    for text in texts:
+        for item in re.split(r"[,\s]+", text.strip()):
+            if not item:
+                continue
+            try:
+                networks.append(ipaddress.ip_network(item, strict=False))
+            except ValueError:
+                raise ConfigError(f"trusted proxy {item!r} is not an address or CIDR range") from None
+    return tuple(networks)
+
+
+def parse_base_url(text: str | None) -> str | None:
+    """Check the public URL machines reach bootrules at (e.g. http://boot.example.com/pxe)."""
+    if not text:
+        return None
+    parts = urllib.parse.urlsplit(text.strip())
+    path = parts.path.rstrip("/")
+    if (
+        parts.scheme not in ("http", "https")
+        or not _HOST.fullmatch(parts.netloc or "")
+        or not _PREFIX.fullmatch(path)
+        or parts.query
+        or parts.fragment
+    ):
+        raise ConfigError(f"base URL {text!r} must look like http://host[:port][/path]")
+    return f"{parts.scheme}://{parts.netloc}{path}"
+
+
+# --------------------------------------------------------------------------- proxies
+
+
+class TrustedProxies:
+    """WSGI middleware honouring X-Forwarded-* only when the peer is a trusted proxy.
+
+    Anyone can send X-Forwarded-For; believing it from an untrusted peer would let a
+    machine pick its own `client` address and so its own rules.
+    """
+
+    def __init__(self, app: WSGIApp, networks: Sequence[Network]) -> None:
+        self.app = app
+        self.networks = tuple(networks)
+
+    def trusted(self, address: str) -> bool:
+        """Tell whether `address` belongs to a trusted proxy."""
+        try:
+            parsed = ipaddress.ip_address(address)
+        except ValueError:
+            return False
+        return any(parsed in network for network in self.networks)
+
+    def __call__(self, environ: dict, start_response: Callable[..., Any]) -> Iterable[bytes]:
+        if self.networks and self.trusted(environ.get("REMOTE_ADDR", "")):
+            hops = [hop.strip() for hop in environ.get("HTTP_X_FORWARDED_FOR", "").split(",") if hop.strip()]
+            # The client is the last address not added by one of our own proxies.
+            while hops and self.trusted(hops[-1]):
+                hops.pop()
+            if hops:
+                environ["REMOTE_ADDR"] = hops[-1]
+            proto = environ.get("HTTP_X_FORWARDED_PROTO", "").split(",")[0].strip().lower()
+            if proto in ("http", "https"):
+                environ["wsgi.url_scheme"] = proto
+            host = environ.get("HTTP_X_FORWARDED_HOST", "").split(",")[0].strip()
+            if host:
+                environ["HTTP_HOST"] = host
+            prefix = environ.get("HTTP_X_FORWARDED_PREFIX", "").split(",")[0].strip().rstrip("/")
+            if prefix:
+                environ["SCRIPT_NAME"] = prefix
+        return self.app(environ, start_response)
+
+
+# --------------------------------------------------------------------------- GET /ipxe
+
+
+class DecisionEndpoint:
+    """GET /ipxe?mac=…: the script of the first rule matching the machine, as bare WSGI."""
+
+    def __init__(self, store: RuleStore, fallback: WSGIApp) -> None:
+        self.store = store
+        self.fallback = fallback
+
+    def __call__(self, environ: dict, start_response: Callable[..., Any]) -> Iterable[bytes]:
+        if environ.get("PATH_INFO") != DECISION_PATH:
+            return self.fallback(environ, start_response)
+        method = environ.get("REQUEST_METHOD")
+        if method not in ("GET", "HEAD"):
+            return _respond(start_response, "405 Method Not Allowed", "405 Method Not Allowed\n",
+                            [("Allow", "GET, HEAD")], method)
+        try:
+            return self.decide(environ, start_response, method)
+        except Exception:  # never a traceback to the machine; the log has it
+            log.exception("unexpected error on %s", DECISION_PATH)
+            return _respond(start_response, "500 Internal Server Error",
+                            "500 internal error (see the bootrules log)\n", (), method)
+
+    def decide(self, environ: dict, start_response: Callable[..., Any], method: str) -> Iterable[bytes]:
+        """Answer one decision request."""
+        client = environ.get("REMOTE_ADDR") or "-"
+        try:
+            facts, ignored = values.facts_from_query(values.parse_query(environ.get("QUERY_STRING", "")))
+        except values.FactsError as error:
+            reason = str(error)
+            log.info("client=%s bad request: %s", client, reason)
+            return _respond(start_response, "400 Bad Request", reason + "\n", (), method)
+        try:
+            facts["client"] = values.normalize_fact("client", client)
+        except ValueError:
+            pass  # a unix socket or similar: no client address to match on
+        snapshot = self.store.snapshot
+        rule, script = snapshot.decide(facts) if snapshot is not None else (None, NO_MATCH_SCRIPT)
+        if rule is None:
+            headers = [("X-Bootrules-Rule", "(none)"), ("X-Bootrules-Action", "exit")]
+        else:
+            headers = [
+                ("X-Bootrules-Rule", rule.name),
+                ("X-Bootrules-Action", rule.action_name),
+                ("X-Bootrules-Source", f"{snapshot.ruleset.source}:{rule.line}"),
+            ]
+        if ignored:
+            headers.append(("X-Bootrules-Ignored", ", ".join(sorted(ignored))[:200]))
+        log.info("client=%s mac=%s rule=%s action=%s", client, facts.get("mac", "-"), headers[0][1], headers[1][1])
+        return _respond(start_response, "200 OK", script, headers, method)
+
+
+def _respond(start_response: Callable[..., Any], status: str, body: str, headers: Iterable[tuple[str, str]],
+             method: str | None) -> list[bytes]:
+    data = body.encode()
+    start_response(status, [
+        ("Content-Type", SCRIPT_TYPE),
+        ("Content-Length", str(len(data))),
+        ("Cache-Control", "no-store"),
+        *headers,
+    ])
+    return [] if method == "HEAD" else [data]
+
+
+# --------------------------------------------------------------------------- Flask views
+
+
+def rule_store() -> RuleStore:
+    """The RuleStore of the app handling this request."""
+    return current_app.extensions["bootrules"]
+
+
+def plain_text(body: str, status: int = 200) -> Response:
+    """A text/plain response that no cache keeps (scripts change when rules.yaml does)."""
+    response = Response(body, status=status)
+    response.headers["Content-Type"] = SCRIPT_TYPE
+    response.headers["Cache-Control"] = "no-store"
+    return response
+
+
+def public_url() -> str:
+    """The URL machines reach this server at: configured, or as the request (via trusted proxies) names it."""
+    configured = current_app.config["BASE_URL"]
+    if configured:
+        return configured
+    host = request.host
+    if not _HOST.fullmatch(host):
+        raise ValueError("the Host header is not a host name")
+    prefix = request.script_root
+    if not _PREFIX.fullmatch(prefix):
+        raise ValueError("the forwarded path prefix is not a plain path")
+    return f"{request.scheme}://{host}{prefix}"
+
+
+def entry_script() -> Response:
+    """GET /boot.ipxe: the script DHCP points iPXE at; it calls /ipxe with the machine's facts."""
+    try:
+        url = public_url() + DECISION_PATH
+    except ValueError as error:
+        return plain_text(f"{error}; set --base-url\n", 400)
+    return plain_text(render_entry(url))
+
+
+def healthz() -> Response:
+    """GET /healthz: 200 while valid rules are loaded; also shows the last reload error."""
+    store = rule_store()
+    snapshot = store.snapshot
+    error = store.last_error
+    body = {
+        "status": "ok" if snapshot and not error else ("degraded" if snapshot else "no-rules"),
+        "rules_file": store.path,
+        "rules": len(snapshot.ruleset) if snapshot else 0,
+        "loaded_at": snapshot.loaded_at.isoformat(timespec="seconds") if snapshot else None,
+        "reload_error": list(error.problems) if error else None,
+        "reload_error_at": store.last_error_at.isoformat(timespec="seconds") if store.last_error_at else None,
+    }
+    response = current_app.json.response(body)
+    response.status_code = 200 if snapshot else 503
+    response.headers["Cache-Control"] = "no-store"
+    return response
+
+
+def plain_http_error(error: HTTPException) -> Response:
+    """404, 405…: one plain line rather than an HTML page iPXE cannot use."""
+    return plain_text(f"{error.code} {error.name}\n", error.code or 500)
+
+
+def internal_error(error: Exception) -> Response:
+    """Anything unexpected: logged with its traceback, answered with one line."""
+    log.exception("unexpected error on %s", request.path)
+    return plain_text("500 internal error (see the bootrules log)\n", 500)
