@@ -135,6 +135,8 @@ def serve(rules_path: str, host: str, port: int, base_url: str | None, trusted_p
              rules_path, host, sock.getsockname()[1], workers)
 
     def serve_one(sock: socket.socket) -> None:
+        if store.snapshot is None:  # a worker started again after the parent let go of the rules
+            store.reload()
         app = create_app(rules_path, store=store, **settings)
         signal.signal(signal.SIGHUP, lambda _signum, _frame: store.request_reload())
         waitress.serve(app, sockets=[sock], **options)
@@ -143,7 +145,9 @@ def serve(rules_path: str, host: str, port: int, base_url: str | None, trusted_p
         exit_on_sigterm()
         serve_one(sock)
     else:
-        raise SystemExit(run_workers(workers, sock, serve_one))
+        # Once forked, the workers hold the rules; the parent lets go of its copy so that
+        # after the workers' first reload no third copy stays resident.
+        raise SystemExit(run_workers(workers, sock, serve_one, started=store.forget))
 
 
 @cli.command()

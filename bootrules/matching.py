@@ -42,6 +42,10 @@ def _index_selector(rule: Rule) -> Selector | None:
     return best
 
 
+def _compact(positions: list[int]) -> int | list[int]:
+    return positions[0] if len(positions) == 1 else positions
+
+
 class Matcher:
     """First-match lookup whose cost does not grow with the number of indexed rules."""
 
@@ -66,21 +70,23 @@ class Matcher:
                 else:
                     net = pattern.network
                     networks[selector.key][(net.version, net.prefixlen)][net.network_address].append(position)
-        # Plain dicts: lookups must not create entries, and frozen tables are cheap to share.
-        self._exact = {key: dict(table) for key, table in exact.items()}
+        # Plain dicts, so that lookups never add entries. Nearly every exact value belongs
+        # to one rule; storing that rule's position alone instead of a one-item list saves
+        # about 8 MB per 100,000 rules, in every worker.
+        self._exact = {key: {value: _compact(hits) for value, hits in table.items()} for key, table in exact.items()}
         self._prefix = {key: {n: dict(t) for n, t in sorted(tables.items())} for key, tables in prefix.items()}
         self._networks = {key: {vp: dict(t) for vp, t in tables.items()} for key, tables in networks.items()}
         self._always = always
 
-    def candidate_lists(self, facts: Facts) -> list[list[int]]:
+    def candidate_lists(self, facts: Facts) -> list[Sequence[int]]:
         """The index's lists of rule positions (each in file order) that may match `facts`."""
-        lists: list[list[int]] = []
+        lists: list[Sequence[int]] = []
         for key, value in facts.items():
             table = self._exact.get(key)
             if table is not None:
                 hit = table.get(value)
-                if hit:
-                    lists.append(hit)
+                if hit is not None:
+                    lists.append((hit,) if type(hit) is int else hit)
             tables = self._prefix.get(key)
             if tables is not None:
                 for length, by_prefix in tables.items():

@@ -8,6 +8,7 @@ and kept for /healthz until a good version appears.
 
 from __future__ import annotations
 
+import gc
 import logging
 import os
 import threading
@@ -131,6 +132,11 @@ class RuleStore:
             self._previous_tick = signature
             return False
         return self.reload()
+
+    def forget(self) -> None:
+        """Drop the loaded rules (the supervising parent, once its workers hold them)."""
+        self.snapshot = None
+        gc.collect()
 
     # ------------------------------------------------------------ watching
 

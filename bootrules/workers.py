@@ -34,8 +34,12 @@ def listening_socket(host: str, port: int, backlog: int = 1024) -> socket.socket
     return sock
 
 
-def run_workers(count: int, sock: socket.socket, serve: Callable[[socket.socket], None]) -> int:
-    """Fork `count` workers running `serve(sock)`; supervise them until told to stop."""
+def run_workers(count: int, sock: socket.socket, serve: Callable[[socket.socket], None],
+                started: Callable[[], None] = lambda: None) -> int:
+    """Fork `count` workers running `serve(sock)`; supervise them until told to stop.
+
+    `started()` runs in the parent once every worker has been forked.
+    """
     stopping = False
     workers: dict[int, int] = {}  # pid -> worker number
 
@@ -73,6 +77,7 @@ def run_workers(count: int, sock: socket.socket, serve: Callable[[socket.socket]
     gc.freeze()
     for number in range(count):
         spawn(number)
+    started()
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
     signal.signal(signal.SIGHUP, forward_hup)

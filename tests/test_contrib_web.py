@@ -96,8 +96,10 @@ ServerName localhost
 Listen 127.0.0.1:{port}
 Include {workdir}/site.conf
 """)
+    # Its own session: on shutdown apache signals its whole process group, which would
+    # otherwise be pytest's.
     process = subprocess.Popen(["apache2", "-f", str(workdir / "apache2.conf"), "-DFOREGROUND"],
-                               stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+                               stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT, start_new_session=True)
     wait_for_port(port, workdir / "apache-error.log")
     return process
 

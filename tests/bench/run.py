@@ -1,0 +1,329 @@
+"""bootrules performance bench: prints one table of figures and the ratios issue #5 asks for.
+
+    .venv/bin/python tests/bench/run.py            # about 6 minutes
+    .venv/bin/python tests/bench/run.py --quick    # shorter runs, for a first look
+
+Everything runs on this machine, on loopback: real `app.py serve` (waitress, forked
+workers) and, for comparison, the classic PHP `switch ($_GET['mac'])` script on apache2 +
+mod_php (installed with apt if missing, services held stopped). wrk drives the load, with
+the same settings for both. Because a shared VM's speed drifts from minute to minute, the
+throughput figures alternate between the servers and take the median of several rounds.
+Timings here are figures to read, never pass/fail tests.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent.parent
+sys.path.insert(0, str(HERE))
+sys.path.insert(0, str(ROOT))
+
+from generate import mac_for, rules_text  # noqa: E402
+
+PYTHON = sys.executable
+ENTRY_QUERY = "uuid=&serial_hex=&product_hex=&manufacturer_hex=&asset_hex=&hostname_hex=&ip=10.1.2.3&platform=pcbios&buildarch=i386"
+
+
+def decision_path(mac: str) -> str:
+    """The /ipxe request the entry script makes, for a machine with this MAC."""
+    return f"/ipxe?mac={mac.replace(':', '-')}&{ENTRY_QUERY}"
+
+
+# --------------------------------------------------------------------------- servers
+
+
+@dataclass
+class Server:
+    name: str
+    process: subprocess.Popen
+    port: int
+    log: Path
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def pids(self) -> list[int]:
+        children = subprocess.run(["pgrep", "-P", str(self.process.pid)], capture_output=True, text=True).stdout.split()
+        return [self.process.pid, *map(int, children)]
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+
+
+def wait_http(url: str, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            urllib.request.urlopen(url, timeout=2).read()
+            return
+        except OSError:
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"{url} did not answer")
+            time.sleep(0.2)
+
+
+def start_bootrules(rules: Path, port: int, workdir: Path, workers: int, threads: int | None = None) -> Server:
+    log = workdir / f"bootrules-{port}.log"
+    command = [PYTHON, str(ROOT / "app.py"), "serve", "--rules", str(rules), "--port", str(port), "--workers", str(workers)]
+    if threads:
+        command += ["--threads", str(threads)]
+    process = subprocess.Popen(command, stdout=open(log, "wb"), stderr=subprocess.STDOUT, cwd=ROOT)
+    wait_http(f"http://127.0.0.1:{port}/healthz")
+    return Server("bootrules", process, port, log)
+
+
+def ensure_php() -> None:
+    """Install apache2 + mod_php for the comparison, keeping Debian from starting them."""
+    if list(Path("/usr/lib/apache2/modules").glob("libphp*.so")):
+        return
+    if os.geteuid() != 0:
+        raise SystemExit("the PHP comparison needs apache2 and libapache2-mod-php: run as root to install them")
+    policy = Path("/usr/sbin/policy-rc.d")
+    created = not policy.exists()
+    if created:
+        policy.write_text("#!/bin/sh\nexit 101\n")
+        policy.chmod(0o755)
+    try:
+        env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+        subprocess.run(["apt-get", "update", "-q"], check=True, env=env)
+        subprocess.run(["apt-get", "install", "-y", "-q", "--no-install-recommends", "apache2", "libapache2-mod-php"],
+                       check=True, env=env)
+    finally:
+        if created:
+            policy.unlink()
+
+
+def php_switch(cases: int) -> str:
+    """The classic PHP boot script: a switch over the MACs, one case per machine."""
+    lines = ["<?php", "header('Content-Type: text/plain');", "switch ($_GET['mac'] ?? '') {"]
+    for i in range(cases):
+        mac = mac_for(i).replace(":", "-")
+        lines.append(f"  case '{mac}': echo \"#!ipxe\\nchain http://boot.example.com/hosts/{i}.ipxe\\n\"; break;")
+    lines += ['  default: echo "#!ipxe\\nexit\\n";', "}"]
+    return "\n".join(lines) + "\n"
+
+
+def start_php(workdir: Path, port: int) -> Server:
+    ensure_php()
+    www = workdir / "www"
+    www.mkdir(exist_ok=True)
+    (www / "ipxe10.php").write_text(php_switch(10))
+    (www / "ipxe.php").write_text(php_switch(10000))
+    (www / "boot.php").write_text(
+        "<?php header('Content-Type: text/plain'); $h = $_SERVER['HTTP_HOST'];\n"
+        "echo \"#!ipxe\\nchain http://$h/ipxe.php?mac=\\${netX/mac:hexhyp}\\n\";\n"
+    )
+    module = sorted(Path("/usr/lib/apache2/modules").glob("libphp*.so"))[-1]
+    modules = Path("/usr/lib/apache2/modules")
+    conf = workdir / "apache2.conf"
+    conf.write_text(f"""
+ServerRoot {workdir}
+PidFile {workdir}/apache.pid
+Mutex file:{workdir}
+ErrorLog {workdir}/apache-error.log
+LoadModule mpm_prefork_module {modules}/mod_mpm_prefork.so
+LoadModule authz_core_module {modules}/mod_authz_core.so
+LoadModule mime_module {modules}/mod_mime.so
+TypesConfig /etc/mime.types
+LoadModule php_module {module}
+<FilesMatch "\\.php$">
+  SetHandler application/x-httpd-php
+</FilesMatch>
+StartServers 64
+MinSpareServers 64
+MaxSpareServers 300
+ServerLimit 300
+MaxRequestWorkers 300
+MaxConnectionsPerChild 0
+ListenBacklog 1024
+KeepAlive On
+MaxKeepAliveRequests 0
+User www-data
+Group www-data
+ServerName localhost
+Listen 127.0.0.1:{port}
+DocumentRoot {www}
+<Directory {www}>
+  Require all granted
+</Directory>
+""")
+    for path in [workdir, www, *www.iterdir()]:
+        path.chmod(0o755 if path.is_dir() else 0o644)
+    # Its own session: on shutdown apache signals its whole process group, which would
+    # otherwise be ours.
+    process = subprocess.Popen(["apache2", "-f", str(conf), "-DFOREGROUND"], stdout=subprocess.DEVNULL,
+                               stderr=subprocess.STDOUT, start_new_session=True)
+    wait_http(f"http://127.0.0.1:{port}/ipxe10.php")
+    return Server("php", process, port, workdir / "apache-error.log")
+
+
+# --------------------------------------------------------------------------- load
+
+
+def wrk(url: str, seconds: int, connections: int = 32) -> float:
+    """Requests per second that wrk -t2 -cN measures against `url` (keep-alive)."""
+    out = subprocess.run(["wrk", "-t2", f"-c{connections}", f"-d{seconds}s", url], capture_output=True, text=True,
+                         check=True).stdout
+    rate = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))
+    bad = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
+    if bad:
+        raise RuntimeError(f"{url}: {bad.group(1)} error responses\n{out}")
+    return rate
+
+
+def storm(url: str, entry: str, decision: str, machines: int, connections: int = 256, limit: int = 120) -> dict[str, float]:
+    """Boot `machines` machines, `connections` at a time; return the storm's figures."""
+    env = {**os.environ, "ENTRY": entry, "DECISION": decision, "MACHINES": str(machines), "THREADS": "2"}
+    out = subprocess.run(["wrk", "-t2", f"-c{connections}", f"-d{limit}s", "--timeout", "10s", "-s",
+                          str(HERE / "storm.lua"), url], capture_output=True, text=True, env=env, check=True).stdout
+    found = re.search(r"STORM (.*)", out)
+    if not found:
+        raise RuntimeError(out)
+    return {key: float(value) for key, value in (item.split("=") for item in found.group(1).split())}
+
+
+def pss_mb(pids: list[int]) -> float:
+    """Proportional set size of these processes together (shared pages counted once)."""
+    total = 0
+    for pid in pids:
+        try:
+            text = Path(f"/proc/{pid}/smaps_rollup").read_text()
+        except OSError:
+            continue
+        total += int(re.search(r"^Pss:\s+(\d+) kB", text, re.M).group(1))
+    return total / 1024
+
+
+def load_seconds(log: Path, count: int) -> float:
+    found = re.findall(rf"loaded {count} rules from .* in ([\d.]+) s", log.read_text())
+    return float(found[-1])
+
+
+# --------------------------------------------------------------------------- the bench
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help="shorter runs (figures are rougher)")
+    parser.add_argument("--workers", type=int, default=0, help="bootrules workers (default: one per core)")
+    args = parser.parse_args()
+    seconds, rounds = (4, 1) if args.quick else (8, 3)
+    workers = args.workers or os.cpu_count() or 1
+    if not shutil.which("wrk"):
+        raise SystemExit("wrk is missing (apt-get install wrk)")
+
+    work = Path(tempfile.mkdtemp(prefix="bootrules-bench-"))
+    os.chmod(work, 0o755)
+    rows: list[tuple[str, str]] = []
+    servers: list[Server] = []
+    try:
+        for count in (10, 10000, 100000):
+            (work / f"rules-{count}.yaml").write_text(rules_text(count))
+        php = start_php(work, 18090)
+        servers.append(php)
+        small = start_bootrules(work / "rules-10.yaml", 18091, work, workers)
+        servers.append(small)
+        big = start_bootrules(work / "rules-100000.yaml", 18092, work, workers)
+        servers.append(big)
+        medium = start_bootrules(work / "rules-10000.yaml", 18093, work, workers)
+        time.sleep(1)
+        load_10k = load_seconds(medium.log, 10000)
+        medium.stop()
+
+        hit = decision_path(mac_for(3))
+        targets = {
+            "php-10": f"{php.url}/ipxe10.php?mac={mac_for(3).replace(':', '-')}",
+            "php-10000": f"{php.url}/ipxe.php?mac={mac_for(9999).replace(':', '-')}",
+            "br-10": small.url + hit,
+            "br-100k-first": big.url + decision_path(mac_for(0)),
+            "br-100k-last": big.url + decision_path(mac_for(94999)),
+            "br-100k-none": big.url + decision_path("0e:00:00:00:00:01"),
+        }
+        rates: dict[str, list[float]] = {name: [] for name in targets}
+        for _ in range(rounds):
+            for name, url in targets.items():
+                rates[name].append(wrk(url, seconds))
+        rate = {name: statistics.median(values) for name, values in rates.items()}
+
+        memory = pss_mb(big.pids())
+        load_100k = load_seconds(big.log, 100000)
+
+        storm_br = storm(big.url, "/boot.ipxe", "/ipxe", 10000)
+        storm_php = storm(php.url, "/boot.php", "/ipxe.php", 10000)
+
+        # A reload of the 100,000-rule file in the middle of a storm.
+        reload_rules = work / "rules-100000.yaml"
+        trigger = subprocess.Popen([PYTHON, "-c", (
+            "import os, sys, time; time.sleep(2); p = sys.argv[1]; t = p + '.new'; "
+            "open(t, 'w').write(open(p).read().replace('name: everyone-else', 'name: everyone-else-v2')); os.replace(t, p)"
+        ), str(reload_rules)])
+        storm_reload = storm(big.url, "/boot.ipxe", "/ipxe", 40000)
+        trigger.wait()
+        reloaded = big.log.read_text().count("loaded 100000 rules") - 1
+        memory_after = pss_mb(big.pids())
+
+        ratio_php = rate["br-10"] / rate["php-10"]
+        flat = {case: rate[f"br-100k-{case}"] / rate["br-10"] for case in ("first", "last", "none")}
+        rows = [
+            ("wrk -t2 -c32, keep-alive", f"{seconds} s x {rounds} rounds, median req/s"),
+            ("PHP switch, 10 cases", f"{rate['php-10']:,.0f}"),
+            ("PHP switch, 10,000 cases", f"{rate['php-10000']:,.0f}"),
+            (f"bootrules /ipxe, 10 rules, {workers} workers", f"{rate['br-10']:,.0f}"),
+            ("bootrules /ipxe, 100k rules, first rule", f"{rate['br-100k-first']:,.0f}"),
+            ("bootrules /ipxe, 100k rules, last exact rule", f"{rate['br-100k-last']:,.0f}"),
+            ("bootrules /ipxe, 100k rules, no rule (catch-all)", f"{rate['br-100k-none']:,.0f}"),
+            ("target 1: bootrules / PHP (>= 0.5)", f"{ratio_php:.2f} {'met' if ratio_php >= 0.5 else 'MISSED'}"),
+            *[(f"target 2: 100k {case} / 10 rules (>= 0.9)", f"{value:.2f} {'met' if value >= 0.9 else 'MISSED'}")
+              for case, value in flat.items()],
+            ("target 3: load 10,000 rules (< 1.5 s)", f"{load_10k:.2f} s {'met' if load_10k < 1.5 else 'MISSED'}"),
+            ("target 3: load 100,000 rules (< 10 s)", f"{load_100k:.2f} s {'met' if load_100k < 10 else 'MISSED'}"),
+            (f"target 3: PSS, parent + {workers} workers, 100k rules (< 300 MB)",
+             f"{memory:.0f} MB at start, {memory_after:.0f} MB after a reload {'met' if max(memory, memory_after) < 300 else 'MISSED'}"),
+            ("storm: 10,000 machines x 2 requests, 256 at a time, new connection each", ""),
+            ("  bootrules (100k rules): errors, p50, p99, max, total",
+             f"{storm_br['non200'] + storm_br['socket_errors']:.0f}, {storm_br['p50_us'] / 1000:.1f} ms, "
+             f"{storm_br['p99_us'] / 1000:.1f} ms, {storm_br['max_us'] / 1000:.0f} ms, {storm_br['elapsed_us'] / 1e6:.2f} s"),
+            ("  PHP (10,000 cases): errors, p50, p99, max, total",
+             f"{storm_php['non200'] + storm_php['socket_errors']:.0f}, {storm_php['p50_us'] / 1000:.1f} ms, "
+             f"{storm_php['p99_us'] / 1000:.1f} ms, {storm_php['max_us'] / 1000:.0f} ms, {storm_php['elapsed_us'] / 1e6:.2f} s"),
+            ("target 4: 0 errors, p99 < 50 ms",
+             "met" if storm_br["non200"] + storm_br["socket_errors"] == 0 and storm_br["p99_us"] < 50000 else "MISSED"),
+            ("target 4: total time, bootrules / PHP", f"{storm_br['elapsed_us'] / storm_php['elapsed_us']:.2f}"),
+            ("target 5: reload of 100k rules during a 40,000-machine storm",
+             f"{reloaded} reload(s), {storm_reload['non200'] + storm_reload['socket_errors']:.0f} errors, "
+             f"max wait {storm_reload['max_us'] / 1000:.0f} ms, p99 {storm_reload['p99_us'] / 1000:.1f} ms "
+             f"{'met' if reloaded >= 1 and storm_reload['non200'] + storm_reload['socket_errors'] == 0 and storm_reload['max_us'] < 1e6 else 'MISSED'}"),
+        ]
+    finally:
+        for server in servers:
+            server.stop()
+        shutil.rmtree(work, ignore_errors=True)
+    width = max(len(label) for label, _ in rows)
+    print()
+    for label, value in rows:
+        print(f"{label:<{width}}  {value}")
+
+
+if __name__ == "__main__":
+    main()
