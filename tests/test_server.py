@@ -94,3 +94,52 @@ def test_waitress_serve_call_uses_create_app_with_environment_settings(rules_pat
     finally:
         process.terminate()
         process.wait(timeout=10)
+
+
+def _children(pid: int) -> list[int]:
+    out = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True).stdout
+    return [int(child) for child in out.split()]
+
+
+def test_workers_share_the_port_follow_edits_and_stop_cleanly(rules_path, tmp_path):
+    """With --workers 2: both workers answer, each picks up an edit, a killed worker is
+    started again, and SIGTERM stops every process."""
+    import os
+
+    with BootrulesServer(rules_path, free_port(), tmp_path / "server.log", args=("--workers", "2")) as server:
+        workers = _children(server.process.pid)
+        assert len(workers) == 2, server.log()
+
+        rules_path.write_text(SAMPLE_RULES.replace("lab-rescue", "lab-rescue-v2"))
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline and server.log().count("loaded 3 rules") < 3:
+            time.sleep(0.1)
+        assert server.log().count("loaded 3 rules") == 3, server.log()  # the parent at start, then each worker
+        answers = {http_get(server.url + "/ipxe?mac=00:12:34:56:78:90")[1]["X-Bootrules-Rule"] for _ in range(40)}
+        assert answers == {"lab-rescue-v2"}
+
+        os.kill(workers[0], signal.SIGKILL)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and len(_children(server.process.pid)) < 2:
+            time.sleep(0.1)
+        assert len(_children(server.process.pid)) == 2
+        assert "exited with -9; starting it again" in server.log()
+        assert http_get(server.url + "/healthz")[0] == 200
+
+        remaining = _children(server.process.pid)
+    assert server.process.returncode == 0
+    for pid in remaining:
+        assert not os.path.exists(f"/proc/{pid}") or "zombie" in open(f"/proc/{pid}/status").read().lower()
+    assert "all workers stopped" in server.log()
+    assert "Traceback" not in server.log()
+
+
+def test_sighup_to_the_parent_reloads_every_worker(rules_path, tmp_path):
+    """SIGHUP to the supervising process reaches each worker, which reloads at once."""
+    with BootrulesServer(rules_path, free_port(), tmp_path / "server.log",
+                         args=("--workers", "2")) as server:
+        server.signal(signal.SIGHUP)
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline and server.log().count("on request") < 2:
+            time.sleep(0.1)
+        assert server.log().count("on request") == 2, server.log()
