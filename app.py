@@ -25,6 +25,7 @@ from werkzeug.exceptions import HTTPException
 from bootrules import values, web
 from bootrules.loader import RulesError, load_rules
 from bootrules.logs import configure_logging
+from bootrules.render import render_rule
 from bootrules.store import RuleStore, Snapshot
 
 log = logging.getLogger("bootrules")
@@ -95,8 +96,13 @@ def cli() -> None:
               help="Worker processes sharing the port; 0 = one per CPU core [env BOOTRULES_WORKERS].")
 @click.option("--threads", envvar="BOOTRULES_THREADS", default=16, show_default=True, type=click.IntRange(1, 256),
               help="Waitress threads per worker [env BOOTRULES_THREADS].")
+@click.option("--connection-limit", envvar="BOOTRULES_CONNECTION_LIMIT", default=1000, show_default=True,
+              type=click.IntRange(10, 100000), help="Open connections per worker [env BOOTRULES_CONNECTION_LIMIT].")
+@click.option("--channel-timeout", envvar="BOOTRULES_CHANNEL_TIMEOUT", default=30, show_default=True,
+              type=click.IntRange(1, 3600),
+              help="Seconds an idle or stalled connection is kept [env BOOTRULES_CHANNEL_TIMEOUT].")
 def serve(rules_path: str, host: str, port: int, base_url: str | None, trusted_proxies: tuple[str, ...],
-          workers: int, threads: int) -> None:
+          workers: int, threads: int, connection_limit: int, channel_timeout: int) -> None:
     """Serve the rules over HTTP with waitress.
 
     The rules file is checked first; bootrules does not start on a broken file. Once
@@ -126,7 +132,14 @@ def serve(rules_path: str, host: str, port: int, base_url: str | None, trusted_p
         raise click.ClickException(str(error)) from None
     # waitress would strip X-Forwarded-* before the app sees them; TrustedProxies decides
     # instead, by the peer's address, so that CIDRs and several proxies work.
-    options = {"threads": threads, "ident": "bootrules", "clear_untrusted_proxy_headers": False}
+    # Idle and slow clients: waitress's defaults (100 connections, select(), which stops at
+    # 1024 descriptors, and a 120 s idle timeout) let a few hundred silent connections lock
+    # every machine out. poll() and a larger limit keep the door open; the timeout closes
+    # the silent ones.
+    options = {"threads": threads, "ident": "bootrules", "clear_untrusted_proxy_headers": False,
+               "connection_limit": connection_limit, "channel_timeout": channel_timeout,
+               "asyncore_use_poll": True, "cleanup_interval": min(30, channel_timeout)}
+    _raise_open_files_limit(workers * connection_limit + 100)
     try:
         sock = listening_socket(host, port)
     except OSError as error:
@@ -181,8 +194,11 @@ def check(path: str) -> None:
 @click.option("--buildarch", help="i386, x86_64, arm64…")
 @click.option("--ip", help="The address iPXE reports for itself.")
 @click.option("--client", help="The address the request comes from.")
-def preview(rules_path: str, **given: str | None) -> None:
+@click.option("--show-secrets", is_flag=True, help="Print secret settings (CHAP passwords…) instead of ********.")
+def preview(rules_path: str, show_secrets: bool, **given: str | None) -> None:
     """Print the script a machine would get, and which rule answered, without a server.
+
+    Secret settings are masked unless --show-secrets is given.
 
     Example:
 
@@ -200,11 +216,23 @@ def preview(rules_path: str, **given: str | None) -> None:
     except ValueError as error:
         raise click.ClickException(str(error)) from None
     rule, script = Snapshot(ruleset=ruleset, loaded_at=datetime.now(timezone.utc)).decide(facts)
+    if rule is not None and not show_secrets:
+        script = render_rule(rule, reveal_secrets=False)
     where = f"rule '{rule.name}' ({ruleset.source}:{rule.line}), action {rule.action_name}" if rule else "no rule matched (exit)"
     click.echo(f"# answered by {where}", err=True)
     click.echo(script, nl=False)
 
 
+
+
+def _raise_open_files_limit(wanted: int) -> None:
+    """Let the process hold `wanted` descriptors, up to the hard limit the system allows."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = wanted if hard == resource.RLIM_INFINITY else min(wanted, hard)
+    if soft != resource.RLIM_INFINITY and soft < target:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
 
 
 if __name__ == "__main__":

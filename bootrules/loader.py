@@ -44,6 +44,8 @@ except ImportError:  # pragma: no cover - depends on how PyYAML was built
 MAX_FILE_BYTES = 64 * 1024 * 1024
 # Aliases let a small file describe a huge tree ("billion laughs"); walking stops here.
 MAX_NODES_VISITED = 5_000_000
+# No rule needs more than four levels; a deeply nested document is refused, not recursed into.
+MAX_DEPTH = 32
 
 RULE_KEYS = ("name", "match", "set", "chain", "sanboot", "boot", "exit")
 ACTION_KEYS = ("chain", "sanboot", "boot", "exit")
@@ -76,6 +78,8 @@ def load_rules(path: str | os.PathLike[str]) -> RuleSet:
     source = os.fspath(path)
     try:
         with open(source, "rb") as stream:
+            if os.fstat(stream.fileno()).st_size > MAX_FILE_BYTES:  # refuse without reading it
+                raise RulesError([f"{source}: file is larger than {MAX_FILE_BYTES // (1024 * 1024)} MB"])
             data = stream.read(MAX_FILE_BYTES + 1)
     except FileNotFoundError:
         raise RulesError([f"{source}: file not found"]) from None
@@ -110,8 +114,11 @@ def parse_rules(data: bytes | str, source: str = "rules.yaml") -> RuleSet:
         line = mark.line + 1 if mark else 1
         reason = error.problem or error.context or "invalid YAML"
         raise RulesError([f"{source}:{line}: invalid YAML: {reason}"]) from None
+    except yaml.reader.ReaderError as error:  # a character YAML does not allow
+        line = data[: error.position].count("\n") + 1
+        raise RulesError([f"{source}:{line}: invalid YAML: character {error.character!r} is not allowed"]) from None
     except yaml.YAMLError as error:
-        raise RulesError([f"{source}:1: invalid YAML: {error}"]) from None
+        raise RulesError([f"{source}:1: invalid YAML: {' '.join(str(error).split())}"]) from None
     finally:
         if gc_was_enabled:
             gc.enable()
@@ -147,9 +154,11 @@ class _Composer:
         self.peeked = None
         return event
 
-    def node(self) -> yaml.Node:
+    def node(self, depth: int = 0) -> yaml.Node:
         """Compose the node that starts at the next event (and everything inside it)."""
         event = self.next()
+        if depth > MAX_DEPTH and isinstance(event, (yaml.SequenceStartEvent, yaml.MappingStartEvent)):
+            raise yaml.composer.ComposerError(None, None, f"nested more than {MAX_DEPTH} levels deep", event.start_mark)
         if isinstance(event, yaml.AliasEvent):
             if event.anchor not in self.anchors:
                 raise yaml.composer.ComposerError(None, None, f"found undefined alias {event.anchor!r}", event.start_mark)
@@ -163,13 +172,13 @@ class _Composer:
         elif isinstance(event, yaml.SequenceStartEvent):
             node = yaml.SequenceNode(event.tag or "tag:yaml.org,2002:seq", [], event.start_mark, None)
             while not isinstance(self.peek(), yaml.SequenceEndEvent):
-                node.value.append(self.node())
+                node.value.append(self.node(depth + 1))
             node.end_mark = self.next().end_mark
         elif isinstance(event, yaml.MappingStartEvent):
             node = yaml.MappingNode(event.tag or "tag:yaml.org,2002:map", [], event.start_mark, None)
             while not isinstance(self.peek(), yaml.MappingEndEvent):
-                key = self.node()
-                node.value.append((key, self.node()))
+                key = self.node(depth + 1)
+                node.value.append((key, self.node(depth + 1)))
             node.end_mark = self.next().end_mark
         else:  # pragma: no cover - libyaml never emits anything else here
             raise yaml.composer.ComposerError(None, None, f"unexpected {event}", event.start_mark)
@@ -459,7 +468,7 @@ class _Reader:
                 value_where = value_node
             if text is None:
                 continue
-            reason = words_problem(text)
+            reason = words_problem(text, show=not secret)
             if reason:
                 self.problem(value_where, f"set {name}: {reason}")
                 continue
@@ -621,31 +630,34 @@ def compile_pattern(key: str, text: str) -> Pattern:
     return Glob(text=pattern, regex=re.compile(fnmatch.translate(pattern)), prefix=literal, bare_mac=bare_mac)
 
 
-def word_problem(word: str) -> str | None:
+def word_problem(word: str, show: bool = True) -> str | None:
     """Say why `word` cannot be one argument of an iPXE command line, or None if it can.
 
     iPXE splits a line on whitespace with no quoting, treats a word starting with `#` as
     a comment and the words `||`, `&&` and `;` as command separators, and expands `${…}`.
+    With show=False the message does not quote the value (it is a secret).
     """
+    shown = repr(word) if show else "the (secret) value"
     if any(not char.isprintable() or char.isspace() for char in word):
-        return f"{word!r} contains a space, line break or control character"
+        return f"{shown} contains a space, line break or control character"
     if word.startswith("#"):
-        return f"{word!r} starts with '#', which iPXE reads as a comment"
+        return f"{shown} starts with '#', which iPXE reads as a comment"
     if word in ("||", "&&", ";"):
-        return f"{word!r} is an iPXE command separator"
+        return f"{shown} is an iPXE command separator"
     if word.count("${") > word.count("}"):
-        return f"{word!r} has an unclosed '${{' (iPXE setting expansion)"
+        return f"{shown} has an unclosed '${{' (iPXE setting expansion)"
     return None
 
 
-def words_problem(text: str) -> str | None:
+def words_problem(text: str, show: bool = True) -> str | None:
     """Say why `text` cannot be iPXE arguments separated by single spaces, or None if it can."""
+    shown = repr(text) if show else "the (secret) value"
     if not text.isprintable():
-        return f"{text!r} contains a line break or control character"
+        return f"{shown} contains a line break or control character"
     if text != text.strip(" ") or "  " in text:
-        return f"{text!r} has leading, trailing or double spaces, which iPXE would drop"
+        return f"{shown} has leading, trailing or double spaces, which iPXE would drop"
     for word in text.split(" "):
-        reason = word_problem(word)
+        reason = word_problem(word, show)
         if reason:
             return reason
     return None

@@ -54,10 +54,16 @@ def render_no_match() -> str:
     )
 
 
-def render_rule(rule: Rule) -> str:
-    """Return the decision script for a machine that `rule` matched."""
+SECRET_MASK = "********"
+
+
+def render_rule(rule: Rule, reveal_secrets: bool = True) -> str:
+    """Return the decision script for a machine that `rule` matched.
+
+    reveal_secrets=False masks secret settings, for showing a script to a person.
+    """
     head = f"#!ipxe\n# bootrules: rule '{rule.name}' (line {rule.line})\n"
-    settings = "".join(_render_setting(setting) for setting in rule.settings)
+    settings = "".join(_render_setting(setting, reveal_secrets) for setting in rule.settings)
     action = rule.action
     if isinstance(action, Exit):
         return head + settings + _render_exit(rule.name, action)
@@ -70,8 +76,9 @@ def render_rule(rule: Rule) -> str:
     return head + settings + body + _failure_tail(rule.name, rule.action_name)
 
 
-def _render_setting(setting: Setting) -> str:
-    return f"set {setting.name} {setting.value}{OR_FAIL}\n"
+def _render_setting(setting: Setting, reveal: bool) -> str:
+    value = setting.value if reveal or not setting.secret else SECRET_MASK
+    return f"set {setting.name} {value}{OR_FAIL}\n"
 
 
 def _render_exit(name: str, action: Exit) -> str:

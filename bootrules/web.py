@@ -32,6 +32,7 @@ DECISION_PATH = "/ipxe"
 # The peer names itself in the Host header; only this alphabet reaches the entry script.
 _HOST = re.compile(r"(?:[A-Za-z0-9](?:[A-Za-z0-9-]{0,62})(?:\.[A-Za-z0-9-]{1,63})*\.?|\[[0-9A-Fa-f:.]+\])(?::[0-9]{1,5})?")
 _PREFIX = re.compile(r"(?:/[A-Za-z0-9._~-]+)*")
+_PARAM_NAME = re.compile(r"[A-Za-z0-9_.-]{1,40}")
 
 
 class ConfigError(Exception):
@@ -159,7 +160,9 @@ class DecisionEndpoint:
                 ("X-Bootrules-Source", f"{snapshot.ruleset.source}:{rule.line}"),
             ]
         if ignored:
-            headers.append(("X-Bootrules-Ignored", ", ".join(sorted(ignored))[:200]))
+            # Names come from the client: only a safe alphabet is echoed into a header.
+            shown = sorted({name if _PARAM_NAME.fullmatch(name) else "(unprintable)" for name in ignored})
+            headers.append(("X-Bootrules-Ignored", ", ".join(shown)[:200]))
         log.info("client=%s mac=%s rule=%s action=%s", client, facts.get("mac", "-"), headers[0][1], headers[1][1])
         return _respond(start_response, "200 OK", script, headers, method)
 
