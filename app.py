@@ -12,19 +12,24 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import signal
 import socket
 import sys
+import tempfile
 from datetime import datetime, timezone
+from pathlib import Path
 from typing import Iterable
 
 import click
 from flask import Flask
 from werkzeug.exceptions import HTTPException
 
-from bootrules import values, web
+from bootrules import matching, values, web
+from bootrules.lint import lint
 from bootrules.loader import RulesError, load_rules
-from bootrules.logs import configure_logging
+from bootrules.logs import LOG_FORMATS, configure_logging
+from bootrules.metrics import MULTIPROC_ENV, Metrics, worker_exited
 from bootrules.render import render_rule
 from bootrules.store import RuleStore, Snapshot
 
@@ -46,7 +51,10 @@ def create_app(
     `store` hands over rules loaded already (by `serve`, before it forks its workers).
     """
     env = os.environ
-    configure_logging()  # a no-op when the hosting server has set up logging already
+    log_format = env.get("BOOTRULES_LOG_FORMAT", "text")
+    if log_format not in LOG_FORMATS:
+        raise web.ConfigError(f"BOOTRULES_LOG_FORMAT={log_format!r}: expected one of {', '.join(LOG_FORMATS)}")
+    configure_logging(log_format)  # a no-op when the hosting server has set up logging already
     app = Flask(__name__)
     app.config["RULES_PATH"] = rules_path or env.get("BOOTRULES_RULES") or DEFAULT_RULES
     app.config["BASE_URL"] = web.parse_base_url(base_url if base_url is not None else env.get("BOOTRULES_BASE_URL"))
@@ -58,16 +66,23 @@ def create_app(
     if store is None:
         store = RuleStore(app.config["RULES_PATH"], poll_interval=interval)
         store.reload()
+    metrics = Metrics()
+    if store.snapshot is not None:  # loaded already: report it, without counting a reload
+        metrics.rules_loaded.set(len(store.snapshot.ruleset))
+        metrics.last_reload.set(store.snapshot.loaded_at.timestamp())
+    store.metrics = metrics
     store.start()
     app.extensions["bootrules"] = store
+    app.extensions["bootrules.metrics"] = metrics
 
     app.add_url_rule("/boot.ipxe", "entry", web.entry_script)
     app.add_url_rule("/boot.ipxe.0", "entry_pxe", web.entry_script)
     app.add_url_rule("/healthz", "healthz", web.healthz)
+    app.add_url_rule("/metrics", "metrics", web.metrics_view)
     app.register_error_handler(HTTPException, web.plain_http_error)
     app.register_error_handler(Exception, web.internal_error)
     # Outermost first: proxy headers are settled before /ipxe or Flask see the request.
-    app.wsgi_app = web.TrustedProxies(web.DecisionEndpoint(store, app.wsgi_app), proxies)  # type: ignore[method-assign]
+    app.wsgi_app = web.TrustedProxies(web.DecisionEndpoint(store, app.wsgi_app, metrics), proxies)  # type: ignore[method-assign]
     return app
 
 
@@ -76,7 +91,22 @@ def create_app(
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 def cli() -> None:
-    """bootrules: answer iPXE with a boot script chosen by the rules in rules.yaml."""
+    """bootrules: answer iPXE with a boot script chosen by the rules in rules.yaml.
+
+    \b
+    Every setting can also come from the environment:
+      BOOTRULES_RULES             rules file (default rules.yaml)
+      BOOTRULES_HOST, _PORT       listen address (default 127.0.0.1:8080)
+      BOOTRULES_BASE_URL          public URL for the entry script
+      BOOTRULES_TRUSTED_PROXIES   proxies whose X-Forwarded-* is believed
+      BOOTRULES_WORKERS           worker processes (default: one per core)
+      BOOTRULES_THREADS           threads per worker (default 16)
+      BOOTRULES_CONNECTION_LIMIT  connections per worker (default 1000)
+      BOOTRULES_CHANNEL_TIMEOUT   seconds before an idle connection closes (default 30)
+      BOOTRULES_LOG_FORMAT        text or json (default text)
+      BOOTRULES_POLL_INTERVAL     seconds between checks of the rules file (default 1)
+    A flag given on the command line wins over the variable.
+    """
 
 
 @cli.command()
@@ -101,8 +131,10 @@ def cli() -> None:
 @click.option("--channel-timeout", envvar="BOOTRULES_CHANNEL_TIMEOUT", default=30, show_default=True,
               type=click.IntRange(1, 3600),
               help="Seconds an idle or stalled connection is kept [env BOOTRULES_CHANNEL_TIMEOUT].")
+@click.option("--log-format", envvar="BOOTRULES_LOG_FORMAT", default="text", show_default=True,
+              type=click.Choice(LOG_FORMATS), help="Log lines as text or as JSON objects [env BOOTRULES_LOG_FORMAT].")
 def serve(rules_path: str, host: str, port: int, base_url: str | None, trusted_proxies: tuple[str, ...],
-          workers: int, threads: int, connection_limit: int, channel_timeout: int) -> None:
+          workers: int, threads: int, connection_limit: int, channel_timeout: int, log_format: str) -> None:
     """Serve the rules over HTTP with waitress.
 
     The rules file is checked first; bootrules does not start on a broken file. Once
@@ -118,7 +150,7 @@ def serve(rules_path: str, host: str, port: int, base_url: str | None, trusted_p
 
     from bootrules.workers import exit_on_sigterm, listening_socket, run_workers
 
-    configure_logging()
+    configure_logging(log_format)
     workers = workers or os.cpu_count() or 1
     store = RuleStore(rules_path, poll_interval=float(os.environ.get("BOOTRULES_POLL_INTERVAL", "1")))
     if not store.reload():
@@ -158,26 +190,42 @@ def serve(rules_path: str, host: str, port: int, base_url: str | None, trusted_p
         exit_on_sigterm()
         serve_one(sock)
     else:
-        # Once forked, the workers hold the rules; the parent lets go of its copy so that
-        # after the workers' first reload no third copy stays resident.
-        raise SystemExit(run_workers(workers, sock, serve_one, started=store.forget))
+        metrics_dir = _metrics_directory()
+        try:
+            # Once forked, the workers hold the rules; the parent lets go of its copy so
+            # that after the workers' first reload no third copy stays resident.
+            status = run_workers(workers, sock, serve_one, started=store.forget, exited=worker_exited)
+        finally:
+            if metrics_dir is not None:
+                shutil.rmtree(metrics_dir, ignore_errors=True)
+        raise SystemExit(status)
 
 
 @cli.command()
 @click.argument("path", default=DEFAULT_RULES, type=click.Path(dir_okay=False))
-def check(path: str) -> None:
-    """Check a rules file; list every problem as FILE:LINE and exit 1 if there is any.
+@click.option("--strict", is_flag=True, help="Exit 1 on warnings too, not only on errors.")
+def check(path: str, strict: bool) -> None:
+    """Check a rules file: list every error as FILE:LINE (exit 1), then warnings.
+
+    Warnings (exit 0 unless --strict) flag rules that can never match because an
+    earlier rule always wins (an earlier catch-all, the same MAC twice, a glob or CIDR
+    covering a later value), and a file without a catch-all rule at the end.
 
     Example:
 
-        python app.py check rules.yaml
+        python app.py check --strict rules.yaml
     """
     try:
         ruleset = load_rules(path)
     except RulesError as error:
         click.echo(str(error), err=True)
         raise SystemExit(1) from None
-    click.echo(f"{path}: {len(ruleset)} rules, no problems")
+    warnings = lint(ruleset)
+    for warning in warnings:
+        click.echo(warning.render(path), err=True)
+    click.echo(f"{path}: {len(ruleset)} rules, no errors, {len(warnings)} warning{'s' * (len(warnings) != 1)}")
+    if strict and warnings:
+        raise SystemExit(1)
 
 
 @cli.command()
@@ -195,7 +243,8 @@ def check(path: str) -> None:
 @click.option("--ip", help="The address iPXE reports for itself.")
 @click.option("--client", help="The address the request comes from.")
 @click.option("--show-secrets", is_flag=True, help="Print secret settings (CHAP passwords…) instead of ********.")
-def preview(rules_path: str, show_secrets: bool, **given: str | None) -> None:
+@click.option("--explain", is_flag=True, help="Also say, for each rule above the answer, why it did not match.")
+def preview(rules_path: str, show_secrets: bool, explain: bool, **given: str | None) -> None:
     """Print the script a machine would get, and which rule answered, without a server.
 
     Secret settings are masked unless --show-secrets is given.
@@ -218,11 +267,30 @@ def preview(rules_path: str, show_secrets: bool, **given: str | None) -> None:
     rule, script = Snapshot(ruleset=ruleset, loaded_at=datetime.now(timezone.utc)).decide(facts)
     if rule is not None and not show_secrets:
         script = render_rule(rule, reveal_secrets=False)
+    if explain:
+        for skipped, reason in matching.explain(ruleset.rules, facts):
+            click.echo(f"# rule '{skipped.name}' (line {skipped.line}) did not match: {reason}", err=True)
     where = f"rule '{rule.name}' ({ruleset.source}:{rule.line}), action {rule.action_name}" if rule else "no rule matched (exit)"
     click.echo(f"# answered by {where}", err=True)
     click.echo(script, nl=False)
 
 
+
+
+def _metrics_directory() -> str | None:
+    """Give the workers one directory to share metrics through; return it if made here.
+
+    An operator's own PROMETHEUS_MULTIPROC_DIR is used but emptied first: numbers left
+    by an earlier run would otherwise be added to this one's.
+    """
+    given = os.environ.get(MULTIPROC_ENV)
+    if given:
+        for stale in Path(given).glob("*.db"):
+            stale.unlink()
+        return None
+    made = tempfile.mkdtemp(prefix="bootrules-metrics-")
+    os.environ[MULTIPROC_ENV] = made
+    return made
 
 
 def _raise_open_files_limit(wanted: int) -> None:

@@ -9,6 +9,7 @@ at the latest half a second later, and at once for warnings and errors.
 from __future__ import annotations
 
 import io
+import json
 import logging
 import os
 import sys
@@ -33,6 +34,28 @@ class SecondCachingFormatter(logging.Formatter):
             self._second = second
             self._stamp = time.strftime("%Y-%m-%d %H:%M:%S", self.converter(record.created))
         return f"{self._stamp},{int(record.msecs):03d}"
+
+
+# Fields a decision log line carries (passed as `extra=`), kept as JSON keys of their own.
+DECISION_FIELDS = ("client", "mac", "rule", "action")
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line, for log shippers: time, level, logger, message, and fields."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        entry = {
+            "time": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created)) + f".{int(record.msecs):03d}Z",
+            "level": record.levelname,
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        for name in DECISION_FIELDS:
+            if hasattr(record, name):
+                entry[name] = getattr(record, name)
+        if record.exc_info:
+            entry["exception"] = self.formatException(record.exc_info)
+        return json.dumps(entry, ensure_ascii=False)
 
 
 class BatchingHandler(logging.StreamHandler):
@@ -78,7 +101,10 @@ class BatchingHandler(logging.StreamHandler):
 _configured = False
 
 
-def configure_logging(level: int = logging.INFO) -> None:
+LOG_FORMATS = ("text", "json")
+
+
+def configure_logging(log_format: str = "text", level: int = logging.INFO) -> None:
     """Send log lines to stderr in batches, unless the hosting program set up logging already."""
     global _configured
     root = logging.getLogger()
@@ -96,7 +122,7 @@ def configure_logging(level: int = logging.INFO) -> None:
     stream = io.TextIOWrapper(io.BufferedWriter(io.FileIO(os.dup(sys.stderr.fileno()), "w"), 64 * 1024),
                               encoding="utf-8", errors="backslashreplace", line_buffering=False)
     handler = BatchingHandler(stream)
-    handler.setFormatter(SecondCachingFormatter())
+    handler.setFormatter(JsonFormatter() if log_format == "json" else SecondCachingFormatter())
     root.addHandler(handler)
     root.setLevel(level)
     # waitress warns "Task queue depth is N" whenever all its threads are busy, which

@@ -120,3 +120,35 @@ class Matcher:
                     best = position
                     break
         return rules[best] if best < len(rules) else None
+
+
+def why_not(rule: Rule, facts: Facts) -> str | None:
+    """Say which selector of `rule` the machine fails first, and why; None if it matches."""
+    for selector in rule.selectors:
+        value = facts.get(selector.key)
+        if value is None:
+            return f"no {selector.key} was sent"
+        if not selector.matches(facts):
+            wanted = [_describe_pattern(pattern) for pattern in selector.patterns]
+            target = wanted[0] if len(wanted) == 1 else "any of " + ", ".join(wanted)
+            return f"{selector.key} {value} does not match {target}"
+    return None
+
+
+def explain(rules: Sequence[Rule], facts: Facts) -> list[tuple[Rule, str]]:
+    """For each rule above the one that answers `facts` (all rules if none does), why it did not."""
+    reasons = []
+    for rule in rules:
+        reason = why_not(rule, facts)
+        if reason is None:
+            break
+        reasons.append((rule, reason))
+    return reasons
+
+
+def _describe_pattern(pattern: Exact | Glob | Network) -> str:
+    if isinstance(pattern, Exact):
+        return pattern.value
+    if isinstance(pattern, Glob):
+        return f"{pattern.text} (glob)"
+    return str(pattern.network)

@@ -18,6 +18,7 @@ from datetime import datetime, timezone
 
 from .loader import RulesError, load_rules
 from .matching import Matcher
+from .metrics import Metrics
 from .model import Facts, Rule, RuleSet
 from .render import render_no_match, render_rule
 
@@ -73,6 +74,7 @@ class RuleStore:
         self.snapshot: Snapshot | None = None
         self.last_error: RulesError | None = None
         self.last_error_at: datetime | None = None
+        self.metrics: Metrics | None = None  # set by create_app, in each worker
         self._reload_now = threading.Event()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -91,6 +93,8 @@ class RuleStore:
             ruleset = load_rules(self.path)
         except RulesError as error:
             self._record_failure(error)
+            if self.metrics is not None:
+                self.metrics.load_failed()
             return False
         after = file_signature(self.path)
         if before != after:
@@ -98,6 +102,8 @@ class RuleStore:
             self._attempted = _RETRY
             return False
         self.snapshot = Snapshot(ruleset=ruleset, loaded_at=datetime.now(timezone.utc), signature=after)
+        if self.metrics is not None:
+            self.metrics.loaded(len(ruleset), self.snapshot.loaded_at.timestamp())
         if self.last_error is not None:
             log.info("rules file %s is valid again", self.path)
         self.last_error = None

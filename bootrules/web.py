@@ -12,6 +12,7 @@ from __future__ import annotations
 import ipaddress
 import logging
 import re
+import time
 import urllib.parse
 from typing import Any, Callable, Iterable, Sequence
 
@@ -19,6 +20,7 @@ from flask import Response, current_app, request
 from werkzeug.exceptions import HTTPException
 
 from . import values
+from .metrics import Metrics
 from .render import render_entry
 from .store import NO_MATCH_SCRIPT, RuleStore
 
@@ -118,9 +120,10 @@ class TrustedProxies:
 class DecisionEndpoint:
     """GET /ipxe?mac=…: the script of the first rule matching the machine, as bare WSGI."""
 
-    def __init__(self, store: RuleStore, fallback: WSGIApp) -> None:
+    def __init__(self, store: RuleStore, fallback: WSGIApp, metrics: Metrics) -> None:
         self.store = store
         self.fallback = fallback
+        self.metrics = metrics
 
     def __call__(self, environ: dict, start_response: Callable[..., Any]) -> Iterable[bytes]:
         if environ.get("PATH_INFO") != DECISION_PATH:
@@ -138,12 +141,14 @@ class DecisionEndpoint:
 
     def decide(self, environ: dict, start_response: Callable[..., Any], method: str) -> Iterable[bytes]:
         """Answer one decision request."""
+        started = time.perf_counter()
         client = environ.get("REMOTE_ADDR") or "-"
         try:
             facts, ignored = values.facts_from_query(values.parse_query(environ.get("QUERY_STRING", "")))
         except values.FactsError as error:
             reason = str(error)
             log.info("client=%s bad request: %s", client, reason)
+            self.metrics.refused(time.perf_counter() - started)
             return _respond(start_response, "400 Bad Request", reason + "\n", (), method)
         try:
             facts["client"] = values.normalize_fact("client", client)
@@ -163,7 +168,10 @@ class DecisionEndpoint:
             # Names come from the client: only a safe alphabet is echoed into a header.
             shown = sorted({name if _PARAM_NAME.fullmatch(name) else "(unprintable)" for name in ignored})
             headers.append(("X-Bootrules-Ignored", ", ".join(shown)[:200]))
-        log.info("client=%s mac=%s rule=%s action=%s", client, facts.get("mac", "-"), headers[0][1], headers[1][1])
+        mac, rule_name, action = facts.get("mac", "-"), headers[0][1], headers[1][1]
+        log.info("client=%s mac=%s rule=%s action=%s", client, mac, rule_name, action,
+                 extra={"client": client, "mac": mac, "rule": rule_name, "action": action})
+        self.metrics.decided(rule_name, action, time.perf_counter() - started)
         return _respond(start_response, "200 OK", script, headers, method)
 
 
@@ -235,6 +243,12 @@ def healthz() -> Response:
     response.status_code = 200 if snapshot else 503
     response.headers["Cache-Control"] = "no-store"
     return response
+
+
+def metrics_view() -> Response:
+    """GET /metrics: Prometheus text format, summed over all workers."""
+    body, content_type = current_app.extensions["bootrules.metrics"].exposition()
+    return Response(body, content_type=content_type, headers={"Cache-Control": "no-store"})
 
 
 def plain_http_error(error: HTTPException) -> Response:

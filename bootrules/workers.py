@@ -35,10 +35,11 @@ def listening_socket(host: str, port: int, backlog: int = 1024) -> socket.socket
 
 
 def run_workers(count: int, sock: socket.socket, serve: Callable[[socket.socket], None],
-                started: Callable[[], None] = lambda: None) -> int:
+                started: Callable[[], None] = lambda: None, exited: Callable[[int], None] = lambda pid: None) -> int:
     """Fork `count` workers running `serve(sock)`; supervise them until told to stop.
 
-    `started()` runs in the parent once every worker has been forked.
+    `started()` runs in the parent once every worker has been forked; `exited(pid)` after
+    each worker ends.
     """
     stopping = False
     workers: dict[int, int] = {}  # pid -> worker number
@@ -94,6 +95,7 @@ def run_workers(count: int, sock: socket.socket, serve: Callable[[socket.socket]
         number = workers.pop(pid, None)
         if number is None:
             continue
+        exited(pid)
         code = os.waitstatus_to_exitcode(wait_status)
         if stopping:
             continue

@@ -9,7 +9,7 @@ def test_check_accepts_a_valid_file(runner, rules_path):
     """`check` on a good file exits 0 and says how many rules it has."""
     result = runner.invoke(cli, ["check", str(rules_path)])
     assert result.exit_code == 0, result.output
-    assert result.output == f"{rules_path}: 3 rules, no problems\n"
+    assert result.output == f"{rules_path}: 3 rules, no errors, 0 warnings\n"
 
 
 def test_check_lists_every_problem_and_exits_1(runner, write_rules):
