@@ -38,6 +38,18 @@ log = logging.getLogger("bootrules")
 DEFAULT_RULES = "rules.yaml"
 
 
+def poll_interval_from_env() -> float:
+    """Seconds between checks of the rules file, from BOOTRULES_POLL_INTERVAL (default 1)."""
+    text = os.environ.get("BOOTRULES_POLL_INTERVAL", "1")
+    try:
+        seconds = float(text)
+    except ValueError:
+        raise web.ConfigError(f"BOOTRULES_POLL_INTERVAL={text!r} is not a number of seconds") from None
+    if not 0 <= seconds <= 3600:
+        raise web.ConfigError(f"BOOTRULES_POLL_INTERVAL={text!r} is out of range (0 to 3600 seconds; 0: never)")
+    return seconds
+
+
 def create_app(
     rules_path: str | None = None,
     *,
@@ -51,17 +63,14 @@ def create_app(
     `store` hands over rules loaded already (by `serve`, before it forks its workers).
     """
     env = os.environ
-    log_format = env.get("BOOTRULES_LOG_FORMAT", "text")
-    if log_format not in LOG_FORMATS:
-        raise web.ConfigError(f"BOOTRULES_LOG_FORMAT={log_format!r}: expected one of {', '.join(LOG_FORMATS)}")
-    configure_logging(log_format)  # a no-op when the hosting server has set up logging already
+    configure_logging(env.get("BOOTRULES_LOG_FORMAT", "text"))  # a no-op if the host set logging up
     app = Flask(__name__)
     app.config["RULES_PATH"] = rules_path or env.get("BOOTRULES_RULES") or DEFAULT_RULES
     app.config["BASE_URL"] = web.parse_base_url(base_url if base_url is not None else env.get("BOOTRULES_BASE_URL"))
     proxies = web.parse_networks(
         trusted_proxies if trusted_proxies is not None else [env.get("BOOTRULES_TRUSTED_PROXIES", "")]
     )
-    interval = poll_interval if poll_interval is not None else float(env.get("BOOTRULES_POLL_INTERVAL", "1"))
+    interval = poll_interval if poll_interval is not None else poll_interval_from_env()
 
     if store is None:
         store = RuleStore(app.config["RULES_PATH"], poll_interval=interval)
@@ -151,8 +160,13 @@ def serve(rules_path: str, host: str, port: int, base_url: str | None, trusted_p
     from bootrules.workers import exit_on_sigterm, listening_socket, run_workers
 
     configure_logging(log_format)
+    # Until a worker installs its handler, SIGHUP (systemctl reload) must not kill us.
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
     workers = workers or os.cpu_count() or 1
-    store = RuleStore(rules_path, poll_interval=float(os.environ.get("BOOTRULES_POLL_INTERVAL", "1")))
+    try:
+        store = RuleStore(rules_path, poll_interval=poll_interval_from_env())
+    except web.ConfigError as error:
+        raise click.ClickException(str(error)) from None
     if not store.reload():
         problems = store.last_error or "cannot load the rules"
         raise click.ClickException(f"{rules_path} is not valid, not starting:\n{problems}")
@@ -171,7 +185,7 @@ def serve(rules_path: str, host: str, port: int, base_url: str | None, trusted_p
     options = {"threads": threads, "ident": "bootrules", "clear_untrusted_proxy_headers": False,
                "connection_limit": connection_limit, "channel_timeout": channel_timeout,
                "asyncore_use_poll": True, "cleanup_interval": min(30, channel_timeout)}
-    _raise_open_files_limit(workers * connection_limit + 100)
+    _raise_open_files_limit(connection_limit + 100)  # per process: each worker has its own
     try:
         sock = listening_socket(host, port)
     except OSError as error:

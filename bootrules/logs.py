@@ -110,6 +110,8 @@ def configure_logging(log_format: str = "text", level: int = logging.INFO) -> No
     root = logging.getLogger()
     if _configured or root.handlers:
         return
+    if log_format not in LOG_FORMATS:
+        raise ValueError(f"log format {log_format!r}: expected one of {', '.join(LOG_FORMATS)}")
     _configured = True
     # Documented switches that spare each log record a stack walk and three lookups
     # nobody reads (the format shows none of them).

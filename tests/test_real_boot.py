@@ -62,10 +62,19 @@ class Lab:
         result = boot(self.tmp, options.pop("boot_url", None) or self.boot_url(), machine or Machine(), disk=self.disk, **options)
         return result
 
-    def decisions(self, mac: str = Machine.mac) -> list[str]:
-        """The `rule=… action=…` part of each decision bootrules logged for the VM's MAC."""
+    def decisions(self, mac: str = Machine.mac, expected: int = 1) -> list[str]:
+        """The `rule=… action=…` part of each decision bootrules logged for the VM's MAC.
+
+        bootrules writes its log in batches (at most half a second late), so this waits up
+        to three seconds for `expected` lines before answering.
+        """
         assert self.server is not None
-        return [line.split("rule=", 1)[1] for line in self.server.log().splitlines() if f" mac={mac} rule=" in line]
+        deadline = time.monotonic() + 3
+        while True:
+            found = [line.split("rule=", 1)[1] for line in self.server.log().splitlines() if f" mac={mac} rule=" in line]
+            if len(found) >= expected or time.monotonic() > deadline:
+                return found
+            time.sleep(0.1)
 
     def close(self) -> None:
         if self.server is not None:
@@ -290,5 +299,5 @@ def test_an_edit_made_while_the_machine_is_off_applies_at_its_next_boot(lab):
         time.sleep(0.1)
     second = lab.boot()
     assert lab.files.paths() == ["/after-edit.ipxe"], second.describe()
-    assert lab.decisions() == ["before-edit action=exit", "after-edit action=chain"]
+    assert lab.decisions(expected=2) == ["before-edit action=exit", "after-edit action=chain"]
     assert server.process.poll() is None  # the same server process answered both boots
