@@ -8,6 +8,7 @@ import shutil
 import socket
 import sys
 import textwrap
+import time
 from pathlib import Path
 from typing import Callable
 
@@ -51,6 +52,16 @@ def contrib(name: str, **values: str) -> str:
     left = set(re.findall(r"@[A-Z_]+@", text))
     assert not left, f"contrib/{name}: placeholders not substituted: {sorted(left)}"
     return text
+
+
+def wait_until(condition: Callable[[], object], timeout: float, interval: float = 0.05) -> object:
+    """Poll `condition` until it returns something true or `timeout` seconds pass; return its last value."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = condition()
+        if value or time.monotonic() > deadline:
+            return value
+        time.sleep(interval)
 
 
 def free_port() -> int:

@@ -7,7 +7,7 @@ import subprocess
 import sys
 import time
 
-from conftest import SAMPLE_RULES, free_port
+from conftest import SAMPLE_RULES, free_port, wait_until
 from support import ROOT, BootrulesServer, http_get
 
 
@@ -37,25 +37,15 @@ def test_serve_answers_curl_style_requests_on_a_real_port(rules_path, tmp_path):
 def test_an_edit_takes_effect_without_a_restart_and_sighup_reloads_at_once(rules_path, tmp_path):
     """Saving rules.yaml changes answers within two seconds; SIGHUP reloads immediately."""
     with BootrulesServer(rules_path, free_port(), tmp_path / "server.log") as server:
+        def answers(name: str) -> bool:
+            return http_get(server.url + "/ipxe?mac=00:12:34:56:78:90")[1]["X-Bootrules-Rule"] == name
+
         rules_path.write_text(SAMPLE_RULES.replace("lab-rescue", "lab-rescue-v2"))
-        deadline = time.monotonic() + 3
-        rule = None
-        while time.monotonic() < deadline:
-            rule = http_get(server.url + "/ipxe?mac=00:12:34:56:78:90")[1]["X-Bootrules-Rule"]
-            if rule == "lab-rescue-v2":
-                break
-            time.sleep(0.1)
-        assert rule == "lab-rescue-v2"
+        assert wait_until(lambda: answers("lab-rescue-v2"), timeout=3)
 
         rules_path.write_text(SAMPLE_RULES.replace("lab-rescue", "lab-rescue-v3"))
         server.signal(signal.SIGHUP)
-        deadline = time.monotonic() + 2
-        while time.monotonic() < deadline:
-            rule = http_get(server.url + "/ipxe?mac=00:12:34:56:78:90")[1]["X-Bootrules-Rule"]
-            if rule == "lab-rescue-v3":
-                break
-            time.sleep(0.05)
-        assert rule == "lab-rescue-v3"
+        assert wait_until(lambda: answers("lab-rescue-v3"), timeout=2)
     assert "reloading" in server.log() and "on request" in server.log()
 
 

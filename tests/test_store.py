@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import logging
 import os
-import time
 
 import pytest
 
 from bootrules.store import RuleStore
+from conftest import wait_until
 
 GOOD_A = "rules:\n  - name: version-a\n    exit: true\n"
 GOOD_B = "rules:\n  - name: version-b\n    exit: true\n"
@@ -98,10 +98,7 @@ def test_the_watcher_thread_picks_up_an_edit_within_two_seconds(tmp_path):
     store.start()
     try:
         bump(path, GOOD_B)
-        deadline = time.monotonic() + 2
-        while names(store) != ["version-b"] and time.monotonic() < deadline:
-            time.sleep(0.05)
-        assert names(store) == ["version-b"]
+        assert wait_until(lambda: names(store) == ["version-b"], timeout=2)
     finally:
         store.stop()
 
@@ -116,9 +113,6 @@ def test_request_reload_reloads_at_once(tmp_path):
     try:
         bump(path, GOOD_B)
         store.request_reload()
-        deadline = time.monotonic() + 2
-        while names(store) != ["version-b"] and time.monotonic() < deadline:
-            time.sleep(0.05)
-        assert names(store) == ["version-b"]
+        assert wait_until(lambda: names(store) == ["version-b"], timeout=2)
     finally:
         store.stop()

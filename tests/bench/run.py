@@ -192,15 +192,23 @@ def wrk(url: str, seconds: int, connections: int = 32) -> float:
     return rate
 
 
-def storm(url: str, entry: str, decision: str, machines: int, connections: int = 256, limit: int = 120) -> dict[str, float]:
-    """Boot `machines` machines, `connections` at a time; return the storm's figures."""
+def storm(url: str, entry: str, decision: str, machines: int, connections: int = 256) -> dict[str, float]:
+    """Boot `machines` machines, `connections` at a time; return the storm's figures.
+
+    wrk always runs for its whole -d, even once every machine has booted (the script
+    times the storm itself), so -d allows about 1,000 requests a second and no more.
+    """
+    limit = 5 + machines * 2 // 1000
     env = {**os.environ, "ENTRY": entry, "DECISION": decision, "MACHINES": str(machines), "THREADS": "2"}
     out = subprocess.run(["wrk", "-t2", f"-c{connections}", f"-d{limit}s", "--timeout", "10s", "-s",
                           str(HERE / "storm.lua"), url], capture_output=True, text=True, env=env, check=True).stdout
     found = re.search(r"STORM (.*)", out)
     if not found:
         raise RuntimeError(out)
-    return {key: float(value) for key, value in (item.split("=") for item in found.group(1).split())}
+    figures = {key: float(value) for key, value in (item.split("=") for item in found.group(1).split())}
+    if figures["unfinished_threads"]:
+        raise RuntimeError(f"the storm did not finish within {limit} s:\n{out}")
+    return figures
 
 
 def pss_mb(pids: list[int]) -> float:
