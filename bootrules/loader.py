@@ -14,12 +14,12 @@ import gc
 import ipaddress
 import os
 import re
-import urllib.parse
 from typing import Callable, Iterator
 
 import yaml
 
 from . import values
+from .ipxe_syntax import san_uri_problem, url_problem, word_problem, words_problem
 from .model import (
     Action,
     Boot,
@@ -35,6 +35,7 @@ from .model import (
     Selector,
     Setting,
 )
+from .yaml_events import YAML_NULL, Composer
 
 try:  # libyaml is several times faster; the pure-Python loader gives the same nodes.
     from yaml import CSafeLoader as _YamlLoader
@@ -44,8 +45,6 @@ except ImportError:  # pragma: no cover - depends on how PyYAML was built
 MAX_FILE_BYTES = 64 * 1024 * 1024
 # Aliases let a small file describe a huge tree ("billion laughs"); walking stops here.
 MAX_NODES_VISITED = 5_000_000
-# No rule needs more than four levels; a deeply nested document is refused, not recursed into.
-MAX_DEPTH = 32
 
 RULE_KEYS = ("name", "match", "set", "chain", "sanboot", "boot", "exit")
 ACTION_KEYS = ("chain", "sanboot", "boot", "exit")
@@ -55,14 +54,11 @@ SETTING_KEYS = ("value", "secret")
 # Settings whose value is a credential, whatever the rule says.
 SECRET_SETTINGS = frozenset({"password", "reverse-password"})
 
-URL_SCHEMES = ("http", "https", "tftp", "ftp", "nfs", "file")
-SAN_SCHEMES = ("iscsi", "http", "https", "aoe", "ib_srp", "fcp")
 
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 _SETTING_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._/-]*(:[a-z0-9]+)?")
 _TRUE = frozenset({"true", "yes", "on"})
 _FALSE = frozenset({"false", "no", "off"})
-_YAML_NULL = "tag:yaml.org,2002:null"
 
 
 class RulesError(Exception):
@@ -125,66 +121,6 @@ def parse_rules(data: bytes | str, source: str = "rules.yaml") -> RuleSet:
     if reader.problems:
         raise RulesError(reader.problems)
     return RuleSet(source=source, rules=tuple(rules))
-
-
-_NULL_TEXT = frozenset({"", "~", "null", "Null", "NULL"})
-
-
-class _Composer:
-    """Builds YAML nodes from libyaml's event stream, one rule at a time.
-
-    yaml.compose would build the node tree of the whole file first: for 100,000 rules
-    that peaks near 400 MB, which the process then keeps. Streaming keeps only the rule
-    at hand. Scalars keep the text as written; only the null tag is resolved, because
-    an empty value must be told from an empty string.
-    """
-
-    def __init__(self, events: Iterator[yaml.Event]) -> None:
-        self.events = events
-        self.peeked: yaml.Event | None = None
-        self.anchors: dict[str, yaml.Node] = {}
-
-    def peek(self) -> yaml.Event:
-        if self.peeked is None:
-            self.peeked = next(self.events)
-        return self.peeked
-
-    def next(self) -> yaml.Event:
-        event = self.peek()
-        self.peeked = None
-        return event
-
-    def node(self, depth: int = 0) -> yaml.Node:
-        """Compose the node that starts at the next event (and everything inside it)."""
-        event = self.next()
-        if depth > MAX_DEPTH and isinstance(event, (yaml.SequenceStartEvent, yaml.MappingStartEvent)):
-            raise yaml.composer.ComposerError(None, None, f"nested more than {MAX_DEPTH} levels deep", event.start_mark)
-        if isinstance(event, yaml.AliasEvent):
-            if event.anchor not in self.anchors:
-                raise yaml.composer.ComposerError(None, None, f"found undefined alias {event.anchor!r}", event.start_mark)
-            return self.anchors[event.anchor]
-        node: yaml.Node
-        if isinstance(event, yaml.ScalarEvent):
-            style = event.style or None  # libyaml says '' for plain, the Python parser None
-            plain_null = style is None and event.implicit[0] and event.value in _NULL_TEXT
-            tag = _YAML_NULL if plain_null and not event.tag else (event.tag or "tag:yaml.org,2002:str")
-            node = yaml.ScalarNode(tag, event.value, event.start_mark, event.end_mark, style=style)
-        elif isinstance(event, yaml.SequenceStartEvent):
-            node = yaml.SequenceNode(event.tag or "tag:yaml.org,2002:seq", [], event.start_mark, None)
-            while not isinstance(self.peek(), yaml.SequenceEndEvent):
-                node.value.append(self.node(depth + 1))
-            node.end_mark = self.next().end_mark
-        elif isinstance(event, yaml.MappingStartEvent):
-            node = yaml.MappingNode(event.tag or "tag:yaml.org,2002:map", [], event.start_mark, None)
-            while not isinstance(self.peek(), yaml.MappingEndEvent):
-                key = self.node(depth + 1)
-                node.value.append((key, self.node(depth + 1)))
-            node.end_mark = self.next().end_mark
-        else:  # pragma: no cover - libyaml never emits anything else here
-            raise yaml.composer.ComposerError(None, None, f"unexpected {event}", event.start_mark)
-        if getattr(event, "anchor", None):
-            self.anchors[event.anchor] = node
-        return node
 
 
 def _line(node: yaml.Node) -> int:
@@ -253,7 +189,7 @@ class _Reader:
         if not isinstance(node, yaml.ScalarNode):
             self.problem(node, f"{what} must be a single value, not a {'list' if isinstance(node, yaml.SequenceNode) else 'mapping'}")
             return None
-        if node.tag == _YAML_NULL and node.style is None:
+        if node.tag == YAML_NULL and node.style is None:
             self.problem(node, f"{what} is empty")
             return None
         if node.value == "":
@@ -305,7 +241,7 @@ class _Reader:
 
     def read_stream(self, events: Iterator[yaml.Event]) -> list[Rule]:
         """Read the one document of the file: a mapping whose `rules:` is a list of rules."""
-        composer = _Composer(events)
+        composer = Composer(events)
         composer.next()  # StreamStart
         if isinstance(composer.peek(), yaml.StreamEndEvent):
             self.problems.append(f"{self.source}:1: the file is empty (expected 'rules:' and a list of rules)")
@@ -315,7 +251,7 @@ class _Reader:
         start = composer.peek()
         if not isinstance(start, yaml.MappingStartEvent):
             root = composer.node()
-            if isinstance(root, yaml.ScalarNode) and root.tag == _YAML_NULL:
+            if isinstance(root, yaml.ScalarNode) and root.tag == YAML_NULL:
                 self.problems.append(f"{self.source}:1: the file is empty (expected 'rules:' and a list of rules)")
             else:
                 self.problem(root, "the file must be a mapping of rules")
@@ -330,7 +266,7 @@ class _Reader:
                         rules = self.read_rules(composer)
                     else:
                         value = composer.node()
-                        if isinstance(value, yaml.ScalarNode) and value.tag == _YAML_NULL:
+                        if isinstance(value, yaml.ScalarNode) and value.tag == YAML_NULL:
                             self.problem(value, "'rules:' is empty (write 'rules: []' for no rules)")
                         else:
                             self.problem(value, "'rules:' must be a list of rules (each item starts with '- name:')")
@@ -349,7 +285,7 @@ class _Reader:
             self.problems.append(f"{self.source}:{composer.peek().start_mark.line + 1}: a second YAML document ('---'); put every rule in one")
         return rules
 
-    def read_rules(self, composer: _Composer) -> list[Rule]:
+    def read_rules(self, composer: Composer) -> list[Rule]:
         composer.next()  # SequenceStart
         rules: list[Rule] = []
         names: dict[str, int] = {}
@@ -416,7 +352,7 @@ class _Reader:
 
     def read_match(self, node: yaml.Node) -> tuple[Selector, ...]:
         if isinstance(node, yaml.MappingNode) and not node.value or (
-            isinstance(node, yaml.ScalarNode) and node.tag == _YAML_NULL
+            isinstance(node, yaml.ScalarNode) and node.tag == YAML_NULL
         ):
             self.problem(node, "'match:' is empty; to match every machine, leave 'match:' out")
             return ()
@@ -628,100 +564,3 @@ def compile_pattern(key: str, text: str) -> Pattern:
     if bare_mac:  # index bare MAC prefixes in the colon form facts are kept in
         literal = ":".join(literal[i : i + 2] for i in range(0, len(literal), 2))
     return Glob(text=pattern, regex=re.compile(fnmatch.translate(pattern)), prefix=literal, bare_mac=bare_mac)
-
-
-def word_problem(word: str, show: bool = True) -> str | None:
-    """Say why `word` cannot be one argument of an iPXE command line, or None if it can.
-
-    iPXE splits a line on whitespace with no quoting, treats a word starting with `#` as
-    a comment and the words `||`, `&&` and `;` as command separators, and expands `${…}`.
-    With show=False the message does not quote the value (it is a secret).
-    """
-    shown = repr(word) if show else "the (secret) value"
-    if any(not char.isprintable() or char.isspace() for char in word):
-        return f"{shown} contains a space, line break or control character"
-    if word.startswith("#"):
-        return f"{shown} starts with '#', which iPXE reads as a comment"
-    if word in ("||", "&&", ";"):
-        return f"{shown} is an iPXE command separator"
-    if word.count("${") > word.count("}"):
-        return f"{shown} has an unclosed '${{' (iPXE setting expansion)"
-    return None
-
-
-def words_problem(text: str, show: bool = True) -> str | None:
-    """Say why `text` cannot be iPXE arguments separated by single spaces, or None if it can."""
-    shown = repr(text) if show else "the (secret) value"
-    if not text.isprintable():
-        return f"{shown} contains a line break or control character"
-    if text != text.strip(" ") or "  " in text:
-        return f"{shown} has leading, trailing or double spaces, which iPXE would drop"
-    for word in text.split(" "):
-        reason = word_problem(word, show)
-        if reason:
-            return reason
-    return None
-
-
-def url_problem(text: str) -> str | None:
-    """Say why `text` is not a URL iPXE can fetch, or None if it is one."""
-    reason = word_problem(text)
-    if reason:
-        return reason
-    if not text.isascii():
-        return f"{text!r} has non-ASCII characters (percent-encode them)"
-    if text.startswith("/"):
-        return None  # relative to the bootrules server, resolved by iPXE
-    parts = urllib.parse.urlsplit(text)
-    if parts.scheme not in URL_SCHEMES:
-        return f"{text!r} is not a URL (expected {', '.join(s + '://' for s in URL_SCHEMES)}, or a path starting with /)"
-    if parts.scheme != "file" and not parts.netloc:
-        return f"{text!r} has no host"
-    return None
-
-
-def san_uri_problem(text: str) -> str | None:
-    """Say why `text` is not a SAN URI iPXE can boot, or None if it is one."""
-    reason = word_problem(text)
-    if reason:
-        return reason
-    scheme = text.split(":", 1)[0].lower()
-    if scheme not in SAN_SCHEMES:
-        return f"{text!r} is not a SAN URI (expected one of: {', '.join(s + ':' for s in SAN_SCHEMES)})"
-    if scheme in ("http", "https"):
-        return url_problem(text)
-    if scheme == "iscsi":
-        return iscsi_problem(text)
-    return None
-
-
-def iscsi_problem(text: str) -> str | None:
-    """Check `iscsi:<server>:<protocol>:<port>:<lun>:<iqn>` (empty fields take defaults)."""
-    rest = text[len("iscsi:") :]
-    server = ""
-    if rest.startswith("["):  # IPv6 literal
-        end = rest.find("]")
-        if end < 0:
-            return f"{text!r}: unclosed '[' in the server address"
-        server, rest = rest[: end + 1], rest[end + 1 :]
-        if not rest.startswith(":"):
-            return f"{text!r} is not iscsi:<server>:<protocol>:<port>:<lun>:<iqn>"
-        rest = rest[1:]
-        fields = [server] + rest.split(":", 3)
-    else:
-        fields = rest.split(":", 4)
-    usage = "iscsi:<server>:<protocol>:<port>:<lun>:<iqn>, e.g. iscsi:10.0.0.1::::iqn.2010-04.org.example:disk"
-    if len(fields) != 5:
-        return f"{text!r} is not {usage}"
-    server, protocol, port, lun, iqn = fields
-    if not server:
-        return f"{text!r} has no server ({usage})"
-    if protocol not in ("", "6"):
-        return f"{text!r}: protocol must be empty or 6 (TCP), not {protocol!r}"
-    if port and not (port.isdigit() and 0 < int(port) < 65536):
-        return f"{text!r}: port {port!r} is not a TCP port"
-    if lun and not re.fullmatch(r"[0-9a-fA-F]{1,4}(-[0-9a-fA-F]{1,4}){0,3}", lun):
-        return f"{text!r}: LUN {lun!r} is not a LUN number"
-    if not iqn:
-        return f"{text!r} has no target IQN ({usage})"
-    return None

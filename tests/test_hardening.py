@@ -25,7 +25,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from app import cli, create_app
-from bootrules.loader import MAX_DEPTH, RulesError, parse_rules
+from bootrules.loader import RulesError, parse_rules
+from bootrules.yaml_events import MAX_DEPTH
 from bootrules.render import render_no_match, render_rule
 from bootrules.store import RuleStore
 from conftest import IN_CI, SAMPLE_RULES, free_port, require_tool
