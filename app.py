@@ -15,7 +15,6 @@ import os
 import shutil
 import signal
 import socket
-import sys
 import tempfile
 from datetime import datetime, timezone
 from pathlib import Path
@@ -272,7 +271,7 @@ def preview(rules_path: str, show_secrets: bool, explain: bool, **given: str | N
         client = given.pop("client")
         facts, _ignored = values.facts_from_query({k: [v] for k, v in given.items() if v is not None})
         if client:
-            facts["client"] = values.normalize_address(client)
+            facts["client"] = values.normalize_fact("client", client)
     except RulesError as error:
         click.echo(str(error), err=True)
         raise SystemExit(1) from None

@@ -235,8 +235,8 @@ def test_a_real_ipxe_leases_from_contrib_dnsmasq_and_reaches_bootrules(tftp_root
             server.stop()
         dhcp_log = lab.log(net.daemon_log)
     log = server.log()
-    assert f"DHCPACK(eth0) 10.99.0." in dhcp_log and mac in dhcp_log, dhcp_log[-2000:]
-    assert re.search(rf"tags: .*\bipxe\b", dhcp_log), "dnsmasq did not tag the guest as iPXE"
-    assert f"client=10.99.0." in log and f"mac={mac} rule=chain-test action=exit" in log, log + result.describe()
+    assert "DHCPACK(eth0) 10.99.0." in dhcp_log and mac in dhcp_log, dhcp_log[-2000:]
+    assert re.search(r"tags: .*\bipxe\b", dhcp_log), "dnsmasq did not tag the guest as iPXE"
+    assert "client=10.99.0." in log and f"mac={mac} rule=chain-test action=exit" in log, log + result.describe()
     assert f"Filename: {BOOTRULES_URL}/boot.ipxe" in result.screen_text(), result.describe()
     assert result.marker() == "LOCALDISK-OK", result.describe()

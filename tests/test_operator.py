@@ -14,7 +14,7 @@ import time
 import pytest
 import yaml
 
-from app import cli, create_app
+from app import cli
 from bootrules.lint import lint
 from bootrules.loader import RulesError, parse_rules
 from conftest import ROOT, SAMPLE_RULES, free_port

@@ -9,7 +9,6 @@ iPXE printed just before).
 
 from __future__ import annotations
 
-import os
 import socket
 import textwrap
 import time

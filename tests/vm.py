@@ -291,7 +291,7 @@ class IscsiTarget:
             except subprocess.CalledProcessError:
                 if time.monotonic() > deadline or self.process.poll() is not None:
                     self.__exit__()
-                    raise RuntimeError("tgtd did not start: " + (self.workdir / "tgtd.log").read_text())
+                    raise RuntimeError("tgtd did not start: " + (self.workdir / "tgtd.log").read_text()) from None
                 time.sleep(0.1)
         self._admin("--mode", "target", "--op", "new", "--tid", "1", "--targetname", self.target_iqn)
         self._admin("--mode", "logicalunit", "--op", "new", "--tid", "1", "--lun", "1", "--backing-store", str(self.image))

@@ -79,7 +79,7 @@ def wait_http(url: str, timeout: float = 120) -> None:
             return
         except OSError:
             if time.monotonic() > deadline:
-                raise RuntimeError(f"{url} did not answer")
+                raise RuntimeError(f"{url} did not answer") from None
             time.sleep(0.2)
 
 
