@@ -155,9 +155,3 @@ def test_systemd_unit_verifies_and_is_locked_down(tmp_path):
     assert float(match.group(1)) <= 2.0 and match.group(2) in ("OK", "SAFE"), security.stdout
     unit_text = unit.read_text()
     assert "DynamicUser=yes" in unit_text and "ProtectSystem=strict" in unit_text
-
-
-def test_pxelinux_menu_entry_chainloads_ipxe():
-    """The pxelinux menu entry loads undionly (the iPXE that then asks DHCP again)."""
-    text = (ROOT / "contrib" / "pxelinux.cfg").read_text()
-    assert re.search(r"^\s*KERNEL undionly\.0\s*$", text, re.M | re.I), text

@@ -9,6 +9,7 @@ iPXE printed just before).
 
 from __future__ import annotations
 
+import shutil
 import socket
 import textwrap
 import time
@@ -17,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from bootrules.render import render_entry
-from conftest import free_port, require_tool
+from conftest import ROOT, free_port, require_tool
 from markers import disk_image, marker_kernel
 from support import BootrulesServer, http_get
 from vm import HOST_FROM_GUEST, OVMF_CODE, OVMF_VARS, VIRTIO_ROM, FileServer, IscsiTarget, Machine, boot
@@ -300,3 +301,41 @@ def test_an_edit_made_while_the_machine_is_off_applies_at_its_next_boot(lab):
     assert lab.files.paths() == ["/after-edit.ipxe"], second.describe()
     assert lab.decisions(expected=2) == ["before-edit action=exit", "after-edit action=chain"]
     assert server.process.poll() is None  # the same server process answered both boots
+
+
+def test_the_contrib_pxelinux_entry_chainloads_ipxe_which_reaches_bootrules(lab, tmp_path):
+    """contrib/pxelinux.cfg in a real pxelinux: its entry loads undionly.0, that iPXE (told
+    apart by its `undionly` NIC driver) reaches bootrules, and the rule's sanboot runs."""
+    pxelinux = Path("/usr/lib/PXELINUX/pxelinux.0")
+    ldlinux = Path("/usr/lib/syslinux/modules/bios/ldlinux.c32")
+    undionly = Path("/usr/lib/ipxe/undionly.kpxe")
+    require_file(pxelinux, "pxelinux")
+    require_file(ldlinux, "syslinux-common")
+    require_file(undionly, "ipxe")
+    server = lab.serve("""
+        rules:
+          - name: after-pxelinux
+            sanboot: FILES/disk.img
+        """)
+    lab.files.files["/disk.img"] = disk_image(SAN_DISK, 0x11)
+    root = tmp_path / "tftp"
+    (root / "pxelinux.cfg").mkdir(parents=True)
+    shutil.copy(pxelinux, root / "pxelinux.0")
+    shutil.copy(ldlinux, root / "ldlinux.c32")
+    shutil.copy(undionly, root / "undionly.0")
+    entry = (ROOT / "contrib" / "pxelinux.cfg").read_text()
+    (root / "pxelinux.cfg" / "default").write_text("DEFAULT bootrules\nPROMPT 0\nTIMEOUT 0\n" + entry)
+    # The NIC's own firmware here is iPXE, standing in for a plain PXE ROM: it starts
+    # pxelinux. The iPXE that pxelinux then loads drives the NIC through UNDI, which is how
+    # this script tells the two apart, and it goes on to bootrules.
+    (root / "start.ipxe").write_text(
+        "#!ipxe\n"
+        "iseq ${netX/chip} undionly && goto from_pxelinux ||\n"
+        "chain pxelinux.0\n"
+        ":from_pxelinux\n"
+        f"chain http://{HOST_FROM_GUEST}:{server.port}/boot.ipxe\n"
+    )
+    result = lab.boot(boot_url="start.ipxe", tftp_root=root)
+    assert result.marker() == SAN_DISK, result.describe() + "\n" + server.log()
+    assert "using undionly" in result.screen_text(), result.describe()  # pxelinux's iPXE, not the ROM
+    assert lab.decisions() == ["after-pxelinux action=sanboot"]

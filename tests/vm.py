@@ -183,6 +183,7 @@ def boot(
     stop_when: Callable[[], bool] | None = None,
     timeout: float = BOOT_TIMEOUT,
     tap: tuple[str, str] | None = None,
+    tftp_root: Path | None = None,
 ) -> BootResult:
     """Power on a VM that network-boots `boot_url` first, then its disk; wait for it to finish.
 
@@ -190,6 +191,8 @@ def boot(
     killed), or at `timeout` (killed too). QEMU never outlives this call.
     With `tap=(namespace, device)` the NIC is that tap device instead of QEMU's user-mode
     network (QEMU then runs in that namespace, and `boot_url` is unused: DHCP decides).
+    With `tftp_root`, QEMU's own TFTP server serves that directory and `boot_url` may be
+    a file name in it.
     """
     qemu = shutil.which("qemu-system-x86_64") or "qemu-system-x86_64"
     debugcon = workdir / f"debugcon-{time.monotonic_ns()}.txt"
@@ -197,7 +200,8 @@ def boot(
     command = [
         qemu, "-machine", "pc", "-m", "256", "-display", "none", "-vga", "std",
         "-no-reboot", "-monitor", "none", "-serial", "none", "-parallel", "none",
-        "-netdev", f"tap,id=n0,ifname={tap[1]},script=no,downscript=no" if tap else f"user,id=n0,bootfile={boot_url}",
+        "-netdev", f"tap,id=n0,ifname={tap[1]},script=no,downscript=no" if tap
+        else f"user,id=n0,bootfile={boot_url}" + (f",tftp={tftp_root}" if tftp_root else ""),
         "-debugcon", f"file:{debugcon}", "-global", "isa-debugcon.iobase=0x402",
         "-device", "isa-debug-exit,iobase=0xf4,iosize=0x04",
     ]
