@@ -133,3 +133,25 @@ def test_sighup_to_the_parent_reloads_every_worker(rules_path, tmp_path):
         while time.monotonic() < deadline and server.log().count("on request") < 2:
             time.sleep(0.1)
         assert server.log().count("on request") == 2, server.log()
+
+
+def test_flask_run_serves_the_app_from_the_factory(rules_path, tmp_path):
+    """`flask --app app run` finds create_app and serves the file named by BOOTRULES_RULES."""
+    port = free_port()
+    env = {"BOOTRULES_RULES": str(rules_path), "PATH": "/usr/bin:/bin"}
+    with open(tmp_path / "flask.log", "wb") as log:
+        process = subprocess.Popen([sys.executable, "-m", "flask", "--app", "app", "run", "--port", str(port)],
+                                   cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+        try:
+            def answer():
+                try:
+                    return http_get(f"http://127.0.0.1:{port}/ipxe?mac=00:12:34:56:78:90", timeout=1)
+                except OSError:
+                    return None
+
+            status, headers, body = wait_until(answer, timeout=15, interval=0.1)
+            assert status == 200 and headers["X-Bootrules-Rule"] == "lab-rescue"
+            assert body.startswith("#!ipxe\n")
+        finally:
+            process.terminate()
+            process.wait(timeout=10)
