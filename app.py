@@ -147,8 +147,8 @@ def serve(rules_path: str, host: str, port: int, base_url: str | None, trusted_p
 
     The rules file is checked first; bootrules does not start on a broken file. Once
     running, edits are picked up within about a second (SIGHUP: at once), and a broken
-    edit keeps the last good rules serving. With several workers, each follows the file
-    on its own and SIGHUP to the parent reaches them all.
+    edit keeps the last good rules serving. With several workers the parent loads an
+    edit once and replaces the workers, which finish what they have in hand first.
 
     Example:
 
@@ -156,7 +156,7 @@ def serve(rules_path: str, host: str, port: int, base_url: str | None, trusted_p
     """
     import waitress
 
-    from bootrules.workers import exit_on_sigterm, listening_socket, run_workers
+    from bootrules.workers import Supervisor, exit_on_sigterm, listening_socket, retire_on_sigusr1
 
     configure_logging(log_format)
     # Until a worker installs its handler, SIGHUP (systemctl reload) must not kill us.
@@ -192,26 +192,35 @@ def serve(rules_path: str, host: str, port: int, base_url: str | None, trusted_p
     log.info("serving %d rules from %s on http://%s:%d/ with %d worker(s)", len(store.snapshot.ruleset),
              rules_path, host, sock.getsockname()[1], workers)
 
-    def serve_one(sock: socket.socket) -> None:
-        if store.snapshot is None:  # a worker started again after the parent let go of the rules
-            store.reload()
+    if workers == 1:  # one process: it follows the file itself
+        exit_on_sigterm()
         app = create_app(rules_path, store=store, **settings)
         signal.signal(signal.SIGHUP, lambda _signum, _frame: store.request_reload())
         waitress.serve(app, sockets=[sock], **options)
+        return
 
-    if workers == 1:
-        exit_on_sigterm()
-        serve_one(sock)
-    else:
-        metrics_dir = _metrics_directory()
-        try:
-            # Once forked, the workers hold the rules; the parent lets go of its copy so
-            # that after the workers' first reload no third copy stays resident.
-            status = run_workers(workers, sock, serve_one, started=store.forget, exited=worker_exited)
-        finally:
-            if metrics_dir is not None:
-                shutil.rmtree(metrics_dir, ignore_errors=True)
-        raise SystemExit(status)
+    def serve_one(sock: socket.socket) -> None:
+        store.poll_interval = 0  # the parent follows the file and replaces the workers
+        app = create_app(rules_path, store=store, **settings)
+        server = waitress.create_server(app, sockets=[sock], **options)
+        retire_on_sigusr1(server, grace=channel_timeout)
+        server.run()
+
+    runtime = _runtime_directory()
+    try:
+        store.status_path = os.path.join(runtime, "status.json")
+        store.metrics = Metrics()  # the parent counts the reloads
+        # The parent's watcher starts once the first workers are forked (threads and fork
+        # do not mix); each successful reload then replaces the workers.
+        supervisor = Supervisor(workers, sock, serve_one, started=store.start, exited=worker_exited)
+        store.on_loaded = supervisor.request_replace
+        signal.signal(signal.SIGHUP, lambda _signum, _frame: store.request_reload())
+        status = supervisor.run()
+    finally:
+        store.stop()
+        if runtime.startswith(tempfile.gettempdir()) and os.path.basename(runtime).startswith("bootrules-"):
+            shutil.rmtree(runtime, ignore_errors=True)
+    raise SystemExit(status)
 
 
 @cli.command()
@@ -290,8 +299,8 @@ def preview(rules_path: str, show_secrets: bool, explain: bool, **given: str | N
 
 
 
-def _metrics_directory() -> str | None:
-    """Give the workers one directory to share metrics through; return it if made here.
+def _runtime_directory() -> str:
+    """A directory the parent and its workers share: metrics, and the reload status.
 
     An operator's own PROMETHEUS_MULTIPROC_DIR is used but emptied first: numbers left
     by an earlier run would otherwise be added to this one's.
@@ -300,8 +309,8 @@ def _metrics_directory() -> str | None:
     if given:
         for stale in Path(given).glob("*.db"):
             stale.unlink()
-        return None
-    made = tempfile.mkdtemp(prefix="bootrules-metrics-")
+        return given
+    made = tempfile.mkdtemp(prefix="bootrules-")
     os.environ[MULTIPROC_ENV] = made
     return made
 

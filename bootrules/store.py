@@ -9,11 +9,13 @@ and kept for /healthz until a good version appears.
 from __future__ import annotations
 
 import gc
+import json
 import logging
 import os
 import threading
 import time
 from dataclasses import dataclass, field
+from typing import Callable
 from datetime import datetime, timezone
 
 from .loader import RulesError, load_rules
@@ -75,6 +77,9 @@ class RuleStore:
         self.last_error: RulesError | None = None
         self.last_error_at: datetime | None = None
         self.metrics: Metrics | None = None  # set by create_app, in each worker
+        # With several workers the parent loads; these tell it and its workers what happened.
+        self.on_loaded: Callable[[], None] | None = None
+        self.status_path: str | None = None
         self._reload_now = threading.Event()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -95,6 +100,7 @@ class RuleStore:
             self._record_failure(error)
             if self.metrics is not None:
                 self.metrics.load_failed()
+            self._write_status()
             return False
         after = file_signature(self.path)
         if before != after:
@@ -109,7 +115,35 @@ class RuleStore:
         self.last_error = None
         self.last_error_at = None
         log.info("loaded %d rules from %s in %.2f s", len(ruleset), self.path, time.monotonic() - started)
+        self._write_status()
+        if self.on_loaded is not None:
+            self.on_loaded()
         return True
+
+    def _write_status(self) -> None:
+        """Publish the last reload's outcome for the workers' /healthz (several workers only)."""
+        if self.status_path is None:
+            return
+        status = {
+            "reload_error": list(self.last_error.problems) if self.last_error else None,
+            "reload_error_at": self.last_error_at.isoformat(timespec="seconds") if self.last_error_at else None,
+        }
+        temporary = f"{self.status_path}.{os.getpid()}"
+        with open(temporary, "w") as stream:
+            json.dump(status, stream)
+        os.replace(temporary, self.status_path)
+
+    def reload_status(self) -> tuple[list[str] | None, str | None]:
+        """The last reload error and its time: this process's own, or the parent's."""
+        if self.status_path is not None:
+            try:
+                with open(self.status_path) as stream:
+                    status = json.load(stream)
+                return status["reload_error"], status["reload_error_at"]
+            except (OSError, ValueError, KeyError):
+                pass
+        error = list(self.last_error.problems) if self.last_error else None
+        return error, self.last_error_at.isoformat(timespec="seconds") if self.last_error_at else None
 
     def _record_failure(self, error: RulesError) -> None:
         if self.last_error is not None and self.last_error.problems == error.problems:
@@ -138,11 +172,6 @@ class RuleStore:
             self._previous_tick = signature
             return False
         return self.reload()
-
-    def forget(self) -> None:
-        """Drop the loaded rules (the supervising parent, once its workers hold them)."""
-        self.snapshot = None
-        gc.collect()
 
     # ------------------------------------------------------------ watching
 

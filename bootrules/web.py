@@ -230,14 +230,14 @@ def healthz() -> Response:
     """GET /healthz: 200 while valid rules are loaded; also shows the last reload error."""
     store = rule_store()
     snapshot = store.snapshot
-    error = store.last_error
+    error, error_at = store.reload_status()
     body = {
         "status": "ok" if snapshot and not error else ("degraded" if snapshot else "no-rules"),
         "rules_file": store.path,
         "rules": len(snapshot.ruleset) if snapshot else 0,
         "loaded_at": snapshot.loaded_at.isoformat(timespec="seconds") if snapshot else None,
-        "reload_error": list(error.problems) if error else None,
-        "reload_error_at": store.last_error_at.isoformat(timespec="seconds") if store.last_error_at else None,
+        "reload_error": error,
+        "reload_error_at": error_at,
     }
     response = current_app.json.response(body)
     response.status_code = 200 if snapshot else 503

@@ -1,10 +1,10 @@
 """Serve with several waitress processes sharing one listening socket.
 
 waitress runs in one process, and Python runs one thread at a time, so one process uses
-one core. The parent binds the socket, checks and loads the rules once, and forks the
-workers. They start with the parent's rules (shared copy-on-write pages), each then follows
-the file on its own. The parent only supervises: it passes SIGHUP on, restarts a worker
-that dies, and on SIGTERM or SIGINT stops them all and waits for them.
+one core. The parent binds the socket, loads the rules, and forks the workers, which share
+the parent's copy of the rules (copy-on-write pages). The parent follows the rules file;
+when it changes, the parent loads it once and replaces the workers (see Supervisor). It
+also restarts a worker that dies, and on SIGTERM or SIGINT stops them all and waits.
 """
 
 from __future__ import annotations
@@ -15,12 +15,16 @@ import os
 import signal
 import socket
 import sys
+import threading
 import time
 from typing import Callable
 
 log = logging.getLogger("bootrules")
 
 RESTART_DELAY = 1.0
+# A retiring worker closes a connection that never carried a request after this long, so
+# one it has only just accepted keeps it until its request has arrived and been answered.
+QUIET_BEFORE_CLOSE = 1.0
 
 
 def listening_socket(host: str, port: int, backlog: int = 1024) -> socket.socket:
@@ -34,25 +38,39 @@ def listening_socket(host: str, port: int, backlog: int = 1024) -> socket.socket
     return sock
 
 
-def run_workers(count: int, sock: socket.socket, serve: Callable[[socket.socket], None],
-                started: Callable[[], None] = lambda: None, exited: Callable[[int], None] = lambda pid: None) -> int:
-    """Fork `count` workers running `serve(sock)`; supervise them until told to stop.
+class Supervisor:
+    """Forks and watches the workers; replaces them all when the rules change.
 
-    `started()` runs in the parent once every worker has been forked; `exited(pid)` after
-    each worker ends.
+    A reload happens in the parent: it loads the new rules once, forks a new generation of
+    workers that share them, and retires the old generation. A retiring worker stops
+    accepting, answers what it has in hand with `Connection: close`, and exits. So no
+    worker ever holds two copies of the rules, or spends its time loading them.
     """
-    stopping = False
-    workers: dict[int, int] = {}  # pid -> worker number
 
-    def spawn(number: int) -> None:
+    def __init__(self, count: int, sock: socket.socket, serve: Callable[[socket.socket], None],
+                 started: Callable[[], None] = lambda: None, exited: Callable[[int], None] = lambda pid: None) -> None:
+        self.count = count
+        self.started = started
+        self.sock = sock
+        self.serve = serve
+        self.exited = exited
+        self.generation = 0
+        self.workers: dict[int, tuple[int, int]] = {}  # pid -> (generation, worker number)
+        self.stopping = False
+        self.replace_requested = False
+
+    def spawn(self, number: int) -> None:
+        """Fork worker `number` of the current generation."""
         pid = os.fork()
         if pid == 0:  # the worker
-            signal.signal(signal.SIGTERM, _exit_quietly)
-            signal.signal(signal.SIGINT, _exit_quietly)
-            signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+            for signum in (signal.SIGTERM, signal.SIGINT):
+                signal.signal(signum, _exit_quietly)
+            for signum in (signal.SIGCHLD, signal.SIGUSR2):
+                signal.signal(signum, signal.SIG_DFL)
+            signal.signal(signal.SIGHUP, signal.SIG_IGN)  # the parent reloads
             code = 0
             try:
-                serve(sock)
+                self.serve(self.sock)
             except SystemExit as done:
                 code = done.code if isinstance(done.code, int) else 0
             except BaseException:
@@ -61,52 +79,119 @@ def run_workers(count: int, sock: socket.socket, serve: Callable[[socket.socket]
             finally:
                 logging.shutdown()
                 os._exit(code)
-        workers[pid] = number
+        self.workers[pid] = (self.generation, number)
 
-    def stop(signum: int, _frame: object) -> None:
-        nonlocal stopping
-        stopping = True
-        for pid in list(workers):
-            _signal(pid, signal.SIGTERM)
+    def start_generation(self) -> None:
+        """Fork a full set of workers on the rules the parent holds now."""
+        # Objects made so far (the rules) are never collected: keeping the collector off
+        # them keeps their pages shared between the workers.
+        gc.freeze()
+        for number in range(self.count):
+            self.spawn(number)
 
-    def forward_hup(_signum: int, _frame: object) -> None:
-        for pid in list(workers):
-            _signal(pid, signal.SIGHUP)
+    def replace_all(self) -> None:
+        """Start a new generation, then retire the old one (the rules have changed)."""
+        old = [pid for pid, (generation, _number) in self.workers.items() if generation == self.generation]
+        self.generation += 1
+        self.start_generation()
+        for pid in old:
+            _signal(pid, signal.SIGUSR1)
+        new = [pid for pid, (generation, _number) in self.workers.items() if generation == self.generation]
+        log.info("new rules: started workers %s, retiring %s", " ".join(map(str, new)), " ".join(map(str, old)))
 
-    # Objects made so far (the rules loaded by the parent) are never collected: keeping
-    # the collector off them keeps their pages shared between the workers.
-    gc.freeze()
-    for number in range(count):
-        spawn(number)
-    started()
-    signal.signal(signal.SIGTERM, stop)
-    signal.signal(signal.SIGINT, stop)
-    signal.signal(signal.SIGHUP, forward_hup)
-    log.info("started %d workers: %s", count, " ".join(str(pid) for pid in workers))
+    def request_replace(self) -> None:
+        """Ask the main loop to replace the workers; safe from any thread."""
+        os.kill(os.getpid(), signal.SIGUSR2)
 
-    status = 0
-    while workers:
-        try:
-            pid, wait_status = os.wait()
-        except ChildProcessError:
-            break
-        except InterruptedError:  # pragma: no cover - PEP 475 retries wait() itself
-            continue
-        number = workers.pop(pid, None)
-        if number is None:
-            continue
-        exited(pid)
-        code = os.waitstatus_to_exitcode(wait_status)
-        if stopping:
-            continue
-        log.error("worker %d (pid %d) exited with %s; starting it again", number, pid, code)
-        status = 1
-        time.sleep(RESTART_DELAY)
-        if not stopping:
-            spawn(number)
-    sock.close()
-    log.info("all workers stopped")
-    return 0 if stopping else status
+    def run(self) -> int:
+        """Start the workers and supervise them until SIGTERM or SIGINT."""
+        status = 0
+
+        def stop(_signum: int, _frame: object) -> None:
+            self.stopping = True
+            for pid in list(self.workers):
+                _signal(pid, signal.SIGTERM)
+
+        def replace(_signum: int, _frame: object) -> None:
+            self.replace_requested = True
+
+        self.start_generation()
+        self.started()
+        signal.signal(signal.SIGTERM, stop)
+        signal.signal(signal.SIGINT, stop)
+        signal.signal(signal.SIGUSR2, replace)
+        log.info("started %d workers: %s", self.count, " ".join(str(pid) for pid in self.workers))
+        while self.workers:
+            if self.replace_requested and not self.stopping:
+                self.replace_requested = False
+                self.replace_all()
+            try:
+                # Polled, not blocking: a blocking wait() is resumed after a signal
+                # (PEP 475), so a replacement asked for by SIGUSR2 would wait for a death.
+                pid, wait_status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                break
+            if pid == 0:
+                time.sleep(0.05)
+                continue
+            if pid not in self.workers:
+                continue
+            generation, number = self.workers.pop(pid)
+            self.exited(pid)
+            if self.stopping or generation != self.generation:
+                continue  # stopped, or a retired worker finishing
+            log.error("worker %d (pid %d) exited with %s; starting it again", number, pid,
+                      os.waitstatus_to_exitcode(wait_status))
+            status = 1
+            time.sleep(RESTART_DELAY)
+            if not self.stopping:
+                self.spawn(number)
+        self.sock.close()
+        log.info("all workers stopped")
+        return 0 if self.stopping else status
+
+
+def retire_on_sigusr1(server: object, grace: float) -> None:
+    """In a worker: on SIGUSR1 stop accepting, finish what is in hand, close, and exit.
+
+    A connection is closed once it has answered and has nothing in progress; a request in
+    hand is never cut. Whatever is left after `grace` seconds is closed anyway. (A WSGI app
+    may not send `Connection: close`, a hop-by-hop header, so this is done at the server.)
+    """
+
+    def retire(_signum: int, _frame: object) -> None:
+        server.accepting = False  # type: ignore[attr-defined]  # waitress stops polling the socket
+        threading.Thread(target=_drain, args=(server, time.monotonic() + grace), daemon=True).start()
+
+    signal.signal(signal.SIGUSR1, retire)
+
+
+def _drain(server: object, deadline: float) -> None:
+    from waitress.channel import HTTPChannel
+
+    def channels() -> list[HTTPChannel]:
+        return [c for c in list(server._map.values()) if isinstance(c, HTTPChannel)]  # type: ignore[attr-defined]
+
+    def close_what_is_done() -> None:  # runs on waitress's own loop thread
+        now = time.time()
+        for channel in channels():
+            with channel.requests_lock:
+                if channel.request is not None or channel.requests or channel.total_outbufs_len:
+                    continue  # a request arriving, in hand or being sent: let it finish
+                served = channel.last_activity > channel.creation_time
+                if served or now - channel.last_activity > QUIET_BEFORE_CLOSE:
+                    # Answered and idle (a keep-alive client reconnects, to a new worker),
+                    # or accepted but unused for a while.
+                    channel.handle_close()
+
+    # Empty twice in a row: a connection accepted in the very loop pass that saw SIGUSR1
+    # shows up only a moment later.
+    empty_checks = 0
+    while empty_checks < 2 and time.monotonic() < deadline:
+        server.trigger.pull_trigger(close_what_is_done)  # type: ignore[attr-defined]
+        time.sleep(0.1)
+        empty_checks = empty_checks + 1 if not channels() else 0
+    os.kill(os.getpid(), signal.SIGTERM)
 
 
 def _signal(pid: int, signum: int) -> None:

@@ -194,7 +194,7 @@ def test_metrics_add_up_across_worker_processes(rules_path, tmp_path, monkeypatc
         for path in shared.glob("counter_*.db"):
             values = MmapedDict.read_all_values_from_file(str(path))
             per_worker.append(sum(value for key, value, *_ in values if "bootrules_decisions" in key))
-    assert sorted(count > 0 for count in per_worker) == [True, True], per_worker  # both workers answered
+    assert sum(count > 0 for count in per_worker) == 2, per_worker  # both workers answered (the parent: none)
     assert sum(per_worker) == 60
     assert metric(text, 'bootrules_decisions_total{action="chain",rule="lab-rescue"}') == 60
     assert metric(text, "bootrules_rules_loaded") == 3

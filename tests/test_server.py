@@ -92,27 +92,25 @@ def _children(pid: int) -> list[int]:
 
 
 def test_workers_share_the_port_follow_edits_and_stop_cleanly(rules_path, tmp_path):
-    """With --workers 2: both workers answer, each picks up an edit, a killed worker is
-    started again, and SIGTERM stops every process."""
+    """With --workers 2: both workers answer; an edit is loaded once, by the parent, which
+    replaces both workers; a killed worker is started again; SIGTERM stops every process."""
     import os
 
     with BootrulesServer(rules_path, free_port(), tmp_path / "server.log", args=("--workers", "2")) as server:
-        workers = _children(server.process.pid)
-        assert len(workers) == 2, server.log()
+        first = _children(server.process.pid)
+        assert len(first) == 2, server.log()
 
         rules_path.write_text(SAMPLE_RULES.replace("lab-rescue", "lab-rescue-v2"))
-        deadline = time.monotonic() + 5
-        while time.monotonic() < deadline and server.log().count("loaded 3 rules") < 3:
-            time.sleep(0.1)
-        assert server.log().count("loaded 3 rules") == 3, server.log()  # the parent at start, then each worker
+        assert wait_until(lambda: "new rules: started workers" in server.log(), timeout=5), server.log()
+        assert server.log().count("loaded 3 rules") == 2  # at start, then the edit: once each
+        assert wait_until(lambda: set(_children(server.process.pid)).isdisjoint(first), timeout=10)
         answers = {http_get(server.url + "/ipxe?mac=00:12:34:56:78:90")[1]["X-Bootrules-Rule"] for _ in range(40)}
         assert answers == {"lab-rescue-v2"}
 
+        workers = _children(server.process.pid)
         os.kill(workers[0], signal.SIGKILL)
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline and len(_children(server.process.pid)) < 2:
-            time.sleep(0.1)
-        assert len(_children(server.process.pid)) == 2
+        assert wait_until(lambda: len(_children(server.process.pid)) == 2
+                          and workers[0] not in _children(server.process.pid), timeout=10)
         assert "exited with -9; starting it again" in server.log()
         assert http_get(server.url + "/healthz")[0] == 200
 
@@ -124,15 +122,27 @@ def test_workers_share_the_port_follow_edits_and_stop_cleanly(rules_path, tmp_pa
     assert "Traceback" not in server.log()
 
 
-def test_sighup_to_the_parent_reloads_every_worker(rules_path, tmp_path):
-    """SIGHUP to the supervising process reaches each worker, which reloads at once."""
-    with BootrulesServer(rules_path, free_port(), tmp_path / "server.log",
-                         args=("--workers", "2")) as server:
+def test_sighup_to_the_parent_reloads_and_replaces_the_workers(rules_path, tmp_path):
+    """SIGHUP to the supervising process reloads at once and hands the rules to new workers."""
+    with BootrulesServer(rules_path, free_port(), tmp_path / "server.log", args=("--workers", "2")) as server:
+        before = set(_children(server.process.pid))
         server.signal(signal.SIGHUP)
-        deadline = time.monotonic() + 5
-        while time.monotonic() < deadline and server.log().count("on request") < 2:
-            time.sleep(0.1)
-        assert server.log().count("on request") == 2, server.log()
+        assert wait_until(lambda: "new rules: started workers" in server.log(), timeout=5), server.log()
+        assert server.log().count("on request") == 1
+        assert wait_until(lambda: set(_children(server.process.pid)).isdisjoint(before), timeout=10)
+
+
+def test_a_broken_edit_shows_on_every_workers_healthz(rules_path, tmp_path):
+    """With several workers the parent loads: a broken edit still shows on /healthz, and the
+    workers keep serving the last good rules."""
+    with BootrulesServer(rules_path, free_port(), tmp_path / "server.log", args=("--workers", "2")) as server:
+        rules_path.write_text("rules:\n  - name: broken\n")
+        assert wait_until(lambda: '"reload_error":null' not in http_get(server.url + "/healthz")[2].replace(" ", ""),
+                          timeout=5)
+        for _ in range(10):  # new connections: both workers
+            status, _headers, body = http_get(server.url + "/healthz")
+            assert status == 200 and "rule 'broken': no action" in body
+        assert http_get(server.url + "/ipxe?mac=00:12:34:56:78:90")[1]["X-Bootrules-Rule"] == "lab-rescue"
 
 
 def test_flask_run_serves_the_app_from_the_factory(rules_path, tmp_path):
