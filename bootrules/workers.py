@@ -43,8 +43,9 @@ class Supervisor:
 
     A reload happens in the parent: it loads the new rules once, forks a new generation of
     workers that share them, and retires the old generation. A retiring worker stops
-    accepting, answers what it has in hand with `Connection: close`, and exits. So no
-    worker ever holds two copies of the rules, or spends its time loading them.
+    accepting, answers what it has in hand, closes its connections and exits (see
+    retire_on_sigusr1). So no worker ever holds two copies of the rules, or spends its
+    time loading them.
     """
 
     def __init__(self, count: int, sock: socket.socket, serve: Callable[[socket.socket], None],
