@@ -76,7 +76,7 @@ class RuleStore:
         self.snapshot: Snapshot | None = None
         self.last_error: RulesError | None = None
         self.last_error_at: datetime | None = None
-        self.metrics: Metrics | None = None  # set by create_app, in each worker
+        self.metrics: Metrics | None = None  # set by create_app (and by serve, for the parent)
         # With several workers the parent loads; these tell it and its workers what happened.
         self.on_loaded: Callable[[], None] | None = None
         self.status_path: str | None = None

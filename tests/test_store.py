@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 
@@ -89,30 +90,29 @@ def test_a_deleted_file_keeps_serving_and_a_restored_one_is_loaded(store, tmp_pa
     assert names(store) == ["version-b"]
 
 
-def test_the_watcher_thread_picks_up_an_edit_within_two_seconds(tmp_path):
-    """With the background watcher running, an edit is served within about a second."""
-    path = tmp_path / "rules.yaml"
+@contextlib.contextmanager
+def watching(path, poll_interval: float):
+    """A store on `path` (holding GOOD_A) with its watcher thread running; stopped afterwards."""
     path.write_text(GOOD_A)
-    store = RuleStore(str(path), poll_interval=0.2)
+    store = RuleStore(str(path), poll_interval=poll_interval)
     store.reload()
     store.start()
     try:
-        bump(path, GOOD_B)
-        assert wait_until(lambda: names(store) == ["version-b"], timeout=2)
+        yield store
     finally:
         store.stop()
+
+
+def test_the_watcher_thread_picks_up_an_edit_within_two_seconds(tmp_path):
+    """With the background watcher running, an edit is served within about a second."""
+    with watching(tmp_path / "rules.yaml", poll_interval=0.2) as store:
+        bump(tmp_path / "rules.yaml", GOOD_B)
+        assert wait_until(lambda: names(store) == ["version-b"], timeout=2)
 
 
 def test_request_reload_reloads_at_once(tmp_path):
     """A forced reload (what SIGHUP does) does not wait for the file to settle."""
-    path = tmp_path / "rules.yaml"
-    path.write_text(GOOD_A)
-    store = RuleStore(str(path), poll_interval=30)
-    store.reload()
-    store.start()
-    try:
-        bump(path, GOOD_B)
+    with watching(tmp_path / "rules.yaml", poll_interval=30) as store:
+        bump(tmp_path / "rules.yaml", GOOD_B)
         store.request_reload()
         assert wait_until(lambda: names(store) == ["version-b"], timeout=2)
-    finally:
-        store.stop()
