@@ -83,14 +83,13 @@ def create_app(
     app.extensions["bootrules"] = store
     app.extensions["bootrules.metrics"] = metrics
 
-    app.add_url_rule("/boot.ipxe", "entry", web.entry_script)
-    app.add_url_rule("/boot.ipxe.0", "entry_pxe", web.entry_script)
     app.add_url_rule("/healthz", "healthz", web.healthz)
     app.add_url_rule("/metrics", "metrics", web.metrics_view)
     app.register_error_handler(HTTPException, web.plain_http_error)
     app.register_error_handler(Exception, web.internal_error)
     # Outermost first: proxy headers are settled before /ipxe or Flask see the request.
-    app.wsgi_app = web.TrustedProxies(web.DecisionEndpoint(store, app.wsgi_app, metrics), proxies)  # type: ignore[method-assign]
+    boot = web.BootEndpoints(store, app.wsgi_app, metrics, base_url=app.config["BASE_URL"])
+    app.wsgi_app = web.TrustedProxies(boot, proxies)  # type: ignore[method-assign]
     return app
 
 
@@ -108,7 +107,6 @@ def cli() -> None:
       BOOTRULES_BASE_URL          public URL for the entry script
       BOOTRULES_TRUSTED_PROXIES   proxies whose X-Forwarded-* is believed
       BOOTRULES_WORKERS           worker processes (default: one per core)
-      BOOTRULES_THREADS           threads per worker (default 16)
       BOOTRULES_CONNECTION_LIMIT  connections per worker (default 1000)
       BOOTRULES_CHANNEL_TIMEOUT   seconds before an idle connection closes (default 30)
       BOOTRULES_LOG_FORMAT        text or json (default text)
@@ -132,8 +130,6 @@ def cli() -> None:
                    "repeat or separate with commas [env BOOTRULES_TRUSTED_PROXIES].")
 @click.option("--workers", envvar="BOOTRULES_WORKERS", default=0, type=click.IntRange(0, 64),
               help="Worker processes sharing the port; 0 = one per CPU core [env BOOTRULES_WORKERS].")
-@click.option("--threads", envvar="BOOTRULES_THREADS", default=16, show_default=True, type=click.IntRange(1, 256),
-              help="Waitress threads per worker [env BOOTRULES_THREADS].")
 @click.option("--connection-limit", envvar="BOOTRULES_CONNECTION_LIMIT", default=1000, show_default=True,
               type=click.IntRange(10, 100000), help="Open connections per worker [env BOOTRULES_CONNECTION_LIMIT].")
 @click.option("--channel-timeout", envvar="BOOTRULES_CHANNEL_TIMEOUT", default=30, show_default=True,
@@ -142,7 +138,7 @@ def cli() -> None:
 @click.option("--log-format", envvar="BOOTRULES_LOG_FORMAT", default="text", show_default=True,
               type=click.Choice(LOG_FORMATS), help="Log lines as text or as JSON objects [env BOOTRULES_LOG_FORMAT].")
 def serve(rules_path: str, host: str, port: int, base_url: str | None, trusted_proxies: tuple[str, ...],
-          workers: int, threads: int, connection_limit: int, channel_timeout: int, log_format: str) -> None:
+          workers: int, connection_limit: int, channel_timeout: int, log_format: str) -> None:
     """Serve the rules over HTTP with waitress.
 
     The rules file is checked first; bootrules does not start on a broken file. Once
@@ -154,8 +150,7 @@ def serve(rules_path: str, host: str, port: int, base_url: str | None, trusted_p
 
         python app.py serve --rules /etc/bootrules/rules.yaml --host 0.0.0.0 --port 80
     """
-    import waitress
-
+    from bootrules import server
     from bootrules.workers import Supervisor, exit_on_sigterm, listening_socket, retire_on_sigusr1
 
     configure_logging(log_format)
@@ -181,7 +176,7 @@ def serve(rules_path: str, host: str, port: int, base_url: str | None, trusted_p
     # 1024 descriptors, and a 120 s idle timeout) let a few hundred silent connections lock
     # every machine out. poll() and a larger limit keep the door open; the timeout closes
     # the silent ones.
-    options = {"threads": threads, "ident": "bootrules", "clear_untrusted_proxy_headers": False,
+    options = {"ident": "bootrules", "clear_untrusted_proxy_headers": False,
                "connection_limit": connection_limit, "channel_timeout": channel_timeout,
                "asyncore_use_poll": True, "cleanup_interval": min(30, channel_timeout)}
     _raise_open_files_limit(connection_limit + 100)  # per process: each worker has its own
@@ -196,15 +191,15 @@ def serve(rules_path: str, host: str, port: int, base_url: str | None, trusted_p
         exit_on_sigterm()
         app = create_app(rules_path, store=store, **settings)
         signal.signal(signal.SIGHUP, lambda _signum, _frame: store.request_reload())
-        waitress.serve(app, sockets=[sock], **options)
+        server.run(server.create(app, sock, **options))
         return
 
     def serve_one(sock: socket.socket) -> None:
         store.poll_interval = 0  # the parent follows the file and replaces the workers
         app = create_app(rules_path, store=store, **settings)
-        server = waitress.create_server(app, sockets=[sock], **options)
-        retire_on_sigusr1(server, grace=channel_timeout)
-        server.run()
+        waitress_server = server.create(app, sock, **options)
+        retire_on_sigusr1(waitress_server, grace=channel_timeout)
+        server.run(waitress_server)
 
     runtime = _runtime_directory()
     try:

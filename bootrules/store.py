@@ -8,7 +8,6 @@ and kept for /healthz until a good version appears.
 
 from __future__ import annotations
 
-import gc
 import json
 import logging
 import os

@@ -23,6 +23,14 @@ def test_proxy_dhcp_file_name_serves_the_same_entry_script(client):
     assert client.get("/boot.ipxe.0", base_url="http://boot.lan").text == render_entry("http://boot.lan/ipxe")
 
 
+def test_every_host_name_gets_its_own_entry_script(client):
+    """Entry scripts are kept rendered per host name; each of many hosts still gets its own."""
+    for round_ in range(2):
+        for number in range(150):
+            host = f"boot-{number}.lan:8080"
+            assert client.get("/boot.ipxe", base_url=f"http://{host}").text == render_entry(f"http://{host}/ipxe")
+
+
 def test_configured_base_url_wins_over_the_host_header(rules_path):
     """With --base-url, the entry script uses it whatever the request says."""
     app = create_app(str(rules_path), base_url="https://boot.example.com/pxe/", poll_interval=0)

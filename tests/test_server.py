@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -32,6 +33,27 @@ def test_serve_answers_curl_style_requests_on_a_real_port(rules_path, tmp_path):
     log = server.log()
     assert "client=127.0.0.1 mac=00:12:34:56:78:90 rule=lab-rescue action=chain" in log
     assert "Traceback" not in log
+
+
+def test_pipelined_requests_are_answered_in_order_while_another_client_stalls(rules_path, tmp_path):
+    """One worker answers on its I/O loop: pipelined requests come back in order, each with
+    its own rule, and a client stuck halfway through its request holds nothing up."""
+    macs = ["00-12-34-56-78-90", "00-0c-29-aa-bb-cc", "00-99-99-99-99-99", "00-12-34-56-78-90"]
+    expected = ["lab-rescue", "vmware-guests", "everyone-else", "lab-rescue"]
+    with BootrulesServer(rules_path, free_port(), tmp_path / "server.log", args=("--workers", "1")) as server:
+        stalled = socket.create_connection(("127.0.0.1", server.port), timeout=5)
+        stalled.sendall(b"GET /ipxe?mac=00-12-34-56-78-90 HTTP/1.1\r\nHost: x\r\n")  # never finished
+        client = socket.create_connection(("127.0.0.1", server.port), timeout=5)
+        client.sendall(b"".join(f"GET /ipxe?mac={mac} HTTP/1.1\r\nHost: x\r\n\r\n".encode() for mac in macs))
+        received = b""
+        while received.count(b"HTTP/1.1 200 OK") < len(macs) or not received.endswith(b"exit 1\n"):
+            chunk = client.recv(65536)
+            assert chunk, f"connection closed after {received!r}"
+            received += chunk
+        client.close()
+        stalled.close()
+    answered = [line.split(": ", 1)[1] for line in received.decode().split("\r\n") if line.startswith("X-Bootrules-Rule:")]
+    assert answered == expected
 
 
 def test_an_edit_takes_effect_without_a_restart_and_sighup_reloads_at_once(rules_path, tmp_path):
