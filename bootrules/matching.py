@@ -10,6 +10,7 @@ order, so the answer is always the one a plain top-to-bottom scan gives.
 from __future__ import annotations
 
 import ipaddress
+import socket
 from collections import defaultdict
 from typing import Sequence
 
@@ -42,6 +43,19 @@ def _index_selector(rule: Rule) -> Selector | None:
     return best
 
 
+def _address_bits(value: str) -> tuple[int, int]:
+    """An address fact (canonical text) as (IP version, integer)."""
+    # inet_pton is a tenth of the cost of ipaddress parsing. Scoped IPv6 (fe80::1%eth0) is
+    # left to ipaddress, which ignores the scope in range checks too.
+    try:
+        if ":" in value:
+            return 6, int.from_bytes(socket.inet_pton(socket.AF_INET6, value), "big")
+        return 4, int.from_bytes(socket.inet_pton(socket.AF_INET, value), "big")
+    except OSError:
+        address = ipaddress.ip_address(value)
+        return address.version, int(address)
+
+
 def _compact(positions: list[int]) -> int | list[int]:
     return positions[0] if len(positions) == 1 else positions
 
@@ -53,7 +67,7 @@ class Matcher:
         self.rules = tuple(rules)
         exact: dict[str, dict[str, list[int]]] = defaultdict(lambda: defaultdict(list))
         prefix: dict[str, dict[int, dict[str, list[int]]]] = defaultdict(lambda: defaultdict(lambda: defaultdict(list)))
-        networks: dict[str, dict[tuple[int, int], dict[object, list[int]]]] = defaultdict(
+        networks: dict[str, dict[tuple[int, int], dict[int, list[int]]]] = defaultdict(
             lambda: defaultdict(lambda: defaultdict(list))
         )
         always: list[int] = []
@@ -69,13 +83,17 @@ class Matcher:
                     prefix[selector.key][len(pattern.prefix)][pattern.prefix].append(position)
                 else:
                     net = pattern.network
-                    networks[selector.key][(net.version, net.prefixlen)][net.network_address].append(position)
+                    networks[selector.key][(net.version, int(net.netmask))][int(net.network_address)].append(position)
         # Plain dicts, so that lookups never add entries. Nearly every exact value belongs
         # to one rule; storing that rule's position alone instead of a one-item list saves
         # about 8 MB per 100,000 rules, in every worker.
         self._exact = {key: {value: _compact(hits) for value, hits in table.items()} for key, table in exact.items()}
         self._prefix = {key: {n: dict(t) for n, t in sorted(tables.items())} for key, tables in prefix.items()}
-        self._networks = {key: {vp: dict(t) for vp, t in tables.items()} for key, tables in networks.items()}
+        # Per key: (IP version, netmask as an integer, rules by network address as an integer).
+        self._networks = {
+            key: tuple((version, mask, dict(t)) for (version, mask), t in tables.items())
+            for key, tables in networks.items()
+        }
         self._always = always
 
     def candidate_lists(self, facts: Facts) -> list[Sequence[int]]:
@@ -95,11 +113,10 @@ class Matcher:
                         lists.append(hit)
             ranges = self._networks.get(key)
             if ranges is not None:
-                address = ipaddress.ip_address(value)
-                for (version, prefixlen), by_network in ranges.items():
-                    if version == address.version:
-                        network = ipaddress.ip_network((address, prefixlen), strict=False)
-                        hit = by_network.get(network.network_address)
+                address_version, address = _address_bits(value)
+                for version, mask, by_network in ranges:
+                    if version == address_version:
+                        hit = by_network.get(address & mask)
                         if hit:
                             lists.append(hit)
         if self._always:

@@ -23,6 +23,7 @@ from werkzeug.exceptions import HTTPException
 from werkzeug.wsgi import get_host
 
 from . import values
+from .logs import log_decision
 from .metrics import Metrics
 from .render import render_entry
 from .store import NO_MATCH_SCRIPT, RuleStore
@@ -197,8 +198,7 @@ class BootEndpoints:
             shown = sorted({name if _PARAM_NAME.fullmatch(name) else "(unprintable)" for name in ignored})
             headers.append(("X-Bootrules-Ignored", ", ".join(shown)[:200]))
         mac, rule_name, action = facts.get("mac", "-"), headers[0][1], headers[1][1]
-        log.info("client=%s mac=%s rule=%s action=%s", client, mac, rule_name, action,
-                 extra={"client": client, "mac": mac, "rule": rule_name, "action": action})
+        log_decision(client, mac, rule_name, action)
         self.metrics.decided(rule_name, action, time.perf_counter() - started)
         return _respond(start_response, "200 OK", script, headers, method)
 

@@ -91,10 +91,12 @@ IPS = ["10.0.0.1", "10.0.1.5", "192.168.1.1", "fd00::1"]
 PATTERN_TEXTS = {
     "mac": MACS + ["00:0c:29:*", "5254*", "*:56", "52:54:00:0?:*", "*"],
     "serial": SERIALS + ["abc*", "*-1", "ab?-[12]", "x*"],
-    "ip": IPS + ["10.0.0.0/8", "10.0.1.0/24", "0.0.0.0/0", "fd00::/8"],
+    "ip": IPS + ["10.0.0.0/8", "10.0.1.0/24", "0.0.0.0/0", "fd00::/8", "fe80::/10"],
     "platform": ["efi", "pcbios", "e*"],
 }
-FACT_VALUES = {"mac": MACS + ["00:0c:29:00:00:01"], "serial": SERIALS, "ip": IPS, "platform": ["efi", "pcbios"]}
+# A scoped IPv6 address is a fact a machine can report, never a rule value.
+FACT_VALUES = {"mac": MACS + ["00:0c:29:00:00:01"], "serial": SERIALS, "ip": IPS + ["fe80::1%eth0"],
+               "platform": ["efi", "pcbios"]}
 
 selectors = st.dictionaries(
     st.sampled_from(sorted(PATTERN_TEXTS)),
