@@ -11,6 +11,7 @@ Flask as usual.
 
 from __future__ import annotations
 
+import email.utils
 import ipaddress
 import logging
 import re
@@ -214,10 +215,27 @@ def request_url_root(environ: dict) -> str:
     return f"{environ['wsgi.url_scheme']}://{host}{prefix}"
 
 
+_date: tuple[int, str] = (0, "")
+
+
+def http_date() -> str:
+    """The Date header for now, formatted once a second.
+
+    Given by the app, it spares waitress formatting one per response (5% of a worker's
+    time in a boot storm, measured with py-spy).
+    """
+    global _date
+    second = int(time.time())
+    if _date[0] != second:
+        _date = (second, email.utils.formatdate(second, usegmt=True))
+    return _date[1]
+
+
 def _respond(start_response: Callable[..., Any], status: str, body: str, headers: Iterable[tuple[str, str]],
              method: str | None) -> list[bytes]:
     data = body.encode()
     start_response(status, [
+        ("Date", http_date()),
         ("Content-Type", SCRIPT_TYPE),
         ("Content-Length", str(len(data))),
         ("Cache-Control", "no-store"),

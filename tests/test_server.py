@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import email.utils
 import signal
 import socket
 import subprocess
@@ -54,6 +55,10 @@ def test_pipelined_requests_are_answered_in_order_while_another_client_stalls(ru
         stalled.close()
     answered = [line.split(": ", 1)[1] for line in received.decode().split("\r\n") if line.startswith("X-Bootrules-Rule:")]
     assert answered == expected
+    # bootrules dates its answers itself; waitress must not add a second Date header
+    assert received.count(b"\r\nDate: ") == len(macs)
+    date = email.utils.parsedate_to_datetime(received.split(b"\r\nDate: ")[1].split(b"\r\n")[0].decode())
+    assert abs(date.timestamp() - time.time()) < 60
 
 
 def test_an_edit_takes_effect_without_a_restart_and_sighup_reloads_at_once(rules_path, tmp_path):
