@@ -4,6 +4,8 @@
 --   ENTRY     path of the entry script      (/boot.ipxe, or /boot.php for the PHP script)
 --   DECISION  path of the decision          (/ipxe, or /ipxe.php)
 --   MACHINES  number of machines            (10000)
+--   FIRST     number of the first machine   (0; rounds use different machines, so
+--             every round's machines are new to the server, as in a real storm)
 local ffi = require("ffi")
 ffi.cdef[[
   typedef struct { long tv_sec; long tv_usec; } timeval;
@@ -28,6 +30,7 @@ function init(args)
   entry = os.getenv("ENTRY") or "/boot.ipxe"
   decision = os.getenv("DECISION") or "/ipxe"
   machines = tonumber(os.getenv("MACHINES") or "10000")
+  first_machine = tonumber(os.getenv("FIRST") or "0")
   count = tonumber(os.getenv("THREADS") or "2")
   sent = 0
   answered = 0
@@ -47,7 +50,7 @@ function request()
   if first_us == 0 then first_us = now_us() end
   local step = sent
   sent = sent + 1
-  local machine = id + count * math.floor(step / 2)
+  local machine = first_machine + id + count * math.floor(step / 2)
   local headers = { ["Connection"] = "close" }
   if step % 2 == 0 then
     return wrk.format("GET", entry, headers)
