@@ -11,6 +11,12 @@ two workers served 10,000 /ipxe requests a second; answered on the loop thread, 
 So `LoopDispatcher` takes the place of waitress's ThreadedTaskDispatcher, and `run`
 drives waitress's own loop, answering the requests that each pass completes. Parsing,
 buffering, timeouts and connection limits are all still waitress's.
+
+One more change: waitress accepts one connection per pass of its loop, and each pass
+asks every open connection whether it wants to read or write. iPXE opens a connection
+per request, so in a boot storm the passes cost more than the requests; accepting up to
+ACCEPTS_PER_PASS waiting connections per pass cut a worker's CPU time per storm request
+from 202-271 to 157-184 µs (three interleaved runs each, 10,000 machines, 100k rules).
 """
 
 from __future__ import annotations
@@ -18,7 +24,7 @@ from __future__ import annotations
 import collections
 import logging
 import socket
-from typing import Any
+from typing import Any, Callable
 
 from waitress import wasyncore
 from waitress.server import create_server
@@ -30,6 +36,7 @@ log = logging.getLogger("bootrules")
 # the mark is out of reach. At most one read (recv_bytes) of pipelined requests is
 # answered at a time, so a buffer holds at most a few hundred scripts.
 NEVER_WAIT_FOR_FLUSH = 1 << 40
+ACCEPTS_PER_PASS = 16
 
 
 class LoopDispatcher:
@@ -63,7 +70,27 @@ class LoopDispatcher:
 def create(app: Any, sock: socket.socket, **options: Any) -> Any:
     """A waitress server on the listening socket `sock`, using a LoopDispatcher."""
     options = {**options, "outbuf_high_watermark": NEVER_WAIT_FOR_FLUSH}
-    return create_server(app, sockets=[sock], _dispatcher=LoopDispatcher(), **options)
+    server = create_server(app, sockets=[sock], _dispatcher=LoopDispatcher(), **options)
+    server.handle_accept = _accept_several(server, ACCEPTS_PER_PASS)
+    return server
+
+
+def _accept_several(server: Any, limit: int) -> Callable[[], None]:
+    """A handle_accept for `server` that takes up to `limit` waiting connections at once."""
+    accept_one = server.handle_accept  # waitress's: accepts one, or nothing if none waits
+    channels = server._map
+    connection_limit = server.adj.connection_limit
+
+    def handle_accept() -> None:
+        for _ in range(limit):
+            if len(channels) >= connection_limit:  # the limit waitress's readable() enforces
+                return
+            before = len(channels)
+            accept_one()
+            if len(channels) == before:  # nothing was waiting
+                return
+
+    return handle_accept
 
 
 def run(server: Any) -> None:

@@ -396,6 +396,36 @@ def test_secrets_stay_out_of_logs_health_errors_and_previews(write_rules, runner
 # --------------------------------------------------------------------------- slow and idle clients
 
 
+def test_the_connection_limit_holds_when_connections_arrive_together(rules_path, tmp_path):
+    """--connection-limit caps what a worker holds even when many connect at once (a worker
+    accepts several per loop pass); a machine beyond the cap is answered once room frees up."""
+    server = BootrulesServer(rules_path, free_port(), tmp_path / "server.log",
+                             args=("--workers", "1", "--connection-limit", "10", "--channel-timeout", "60")).start()
+    # Ten channels: the listening socket, waitress's wake-up pipe and eight connections.
+    # The first eight are accepted; four more and then a machine wait in the backlog.
+    idle = [socket.create_connection(("127.0.0.1", server.port), timeout=5) for _ in range(12)]
+    beyond = socket.socket()
+    try:
+        time.sleep(0.5)
+        beyond.settimeout(5)
+        beyond.connect(("127.0.0.1", server.port))
+        beyond.sendall(b"GET /ipxe?mac=00:12:34:56:78:90 HTTP/1.1\r\nHost: x\r\n\r\n")
+        time.sleep(0.2)
+        idle[0].close()  # room for one: the worker must take one from the backlog, not all five
+        # (waitress looks at the backlog again within its 1 s loop timeout)
+        beyond.settimeout(2.5)
+        with pytest.raises(socket.timeout):
+            beyond.recv(1)
+        for connection in idle:
+            connection.close()
+        beyond.settimeout(5.0)
+        assert beyond.recv(4096).startswith(b"HTTP/1.1 200 OK")
+    finally:
+        for connection in [*idle, beyond]:
+            connection.close()
+        server.stop()
+
+
 def test_idle_and_slow_clients_do_not_lock_machines_out(rules_path, tmp_path):
     """300 silent connections and 50 that send a header a byte a second: other machines
     still get their scripts promptly, and silent connections are closed after the timeout."""
