@@ -2,11 +2,10 @@
 
 waitress reads requests on one loop thread and hands each to a pool of worker threads.
 That suits apps that wait on databases or disks. bootrules waits on nothing: a request is
-answered from rules in memory in a few tens of microseconds, and handing it to a thread
-and back cost more than that. Waking a pool thread, and the two threads then taking
-turns holding Python's interpreter lock, cost more than the answer itself. With the pool,
-two workers served 10,000 /ipxe requests a second; answered on the loop thread, 15,900
-(README, performance).
+answered from rules in memory in about 14 µs, and the handoff cost more than that: waking
+a pool thread, then the two threads taking turns holding Python's interpreter lock. With
+the pool, two workers served 10,000 /ipxe requests a second; answered on the loop thread,
+16,000 to 19,000 (README, performance).
 
 So `LoopDispatcher` takes the place of waitress's ThreadedTaskDispatcher, and `run`
 drives waitress's own loop, answering the requests that each pass completes. Parsing,
@@ -14,9 +13,12 @@ buffering, timeouts and connection limits are all still waitress's.
 
 One more change: waitress accepts one connection per pass of its loop, and each pass
 asks every open connection whether it wants to read or write. iPXE opens a connection
-per request, so in a boot storm the passes cost more than the requests; accepting up to
+per request, so in a boot storm the passes cost more than the requests. Accepting up to
 ACCEPTS_PER_PASS waiting connections per pass cut a worker's CPU time per storm request
-from 202-271 to 157-184 µs (three interleaved runs each, 10,000 machines, 100k rules).
+from 199-222 to 164-193 µs (interleaved runs, 10,000 machines, 100k rules). 16 at a time
+saved a little more, but then one worker could take most of a burst of keep-alive
+connections (32 split 26/6 in 2 of 6 tries, which halves throughput); with 4 the split
+is as even as with 1.
 """
 
 from __future__ import annotations
@@ -36,7 +38,7 @@ log = logging.getLogger("bootrules")
 # the mark is out of reach. At most one read (recv_bytes) of pipelined requests is
 # answered at a time, so a buffer holds at most a few hundred scripts.
 NEVER_WAIT_FOR_FLUSH = 1 << 40
-ACCEPTS_PER_PASS = 16
+ACCEPTS_PER_PASS = 4
 
 
 class LoopDispatcher:
