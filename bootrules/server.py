@@ -5,7 +5,7 @@ That suits apps that wait on databases or disks. bootrules waits on nothing: a r
 answered from rules in memory in about 14 µs, and the handoff cost more than that: waking
 a pool thread, then the two threads taking turns holding Python's interpreter lock. With
 the pool, two workers served 10,000 /ipxe requests a second; answered on the loop thread,
-16,000 to 19,000 (README, performance).
+16,000 to 20,500 (README, performance).
 
 So `LoopDispatcher` takes the place of waitress's ThreadedTaskDispatcher, and `run`
 drives waitress's own loop, answering the requests that each pass completes. Parsing,
