@@ -203,6 +203,33 @@ def test_metrics_add_up_across_worker_processes(rules_path, tmp_path, monkeypatc
     assert metric(text, "bootrules_rules_loaded") == 3
 
 
+@pytest.mark.parametrize("rule", ["lab-rescue", 'odd "name" \\ with ü, tab\t and newline\n'])
+def test_decision_counter_files_use_prometheus_client_keys(rule):
+    """The decision counter writes its own file; prometheus_client must read the same key back."""
+    from prometheus_client.mmap_dict import mmap_key
+
+    from bootrules.metrics import DecisionCounts
+
+    expected = mmap_key(DecisionCounts.NAME, DecisionCounts.NAME + "_total", list(DecisionCounts.LABELS),
+                        [rule, "chain"], DecisionCounts.HELP)
+    assert DecisionCounts.file_key(rule, "chain") == expected
+
+
+def test_decision_counts_in_a_reused_process_file_are_kept(tmp_path, monkeypatch):
+    """A process that finds its counter file already there (a reused pid) adds to it."""
+    from bootrules.metrics import Metrics
+
+    monkeypatch.setenv("PROMETHEUS_MULTIPROC_DIR", str(tmp_path))
+    for _ in range(2):  # the second Metrics opens the file the first one wrote
+        metrics = Metrics()
+        for _ in range(3):
+            metrics.decided("lab-rescue", "chain", 0.001)
+        metrics.decided("everyone-else", "exit", 0.001)
+    text = metrics.exposition()[0].decode()
+    assert metric(text, 'bootrules_decisions_total{action="chain",rule="lab-rescue"}') == 6
+    assert metric(text, 'bootrules_decisions_total{action="exit",rule="everyone-else"}') == 2
+
+
 # --------------------------------------------------------------------------- logs and settings
 
 
