@@ -26,6 +26,7 @@ from __future__ import annotations
 import collections
 import logging
 import socket
+import sys
 from typing import Any, Callable
 
 from waitress import wasyncore
@@ -74,6 +75,12 @@ def create(app: Any, sock: socket.socket, **options: Any) -> Any:
     options = {**options, "outbuf_high_watermark": NEVER_WAIT_FOR_FLUSH}
     server = create_server(app, sockets=[sock], _dispatcher=LoopDispatcher(), **options)
     server.handle_accept = _accept_several(server, ACCEPTS_PER_PASS)
+    if sys.platform == "linux":
+        # Linux gives each accepted connection the listening socket's TCP options
+        # (TCP_NODELAY): set them once here rather than once per connection, which was 1.5%
+        # of a worker's time in a boot storm (py-spy).
+        server.set_socket_options(sock)
+        server.set_socket_options = lambda conn: None
     return server
 
 

@@ -135,7 +135,7 @@ class BootEndpoints:
         self.fallback = fallback
         self.metrics = metrics
         self.base_url = base_url
-        self._entry_scripts: dict[str, str] = {}
+        self._entry_scripts: dict[tuple[str | None, ...], str] = {}
 
     def __call__(self, environ: dict, start_response: Callable[..., Any]) -> Iterable[bytes]:
         path = environ.get("PATH_INFO")
@@ -158,15 +158,18 @@ class BootEndpoints:
 
     def entry(self, environ: dict, start_response: Callable[..., Any], method: str) -> Iterable[bytes]:
         """GET /boot.ipxe: the script DHCP points iPXE at; it calls /ipxe with the machine's facts."""
-        try:
-            url = (self.base_url or request_url_root(environ)) + DECISION_PATH
-        except ValueError as error:
-            return _respond(start_response, "400 Bad Request", f"{error}; set --base-url\n", (), method)
-        script = self._entry_scripts.get(url)
+        # The script depends on nothing else: a lookup by these spares working out the URL.
+        key = (environ.get("HTTP_HOST"), environ.get("SERVER_NAME"), environ.get("SERVER_PORT"),
+               environ.get("wsgi.url_scheme"), environ.get("SCRIPT_NAME"))
+        script = self._entry_scripts.get(key)
         if script is None:
+            try:
+                url = (self.base_url or request_url_root(environ)) + DECISION_PATH
+            except ValueError as error:
+                return _respond(start_response, "400 Bad Request", f"{error}; set --base-url\n", (), method)
             if len(self._entry_scripts) >= ENTRY_SCRIPTS_KEPT:
                 self._entry_scripts.clear()
-            script = self._entry_scripts[url] = render_entry(url)
+            script = self._entry_scripts[key] = render_entry(url)
         return _respond(start_response, "200 OK", script, (), method)
 
     def decide(self, environ: dict, start_response: Callable[..., Any], method: str) -> Iterable[bytes]:

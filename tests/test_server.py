@@ -36,6 +36,34 @@ def test_serve_answers_curl_style_requests_on_a_real_port(rules_path, tmp_path):
     assert "Traceback" not in log
 
 
+def test_accepted_connections_have_tcp_nodelay(rules_path):
+    """Scripts go out as soon as they are written: no connection waits on Nagle's algorithm."""
+    from waitress import wasyncore
+
+    from app import create_app
+    from bootrules import server
+    from bootrules.workers import listening_socket
+
+    listener = listening_socket("127.0.0.1", 0)
+    waitress_server = server.create(create_app(rules_path), listener)
+    clients = [socket.create_connection(listener.getsockname()) for _ in range(3)]
+    try:
+        connections = []
+        deadline = time.monotonic() + 5
+        while len(connections) < len(clients) and time.monotonic() < deadline:
+            wasyncore.poll2(0.1, waitress_server._map)
+            connections = [channel.socket for channel in waitress_server._map.values() if channel is not waitress_server
+                           and hasattr(channel, "requests")]
+        assert len(connections) == len(clients)
+        assert all(conn.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) for conn in connections)
+    finally:
+        for client in clients:
+            client.close()
+        waitress_server.close()
+        for channel in list(waitress_server._map.values()):
+            channel.close()
+
+
 def test_pipelined_requests_are_answered_in_order_while_another_client_stalls(rules_path, tmp_path):
     """One worker answers on its I/O loop: pipelined requests come back in order, each with
     its own rule, and a client stuck halfway through its request holds nothing up."""
