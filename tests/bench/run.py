@@ -1,6 +1,6 @@
 """bootrules performance bench: prints one table of figures and the ratios issue #5 asks for.
 
-    .venv/bin/python tests/bench/run.py            # about 8 minutes
+    .venv/bin/python tests/bench/run.py            # about 9 minutes
     .venv/bin/python tests/bench/run.py --quick    # shorter runs, for a first look
 
 Everything runs on this machine, on loopback: real `app.py serve` (waitress, forked
@@ -83,11 +83,9 @@ def wait_http(url: str, timeout: float = 120) -> None:
             time.sleep(0.2)
 
 
-def start_bootrules(rules: Path, port: int, workdir: Path, workers: int, threads: int | None = None) -> Server:
+def start_bootrules(rules: Path, port: int, workdir: Path, workers: int) -> Server:
     log = workdir / f"bootrules-{port}.log"
     command = [PYTHON, str(ROOT / "app.py"), "serve", "--rules", str(rules), "--port", str(port), "--workers", str(workers)]
-    if threads:
-        command += ["--threads", str(threads)]
     process = subprocess.Popen(command, stdout=open(log, "wb"), stderr=subprocess.STDOUT, cwd=ROOT)
     wait_http(f"http://127.0.0.1:{port}/healthz")
     return Server("bootrules", process, port, log)
@@ -248,7 +246,7 @@ def main() -> None:
     args = parser.parse_args()
     # Short runs, many rounds: the VM's speed drifts over minutes, and a median of many
     # short interleaved runs follows it better than a few long ones.
-    seconds, rounds, storm_rounds = (4, 1, 1) if args.quick else (4, 6, 3)
+    seconds, rounds, storm_rounds = (4, 1, 1) if args.quick else (4, 6, 5)
     workers = args.workers or os.cpu_count() or 1
     if not shutil.which("wrk"):
         raise SystemExit("wrk is missing (apt-get install wrk)")
