@@ -28,7 +28,7 @@ from bootrules import matching, values, web
 from bootrules.lint import lint
 from bootrules.loader import RulesError, load_rules
 from bootrules.logs import LOG_FORMATS, configure_logging
-from bootrules.metrics import MULTIPROC_ENV, Metrics, worker_exited
+from bootrules.metrics import MULTIPROC_ENV, DecisionCounts, Metrics, worker_exited
 from bootrules.render import render_rule
 from bootrules.store import RuleStore, Snapshot
 
@@ -84,7 +84,7 @@ def create_app(
     app.extensions["bootrules.metrics"] = metrics
 
     app.add_url_rule("/healthz", "healthz", web.healthz)
-    app.add_url_rule("/metrics", "metrics", web.metrics_view)
+    app.add_url_rule(web.METRICS_PATH, "metrics", web.metrics_view)
     app.register_error_handler(HTTPException, web.plain_http_error)
     app.register_error_handler(Exception, web.internal_error)
     # Outermost first: proxy headers are settled before /ipxe or Flask see the request.
@@ -178,7 +178,8 @@ def serve(rules_path: str, host: str, port: int, base_url: str | None, trusted_p
     # the silent ones.
     options = {"ident": "bootrules", "clear_untrusted_proxy_headers": False,
                "connection_limit": connection_limit, "channel_timeout": channel_timeout,
-               "asyncore_use_poll": True, "cleanup_interval": min(30, channel_timeout)}
+               "asyncore_use_poll": True, "cleanup_interval": min(30, channel_timeout),
+               "slow_paths": web.SLOW_PATHS}
     _raise_open_files_limit(connection_limit + 100)  # per process: each worker has its own
     try:
         sock = listening_socket(host, port)
@@ -302,8 +303,9 @@ def _runtime_directory() -> str:
     """
     given = os.environ.get(MULTIPROC_ENV)
     if given:
-        for stale in Path(given).glob("*.db"):
-            stale.unlink()
+        for pattern in ("*.db", "*" + DecisionCounts.FILE_SUFFIX):
+            for stale in Path(given).glob(pattern):
+                stale.unlink()
         return given
     made = tempfile.mkdtemp(prefix="bootrules-")
     os.environ[MULTIPROC_ENV] = made

@@ -25,9 +25,11 @@ from __future__ import annotations
 
 import collections
 import logging
+import queue
 import socket
 import sys
-from typing import Any, Callable
+import threading
+from typing import Any, Callable, Iterable
 
 from waitress import wasyncore
 from waitress.server import create_server
@@ -43,17 +45,45 @@ ACCEPTS_PER_PASS = 4
 
 
 class LoopDispatcher:
-    """Runs waitress tasks on the loop thread, once the loop pass that queued them ends."""
+    """Runs waitress tasks on the loop thread, once the loop pass that queued them ends.
 
-    def __init__(self) -> None:
+    Requests for `slow_paths` are the exception: they go to one thread of their own, as
+    waitress's pool would run them, so that the loop goes on answering machines meanwhile.
+    A Prometheus scrape is one: after 100,000 rules have each answered once, /metrics
+    takes most of a second to add up, and on the loop thread every boot waits for it.
+    """
+
+    def __init__(self, slow_paths: Iterable[str] = ()) -> None:
         self.pending: collections.deque[Any] = collections.deque()
+        self.slow_paths = frozenset(slow_paths)
+        self._slow: queue.SimpleQueue[Any] | None = None  # made, with its thread, when first needed
 
     def set_thread_count(self, count: int) -> None:
         """Part of waitress's dispatcher interface; there are no threads to count."""
 
     def add_task(self, task: Any) -> None:
         # Called by a connection while it holds its own lock, so the task cannot run here.
-        self.pending.append(task)
+        # The task is the connection; its first request is the one to answer next.
+        if self.slow_paths and getattr(task.requests[0], "path", None) in self.slow_paths:
+            self._run_aside(task)
+        else:
+            self.pending.append(task)
+
+    def _run_aside(self, task: Any) -> None:
+        if self._slow is None:
+            self._slow = queue.SimpleQueue()
+            threading.Thread(target=self._serve_slow, args=(self._slow,), daemon=True,
+                             name="bootrules-slow-requests").start()
+        self._slow.put(task)
+
+    @staticmethod
+    def _serve_slow(tasks: queue.SimpleQueue[Any]) -> None:
+        while True:
+            task = tasks.get()
+            try:
+                task.service()  # wakes the loop when done, to send the answer
+            except Exception:
+                log.exception("unexpected error serving %r", task)
 
     def run_pending(self) -> None:
         """Answer every request queued so far, and any queued while doing so."""
@@ -70,10 +100,10 @@ class LoopDispatcher:
         return True
 
 
-def create(app: Any, sock: socket.socket, **options: Any) -> Any:
+def create(app: Any, sock: socket.socket, slow_paths: Iterable[str] = (), **options: Any) -> Any:
     """A waitress server on the listening socket `sock`, using a LoopDispatcher."""
     options = {**options, "outbuf_high_watermark": NEVER_WAIT_FOR_FLUSH}
-    server = create_server(app, sockets=[sock], _dispatcher=LoopDispatcher(), **options)
+    server = create_server(app, sockets=[sock], _dispatcher=LoopDispatcher(slow_paths), **options)
     server.handle_accept = _accept_several(server, ACCEPTS_PER_PASS)
     if sys.platform == "linux":
         # Linux gives each accepted connection the listening socket's TCP options

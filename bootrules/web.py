@@ -38,6 +38,9 @@ SCRIPT_TYPE = "text/plain; charset=utf-8"
 DECISION_PATH = "/ipxe"
 # /boot.ipxe.0: the same script under the name a PXE ROM is given by proxy DHCP.
 ENTRY_PATHS = frozenset({"/boot.ipxe", "/boot.ipxe.0"})
+METRICS_PATH = "/metrics"
+# Answered off the server's loop, so that machines do not wait for them (server.py).
+SLOW_PATHS = frozenset({METRICS_PATH})
 # Entry scripts kept rendered, one per public URL. With --base-url there is one; otherwise
 # the Host header names it, so the number kept is bounded.
 ENTRY_SCRIPTS_KEPT = 64

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import email.utils
 import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 
 from conftest import SAMPLE_RULES, free_port, wait_until
@@ -36,32 +38,101 @@ def test_serve_answers_curl_style_requests_on_a_real_port(rules_path, tmp_path):
     assert "Traceback" not in log
 
 
-def test_accepted_connections_have_tcp_nodelay(rules_path):
-    """Scripts go out as soon as they are written: no connection waits on Nagle's algorithm."""
+@contextlib.contextmanager
+def loop_server(app):
+    """bootrules' waitress server on a free port, in this process, and a function that runs
+    its loop (as `server.run` does) until a condition holds or 5 s have passed."""
     from waitress import wasyncore
 
-    from app import create_app
     from bootrules import server
+    from bootrules.web import SLOW_PATHS
     from bootrules.workers import listening_socket
 
     listener = listening_socket("127.0.0.1", 0)
-    waitress_server = server.create(create_app(rules_path), listener)
-    clients = [socket.create_connection(listener.getsockname()) for _ in range(3)]
-    try:
-        connections = []
+    waitress_server = server.create(app, listener, slow_paths=SLOW_PATHS)
+
+    def run_until(condition):
         deadline = time.monotonic() + 5
-        while len(connections) < len(clients) and time.monotonic() < deadline:
-            wasyncore.poll2(0.1, waitress_server._map)
-            connections = [channel.socket for channel in waitress_server._map.values() if channel is not waitress_server
-                           and hasattr(channel, "requests")]
-        assert len(connections) == len(clients)
-        assert all(conn.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) for conn in connections)
+        while not condition() and time.monotonic() < deadline:
+            wasyncore.poll2(0.05, waitress_server._map)
+            waitress_server.task_dispatcher.run_pending()
+        return condition()
+
+    try:
+        yield waitress_server, run_until
     finally:
-        for client in clients:
-            client.close()
         waitress_server.close()
         for channel in list(waitress_server._map.values()):
             channel.close()
+
+
+def test_accepted_connections_have_tcp_nodelay(rules_path):
+    """Scripts go out as soon as they are written: no connection waits on Nagle's algorithm."""
+    from app import create_app
+
+    with loop_server(create_app(rules_path)) as (waitress_server, run_until):
+        clients = [socket.create_connection(waitress_server.socket.getsockname()) for _ in range(3)]
+        try:
+            def connections():
+                return [channel.socket for channel in waitress_server._map.values() if hasattr(channel, "requests")]
+
+            assert run_until(lambda: len(connections()) == len(clients))
+            assert all(conn.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) for conn in connections())
+        finally:
+            for client in clients:
+                client.close()
+
+
+def test_machines_are_answered_while_a_metrics_scrape_is_still_working(rules_path):
+    """/metrics can take most of a second at 100k rules: it must not hold up the boots."""
+    from app import create_app
+
+    app = create_app(rules_path)
+    scrape_may_finish = threading.Event()
+    scrape_finished = threading.Event()
+    metrics_view = app.view_functions["metrics"]
+
+    def slow_metrics_view():
+        scrape_may_finish.wait(6)
+        scrape_finished.set()
+        return metrics_view()
+
+    app.view_functions["metrics"] = slow_metrics_view
+    with loop_server(app) as (waitress_server, run_until):
+        address = waitress_server.socket.getsockname()
+        scrape = socket.create_connection(address, timeout=10)
+        scrape.sendall(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
+        machine = socket.create_connection(address, timeout=10)
+        machine.setblocking(False)
+        machine.sendall(b"GET /ipxe?mac=00-12-34-56-78-90 HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        answer = bytearray()
+
+        def machine_answered():
+            try:
+                answer.extend(machine.recv(65536))
+            except BlockingIOError:
+                pass
+            return b"\r\n\r\n" in answer and b"lab-rescue" in answer
+
+        try:
+            assert run_until(machine_answered), bytes(answer)
+            assert not scrape_finished.is_set(), "the machine waited for the scrape"
+            scrape_may_finish.set()
+            scrape.setblocking(False)
+            scraped = bytearray()
+
+            def scrape_answered():
+                try:
+                    scraped.extend(scrape.recv(65536))
+                except BlockingIOError:
+                    pass
+                return b"bootrules_decisions_total" in scraped
+
+            assert run_until(scrape_answered), bytes(scraped)
+        finally:
+            scrape_may_finish.set()
+            scrape.close()
+            machine.close()
 
 
 def test_pipelined_requests_are_answered_in_order_while_another_client_stalls(rules_path, tmp_path):
