@@ -1,6 +1,6 @@
 """bootrules performance bench: prints one table of figures and the ratios issue #5 asks for.
 
-    .venv/bin/python tests/bench/run.py            # about 9 minutes
+    .venv/bin/python tests/bench/run.py            # about 10 minutes
     .venv/bin/python tests/bench/run.py --quick    # shorter runs, for a first look
 
 Everything runs on this machine, on loopback: real `app.py serve` (waitress, forked
