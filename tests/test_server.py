@@ -66,6 +66,19 @@ def loop_server(app):
             channel.close()
 
 
+def has_received(sock, received, marker):
+    """A condition for run_until: reads what non-blocking `sock` has into `received`,
+    and holds once `marker` is among it."""
+    def condition():
+        try:
+            received.extend(sock.recv(65536))
+        except BlockingIOError:
+            pass
+        return marker in received
+
+    return condition
+
+
 def test_accepted_connections_have_tcp_nodelay(rules_path):
     """Scripts go out as soon as they are written: no connection waits on Nagle's algorithm."""
     from app import create_app
@@ -105,30 +118,13 @@ def test_machines_are_answered_while_a_metrics_scrape_is_still_working(rules_pat
         machine = socket.create_connection(address, timeout=10)
         machine.setblocking(False)
         machine.sendall(b"GET /ipxe?mac=00-12-34-56-78-90 HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
-        answer = bytearray()
-
-        def machine_answered():
-            try:
-                answer.extend(machine.recv(65536))
-            except BlockingIOError:
-                pass
-            return b"\r\n\r\n" in answer and b"lab-rescue" in answer
-
+        answer, scraped = bytearray(), bytearray()
         try:
-            assert run_until(machine_answered), bytes(answer)
+            assert run_until(has_received(machine, answer, b"lab-rescue")), bytes(answer)
             assert not scrape_finished.is_set(), "the machine waited for the scrape"
             scrape_may_finish.set()
             scrape.setblocking(False)
-            scraped = bytearray()
-
-            def scrape_answered():
-                try:
-                    scraped.extend(scrape.recv(65536))
-                except BlockingIOError:
-                    pass
-                return b"bootrules_decisions_total" in scraped
-
-            assert run_until(scrape_answered), bytes(scraped)
+            assert run_until(has_received(scrape, scraped, b"bootrules_decisions_total")), bytes(scraped)
         finally:
             scrape_may_finish.set()
             scrape.close()
