@@ -15,9 +15,11 @@ from __future__ import annotations
 
 import ipaddress
 import itertools
+from collections import defaultdict
 from dataclasses import dataclass
 
-from .matching import Matcher
+from . import values
+from .matching import Matcher, index_selector
 from .model import Exact, Glob, Network, Pattern, Rule, RuleSet, Selector
 
 MAX_COMBINATIONS = 16
@@ -40,17 +42,13 @@ def lint(ruleset: RuleSet) -> list[Warning]:
     matcher = Matcher(rules)
     position = {id(rule): index for index, rule in enumerate(rules)}
     warnings: list[Warning] = []
-    # Earlier rules with no exact selector at all, grouped by the keys they select on: a
-    # rule can only be shadowed by one whose keys it also has.
-    broad: dict[frozenset[str], list[Rule]] = {}
+    broad = _BroadRules()  # earlier rules with no exact selector at all
     for index, rule in enumerate(rules):
-        keys = frozenset(selector.key for selector in rule.selectors)
-        candidates = [earlier for group, members in broad.items() if group <= keys for earlier in members]
-        candidates.sort(key=lambda earlier: earlier.line)
-        found = _shadowed_by_broad(rule, candidates) or _shadowed_by_exact(rule, index, matcher, position)
+        found = _shadowed_by_broad(rule, broad.candidates(rule)) or _shadowed_by_exact(rule, index, matcher, position)
         warnings.extend(found)
-        if not any(all(isinstance(p, Exact) for p in selector.patterns) for selector in rule.selectors):
-            broad.setdefault(keys, []).append(rule)
+        if not found and not any(selector.exact for selector in rule.selectors):
+            # A shadowed rule is not filed: whatever it would cover, the rule covering it covers too.
+            broad.add(rule)
     if all(rule.selectors for rule in rules):
         last = rules[-1].line if rules else 1
         warnings.append(Warning(last, "no catch-all rule at the end: a machine no rule matches is sent on with "
@@ -58,12 +56,80 @@ def lint(ruleset: RuleSet) -> list[Warning]:
     return sorted(warnings, key=lambda warning: warning.line)
 
 
+class _BroadRules:
+    """Earlier rules without exact selectors, filed so that those that may cover a rule are found
+    without comparing it with every one (which made `check` quadratic).
+
+    A rule is filed under the patterns of its most selective selector (its anchor). An
+    earlier rule covers a later one only if the later rule has a selector on the anchor's
+    key whose every pattern, so also its first, is covered by one of the anchor's
+    patterns: looking that first pattern up finds every candidate.
+    """
+
+    def __init__(self) -> None:
+        self.catch_all: Rule | None = None
+        self.exact: dict[tuple[str, str], list[Rule]] = defaultdict(list)
+        self.prefixes: dict[str, dict[int, dict[str, list[Rule]]]] = defaultdict(lambda: defaultdict(lambda: defaultdict(list)))
+        self.networks: dict[str, dict[tuple[int, int], dict[int, list[Rule]]]] = defaultdict(
+            lambda: defaultdict(lambda: defaultdict(list)))
+        self.unfiled: dict[str, list[Rule]] = defaultdict(list)
+
+    def add(self, rule: Rule) -> None:
+        if not rule.selectors:
+            if self.catch_all is None:
+                self.catch_all = rule
+            return
+        anchor = index_selector(rule) or rule.selectors[0]
+        for pattern in anchor.patterns:
+            if isinstance(pattern, Exact):
+                self.exact[(anchor.key, pattern.value)].append(rule)
+            elif isinstance(pattern, Glob) and pattern.prefix:
+                self.prefixes[anchor.key][len(pattern.prefix)][pattern.prefix].append(rule)
+            elif isinstance(pattern, Network):
+                net = pattern.network
+                self.networks[anchor.key][(net.version, net.prefixlen)][int(net.network_address)].append(rule)
+            else:
+                self.unfiled[anchor.key].append(rule)
+
+    def candidates(self, rule: Rule) -> list[Rule]:
+        """The filed rules that may cover `rule`, in file order."""
+        found: dict[int, Rule] = {}
+        if self.catch_all is not None:
+            found[id(self.catch_all)] = self.catch_all
+        for selector in rule.selectors:
+            for candidate in self._lookup(selector.key, selector.patterns[0]):
+                found[id(candidate)] = candidate
+        return sorted(found.values(), key=lambda candidate: candidate.line)
+
+    def _lookup(self, key: str, narrow: Pattern) -> list[Rule]:
+        hits: list[Rule] = list(self.unfiled.get(key, ()))
+        if isinstance(narrow, Exact):
+            hits += self.exact.get((key, narrow.value), ())
+        if isinstance(narrow, (Exact, Glob)):
+            text = narrow.value if isinstance(narrow, Exact) else narrow.prefix
+            for length, by_prefix in self.prefixes.get(key, {}).items():
+                hits += by_prefix.get(text[:length], ()) if len(text) >= length else ()
+        if key in self.networks and not isinstance(narrow, Glob):
+            if isinstance(narrow, Exact):
+                address = ipaddress.ip_address(narrow.value)
+                version, bits, width = address.version, int(address), address.max_prefixlen
+            else:
+                net = narrow.network
+                version, bits, width = net.version, int(net.network_address), net.prefixlen
+            for (net_version, length), by_network in self.networks[key].items():
+                if net_version == version and length <= width:
+                    total = 32 if version == 4 else 128
+                    mask = ((1 << length) - 1) << (total - length)
+                    hits += by_network.get(bits & mask, ())
+        return hits
+
+
 def _describe(rule: Rule) -> str:
     return f"rule '{rule.name}' (line {rule.line})"
 
 
 def _shadowed_by_exact(rule: Rule, index: int, matcher: Matcher, position: dict[int, int]) -> list[Warning]:
-    exact = [selector for selector in rule.selectors if all(isinstance(p, Exact) for p in selector.patterns)]
+    exact = [selector for selector in rule.selectors if selector.exact]
     if not exact:
         return []
     values = [[(selector.key, pattern.value) for pattern in selector.patterns] for selector in exact]  # type: ignore[union-attr]
@@ -117,7 +183,7 @@ def _covers(broad: Pattern, narrow: Pattern) -> bool:
     if isinstance(broad, Glob):
         if isinstance(narrow, Exact):
             return broad.matches(narrow.value)
-        if isinstance(narrow, Glob) and broad.text.endswith("*") and not any(c in broad.text[:-1] for c in "*?["):
-            return not broad.bare_mac and not narrow.bare_mac and narrow.prefix.startswith(broad.prefix)
+        if isinstance(narrow, Glob) and broad.text.endswith("*") and not values.is_glob(broad.text[:-1]):
+            return not broad.bare and not narrow.bare and narrow.prefix.startswith(broad.prefix)
         return False
     return isinstance(narrow, Exact) and broad == narrow

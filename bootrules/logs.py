@@ -23,6 +23,9 @@ import sys
 import threading
 import time
 
+from .clock import PerSecond
+from .settings import LOG_FORMATS
+
 FLUSH_INTERVAL = 0.5
 TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 LOGGER_NAME = "bootrules"
@@ -38,18 +41,13 @@ class SecondCachingFormatter(logging.Formatter):
 
     def __init__(self, fmt: str = TEXT_FORMAT) -> None:
         super().__init__(fmt)
-        self._second = -1
-        self._stamp = ""
+        self._stamp = PerSecond(lambda second: time.strftime("%Y-%m-%d %H:%M:%S", self.converter(second)))
 
     def formatTime(self, record: logging.LogRecord, datefmt: str | None = None) -> str:  # noqa: N802 (logging's name)
         return self._time(record.created, record.msecs)
 
     def _time(self, created: float, msecs: float) -> str:
-        second = int(created)
-        if second != self._second:
-            self._second = second
-            self._stamp = time.strftime("%Y-%m-%d %H:%M:%S", self.converter(created))
-        return f"{self._stamp},{int(msecs):03d}"
+        return f"{self._stamp(created)},{int(msecs):03d}"
 
     def format_decision(self, created: float, fields: tuple[str, str, str, str]) -> str:
         """The line `format` makes of a decision record created at `created` (TEXT_FORMAT)."""
@@ -174,9 +172,6 @@ def _handler_is_sole_listener(handler: BatchingHandler) -> bool:
         and not log.handlers and log.propagate and not log.filters and not logging.root.filters
         and not handler.filters and handler.level <= logging.INFO
     )
-
-
-LOG_FORMATS = ("text", "json")
 
 
 def configure_logging(log_format: str = "text", level: int = logging.INFO) -> None:

@@ -2,8 +2,8 @@
 
 An ordered collection of rules; `first_match` returns the first rule, top to bottom, whose
 every selector fits the machine. The index only narrows down which rules to try: each
-rule is filed under one of its selectors (an exact value, a glob's literal prefix or a
-CIDR), rules that cannot be filed are always tried, and candidates are tried in file
+rule is filed under its most selective selector (an exact value, a glob's literal prefix
+or a CIDR), rules that cannot be filed are always tried, and candidates are tried in file
 order, so the answer is always the one a plain top-to-bottom scan gives.
 """
 
@@ -25,21 +25,39 @@ def first_match_linear(rules: Sequence[Rule], facts: Facts) -> Rule | None:
     return None
 
 
-def _indexable(selector: Selector) -> bool:
-    return all(
-        isinstance(pattern, (Exact, Network)) or (isinstance(pattern, Glob) and pattern.prefix)
-        for pattern in selector.patterns
-    )
+def selectivity(selector: Selector) -> float:
+    """How few machines a selector can let through, for choosing where to file a rule.
+
+    Exact values name their machines: the most selective. A glob is as selective as its
+    shortest literal prefix, a CIDR as its widest range (a /24 is worth six hex digits);
+    a glob with no literal prefix cannot be filed at all (0).
+    """
+    if selector.exact:
+        return float("inf")
+    worst = float("inf")
+    for pattern in selector.patterns:
+        if isinstance(pattern, Glob):
+            worth = float(len(pattern.prefix))
+        elif isinstance(pattern, Network):
+            worth = pattern.network.prefixlen / 4
+        else:
+            continue
+        worst = min(worst, worth)
+    return worst
 
 
-def _index_selector(rule: Rule) -> Selector | None:
-    """Pick the selector to file `rule` under: exact values first, then prefixes and ranges."""
-    best = None
+def index_selector(rule: Rule) -> Selector | None:
+    """The selector to file `rule` under: its most selective one, or None if none can be filed.
+
+    Filing a rule under a broad selector (`serial: KIOSK-*`) when it also has a narrow one
+    (`hostname: h00042-*`) would make every request with that broad value try every such
+    rule: a client could force a scan of thousands.
+    """
+    best, best_worth = None, 0.0
     for selector in rule.selectors:
-        if all(isinstance(pattern, Exact) for pattern in selector.patterns):
-            return selector
-        if best is None and _indexable(selector):
-            best = selector
+        worth = selectivity(selector)
+        if worth > best_worth:
+            best, best_worth = selector, worth
     return best
 
 
@@ -72,7 +90,7 @@ class Matcher:
         )
         always: list[int] = []
         for position, rule in enumerate(self.rules):
-            selector = _index_selector(rule)
+            selector = index_selector(rule)
             if selector is None:
                 always.append(position)
                 continue

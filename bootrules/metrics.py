@@ -8,11 +8,14 @@ so it is imported here lazily, after `serve` has set the directory.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import glob
 import json
 import os
 import threading
 import time
+from pathlib import Path
 from typing import Any, Iterator
 
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
@@ -56,9 +59,10 @@ class Metrics:
         self.bad_requests.inc()
         self.latency.observe(seconds)
 
-    def loaded(self, rules: int, when: float | None = None) -> None:
-        """Record a successful load of `rules` rules."""
-        self.reloads.inc()
+    def loaded(self, rules: int, when: float | None = None, reload: bool = True) -> None:
+        """Record a successful load of `rules` rules (`reload`: not the first)."""
+        if reload:
+            self.reloads.inc()
         self.rules_loaded.set(rules)
         self.last_reload.set(when if when is not None else time.time())
 
@@ -75,7 +79,8 @@ class Metrics:
             registry = CollectorRegistry()
             mp.MultiProcessCollector(registry)
             registry.register(self.decisions)
-            return generate_latest(registry), CONTENT_TYPE_LATEST
+            with _files_locked(exclusive=False):  # not while a dead worker's counts are being folded
+                return generate_latest(registry), CONTENT_TYPE_LATEST
         return generate_latest(self.registry), CONTENT_TYPE_LATEST
 
 
@@ -180,9 +185,58 @@ def _added_up_decision_files() -> dict[tuple[str, str], float]:
     return {tuple(json.loads(key)): total for key, total in by_key.items()}  # type: ignore[misc]
 
 
-def worker_exited(pid: int) -> None:
-    """Drop a dead worker's live gauges (multiprocess mode)."""
-    if multiprocess():
-        from prometheus_client import multiprocess as mp
+# A dead worker's counter, histogram and decision files are added into these, so that a
+# scrape reads one file per live worker plus one per kind, however many reloads there were.
+ARCHIVE = "archive"
+FOLDED_KINDS = ("counter", "histogram")
+LOCK_FILE = "files.lock"
 
-        mp.mark_process_dead(pid)
+
+@contextlib.contextmanager
+def _files_locked(exclusive: bool) -> Iterator[None]:
+    """Hold the lock on the metrics files: shared to read them, exclusive to fold them."""
+    fd = os.open(os.path.join(os.environ[MULTIPROC_ENV], LOCK_FILE), os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
+
+
+def _fold(source: str, archive: str) -> None:
+    """Add every value of the file `source` into the file `archive`, then remove `source`."""
+    from prometheus_client.mmap_dict import MmapedDict
+
+    target = MmapedDict(archive)
+    try:
+        for key, value, timestamp, _position in MmapedDict.read_all_values_from_file(source):
+            total, _previous = target.read_value(key)
+            target.write_value(key, total + value, timestamp)
+    finally:
+        target.close()
+    os.unlink(source)
+
+
+def worker_exited(pid: int) -> None:
+    """Drop a dead worker's live gauges, and fold its counts into the archive (multiprocess mode)."""
+    if not multiprocess():
+        return
+    from prometheus_client import multiprocess as mp
+
+    mp.mark_process_dead(pid)
+    directory = os.environ[MULTIPROC_ENV]
+    with _files_locked(exclusive=True):
+        for kind in FOLDED_KINDS:
+            source = os.path.join(directory, f"{kind}_{pid}.db")
+            if os.path.exists(source):
+                _fold(source, os.path.join(directory, f"{kind}_{ARCHIVE}.db"))
+        source = os.path.join(directory, f"{pid}{DecisionCounts.FILE_SUFFIX}")
+        if os.path.exists(source):
+            _fold(source, os.path.join(directory, ARCHIVE + DecisionCounts.FILE_SUFFIX))
+
+
+def clear_runtime_files(directory: Path) -> None:
+    """Remove metrics files an earlier run left in `directory`."""
+    for pattern in ("*.db", "*" + DecisionCounts.FILE_SUFFIX):
+        for stale in directory.glob(pattern):
+            stale.unlink()

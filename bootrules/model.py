@@ -38,12 +38,13 @@ class Glob:
     # Literal text before the first wildcard, in the form facts are stored in; the
     # matcher uses it to find candidate rules without trying every glob.
     prefix: str
-    # MAC globs written without separators (`000c29*`) match the bare form of the MAC.
-    bare_mac: bool = False
+    # MAC and UUID globs written without separators (`000c29*`, `4c4c4544004235*`) match
+    # the value without its separators.
+    bare: bool = False
 
     def matches(self, value: str) -> bool:
         """Tell whether the machine's value fits the pattern."""
-        subject = value.replace(":", "") if self.bare_mac else value
+        subject = value.replace(":", "").replace("-", "") if self.bare else value
         return self.regex.fullmatch(subject) is not None
 
 
@@ -67,6 +68,11 @@ class Selector:
 
     key: str
     patterns: tuple[Pattern, ...]
+
+    @property
+    def exact(self) -> bool:
+        """Tell whether every pattern is an exact value (so the selector names its machines)."""
+        return all(isinstance(pattern, Exact) for pattern in self.patterns)
 
     def matches(self, facts: Facts) -> bool:
         """Tell whether the machine has a value for this key that fits a pattern."""

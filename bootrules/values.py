@@ -89,6 +89,26 @@ def normalize_mac_glob(text: str) -> tuple[str, bool]:
     return value, False
 
 
+def normalize_uuid_glob(text: str) -> tuple[str, bool]:
+    """Return a UUID glob lowercased, and whether it is written without hyphens.
+
+    `4C4C4544-0042*` is matched against the hyphenated UUID; `4c4c4544004235*` (as some
+    tools print UUIDs) against the UUID without its hyphens, like a bare MAC glob.
+    """
+    value = text.strip().lower()
+    if not set(value) <= _HEX | GLOB_CHARS | set("-]!"):
+        raise ValueError(f"{text!r} is not a UUID glob (hex digits, '-' and * ? [...] only)")
+    return value, "-" not in value
+
+
+def with_separators(key: str, bare: str) -> str:
+    """Hex digits of a MAC or UUID prefix (`000c29`) in the form its values are kept in (`00:0c:29`)."""
+    if key in MAC_KEYS:
+        return ":".join(bare[i : i + 2] for i in range(0, len(bare), 2))
+    cuts = [0, 8, 12, 16, 20, 32]
+    return "-".join(bare[a:b] for a, b in zip(cuts, cuts[1:]) if bare[a:b])
+
+
 def normalize_uuid(text: str) -> str:
     """Return a UUID as lowercase `8-4-4-4-12` from hyphenated, bare or braced notation."""
     value = text.strip().lower()
@@ -119,11 +139,18 @@ def normalize_word(key: str, text: str) -> str:
 
 
 def normalize_address(text: str) -> str:
-    """Return an IPv4 or IPv6 address in its compressed canonical form."""
+    """Return an IPv4 or IPv6 address in its compressed canonical form.
+
+    An IPv4-mapped IPv6 address (::ffff:10.0.0.5, what an IPv6 socket reports for an IPv4
+    peer) becomes the IPv4 address, so IPv4 rules match it.
+    """
     try:
-        return str(ipaddress.ip_address(text.strip()))
+        address = ipaddress.ip_address(text.strip())
     except ValueError:
         raise ValueError(f"{text!r} is not an IP address") from None
+    if address.version == 6 and address.ipv4_mapped is not None:
+        return str(address.ipv4_mapped)
+    return str(address)
 
 
 def decode_hex_text(text: str) -> str:

@@ -12,27 +12,27 @@ Flask as usual.
 from __future__ import annotations
 
 import email.utils
-import ipaddress
 import logging
+import os
 import re
 import time
-import urllib.parse
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Callable, Iterable
 
 from flask import Response, current_app, request
 from werkzeug.exceptions import HTTPException
 from werkzeug.wsgi import get_host
 
 from . import values
+from .clock import PerSecond
+from .engine import NO_MATCH_SCRIPT
 from .logs import log_decision
 from .metrics import Metrics
+from .proxies import WSGIApp
+from .reloader import Reloader
 from .render import render_entry
-from .store import NO_MATCH_SCRIPT, RuleStore
+from .settings import HOST_PATTERN, PREFIX_PATTERN
 
 log = logging.getLogger("bootrules")
-
-WSGIApp = Callable[[dict, Callable[..., Any]], Iterable[bytes]]
-Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 SCRIPT_TYPE = "text/plain; charset=utf-8"
 DECISION_PATH = "/ipxe"
@@ -44,87 +44,8 @@ SLOW_PATHS = frozenset({METRICS_PATH})
 # Entry scripts kept rendered, one per public URL. With --base-url there is one; otherwise
 # the Host header names it, so the number kept is bounded.
 ENTRY_SCRIPTS_KEPT = 64
-# The peer names itself in the Host header; only this alphabet reaches the entry script.
-_HOST = re.compile(r"(?:[A-Za-z0-9](?:[A-Za-z0-9-]{0,62})(?:\.[A-Za-z0-9-]{1,63})*\.?|\[[0-9A-Fa-f:.]+\])(?::[0-9]{1,5})?")
-_PREFIX = re.compile(r"(?:/[A-Za-z0-9._~-]+)*")
+INTERNAL_ERROR = "500 internal error (see the bootrules log)\n"
 _PARAM_NAME = re.compile(r"[A-Za-z0-9_.-]{1,40}")
-
-
-class ConfigError(Exception):
-    """A setting given on the command line or in the environment is wrong."""
-
-
-def parse_networks(texts: Iterable[str]) -> tuple[Network, ...]:
-    """Parse trusted proxy addresses or CIDRs (commas or spaces between them)."""
-    networks = []
-    for text in texts:
-        for item in re.split(r"[,\s]+", text.strip()):
-            if not item:
-                continue
-            try:
-                networks.append(ipaddress.ip_network(item, strict=False))
-            except ValueError:
-                raise ConfigError(f"trusted proxy {item!r} is not an address or CIDR range") from None
-    return tuple(networks)
-
-
-def parse_base_url(text: str | None) -> str | None:
-    """Check the public URL machines reach bootrules at (e.g. http://boot.example.com/pxe)."""
-    if not text:
-        return None
-    parts = urllib.parse.urlsplit(text.strip())
-    path = parts.path.rstrip("/")
-    if (
-        parts.scheme not in ("http", "https")
-        or not _HOST.fullmatch(parts.netloc or "")
-        or not _PREFIX.fullmatch(path)
-        or parts.query
-        or parts.fragment
-    ):
-        raise ConfigError(f"base URL {text!r} must look like http://host[:port][/path]")
-    return f"{parts.scheme}://{parts.netloc}{path}"
-
-
-# --------------------------------------------------------------------------- proxies
-
-
-class TrustedProxies:
-    """WSGI middleware honouring X-Forwarded-* only when the peer is a trusted proxy.
-
-    Anyone can send X-Forwarded-For; believing it from an untrusted peer would let a
-    machine pick its own `client` address and so its own rules.
-    """
-
-    def __init__(self, app: WSGIApp, networks: Sequence[Network]) -> None:
-        self.app = app
-        self.networks = tuple(networks)
-
-    def trusted(self, address: str) -> bool:
-        """Tell whether `address` belongs to a trusted proxy."""
-        try:
-            parsed = ipaddress.ip_address(address)
-        except ValueError:
-            return False
-        return any(parsed in network for network in self.networks)
-
-    def __call__(self, environ: dict, start_response: Callable[..., Any]) -> Iterable[bytes]:
-        if self.networks and self.trusted(environ.get("REMOTE_ADDR", "")):
-            hops = [hop.strip() for hop in environ.get("HTTP_X_FORWARDED_FOR", "").split(",") if hop.strip()]
-            # The client is the last address not added by one of our own proxies.
-            while hops and self.trusted(hops[-1]):
-                hops.pop()
-            if hops:
-                environ["REMOTE_ADDR"] = hops[-1]
-            proto = environ.get("HTTP_X_FORWARDED_PROTO", "").split(",")[0].strip().lower()
-            if proto in ("http", "https"):
-                environ["wsgi.url_scheme"] = proto
-            host = environ.get("HTTP_X_FORWARDED_HOST", "").split(",")[0].strip()
-            if host:
-                environ["HTTP_HOST"] = host
-            prefix = environ.get("HTTP_X_FORWARDED_PREFIX", "").split(",")[0].strip().rstrip("/")
-            if prefix:
-                environ["SCRIPT_NAME"] = prefix
-        return self.app(environ, start_response)
 
 
 # --------------------------------------------------------------------------- GET /boot.ipxe, GET /ipxe
@@ -133,8 +54,8 @@ class TrustedProxies:
 class BootEndpoints:
     """The entry script and the decision, as bare WSGI; anything else goes to `fallback`."""
 
-    def __init__(self, store: RuleStore, fallback: WSGIApp, metrics: Metrics, base_url: str | None = None) -> None:
-        self.store = store
+    def __init__(self, reloader: Reloader, fallback: WSGIApp, metrics: Metrics, base_url: str | None = None) -> None:
+        self.reloader = reloader
         self.fallback = fallback
         self.metrics = metrics
         self.base_url = base_url
@@ -156,8 +77,7 @@ class BootEndpoints:
             return answer(environ, start_response, method)
         except Exception:  # never a traceback to the machine; the log has it
             log.exception("unexpected error on %s", path)
-            return _respond(start_response, "500 Internal Server Error",
-                            "500 internal error (see the bootrules log)\n", (), method)
+            return _respond(start_response, "500 Internal Server Error", INTERNAL_ERROR, (), method)
 
     def entry(self, environ: dict, start_response: Callable[..., Any], method: str) -> Iterable[bytes]:
         """GET /boot.ipxe: the script DHCP points iPXE at; it calls /ipxe with the machine's facts."""
@@ -190,7 +110,7 @@ class BootEndpoints:
             facts["client"] = values.normalize_fact("client", client)
         except ValueError:
             pass  # a unix socket or similar: no client address to match on
-        snapshot = self.store.snapshot
+        snapshot = self.reloader.snapshot
         rule, script = snapshot.decide(facts) if snapshot is not None else (None, NO_MATCH_SCRIPT)
         if rule is None:
             headers = [("X-Bootrules-Rule", "(none)"), ("X-Bootrules-Action", "exit")]
@@ -198,7 +118,8 @@ class BootEndpoints:
             headers = [
                 ("X-Bootrules-Rule", rule.name),
                 ("X-Bootrules-Action", rule.action_name),
-                ("X-Bootrules-Source", f"{snapshot.ruleset.source}:{rule.line}"),
+                # The file's base name: the full path says more about the server than a machine needs.
+                ("X-Bootrules-Source", f"{os.path.basename(snapshot.ruleset.source)}:{rule.line}"),
             ]
         if ignored:
             # Names come from the client: only a safe alphabet is echoed into a header.
@@ -212,68 +133,60 @@ class BootEndpoints:
 
 def request_url_root(environ: dict) -> str:
     """The URL this request reached bootrules at (as trusted proxies name it), without a path."""
+    if not environ.get("HTTP_HOST"):
+        # The server would name itself instead (waitress: "waitress.invalid"), which no machine can reach.
+        raise ValueError("the request has no Host header")
     host = get_host(environ)
-    if not _HOST.fullmatch(host):
+    if not HOST_PATTERN.fullmatch(host):
         raise ValueError("the Host header is not a host name")
     prefix = environ.get("SCRIPT_NAME", "").rstrip("/")
-    if not _PREFIX.fullmatch(prefix):
+    if not PREFIX_PATTERN.fullmatch(prefix):
         raise ValueError("the forwarded path prefix is not a plain path")
     return f"{environ['wsgi.url_scheme']}://{host}{prefix}"
 
 
-_date: tuple[int, str] = (0, "")
+# Given by the app, the Date header spares waitress formatting one per response.
+http_date = PerSecond(lambda second: email.utils.formatdate(second, usegmt=True))
 
 
-def http_date() -> str:
-    """The Date header for now, formatted once a second.
-
-    Given by the app, it spares waitress formatting one per response (5% of a worker's
-    time in a boot storm, measured with py-spy).
-    """
-    global _date
-    second = int(time.time())
-    if _date[0] != second:
-        _date = (second, email.utils.formatdate(second, usegmt=True))
-    return _date[1]
+def text_headers(data: bytes, headers: Iterable[tuple[str, str]] = ()) -> list[tuple[str, str]]:
+    """The headers of a plain-text answer that no cache keeps (scripts change with rules.yaml)."""
+    return [("Date", http_date()), ("Content-Type", SCRIPT_TYPE), ("Content-Length", str(len(data))),
+            ("Cache-Control", "no-store"), *headers]
 
 
 def _respond(start_response: Callable[..., Any], status: str, body: str, headers: Iterable[tuple[str, str]],
              method: str | None) -> list[bytes]:
     data = body.encode()
-    start_response(status, [
-        ("Date", http_date()),
-        ("Content-Type", SCRIPT_TYPE),
-        ("Content-Length", str(len(data))),
-        ("Cache-Control", "no-store"),
-        *headers,
-    ])
+    start_response(status, text_headers(data, headers))
     return [] if method == "HEAD" else [data]
 
 
 # --------------------------------------------------------------------------- Flask views
 
 
-def rule_store() -> RuleStore:
-    """The RuleStore of the app handling this request."""
+def current_reloader() -> Reloader:
+    """The Reloader of the app handling this request."""
     return current_app.extensions["bootrules"]
 
 
 def plain_text(body: str, status: int = 200) -> Response:
-    """A text/plain response that no cache keeps (scripts change when rules.yaml does)."""
-    response = Response(body, status=status)
-    response.headers["Content-Type"] = SCRIPT_TYPE
-    response.headers["Cache-Control"] = "no-store"
-    return response
+    """A plain-text Flask response, with the same headers as the boot endpoints'."""
+    data = body.encode()
+    return Response(data, status=status, headers=text_headers(data))
 
 
 def healthz() -> Response:
     """GET /healthz: 200 while valid rules are loaded; also shows the last reload error."""
-    store = rule_store()
-    snapshot = store.snapshot
-    error, error_at = store.reload_status()
+    reloader = current_reloader()
+    snapshot = reloader.snapshot
+    error, error_at = reloader.reload_status()
+    if error:  # named as in X-Bootrules-Source: the file's base name, not where it lives
+        shown = os.path.basename(reloader.path)
+        error = [shown + line[len(reloader.path):] if line.startswith(reloader.path) else line for line in error]
     body = {
         "status": "ok" if snapshot and not error else ("degraded" if snapshot else "no-rules"),
-        "rules_file": store.path,
+        "rules_file": os.path.basename(reloader.path),
         "rules": len(snapshot.ruleset) if snapshot else 0,
         "loaded_at": snapshot.loaded_at.isoformat(timespec="seconds") if snapshot else None,
         "reload_error": error,
@@ -299,4 +212,4 @@ def plain_http_error(error: HTTPException) -> Response:
 def internal_error(error: Exception) -> Response:
     """Anything unexpected: logged with its traceback, answered with one line."""
     log.exception("unexpected error on %s", request.path)
-    return plain_text("500 internal error (see the bootrules log)\n", 500)
+    return plain_text(INTERNAL_ERROR, 500)

@@ -68,7 +68,7 @@ def test_decision_names_the_rule_in_headers_and_sends_its_script(client, app, qu
     assert response.headers["Cache-Control"] == "no-store"
     snapshot = app.extensions["bootrules"].snapshot
     expected_rule = next(r for r in snapshot.ruleset.rules if r.name == rule)
-    assert response.headers["X-Bootrules-Source"] == f"{snapshot.ruleset.source}:{expected_rule.line}"
+    assert response.headers["X-Bootrules-Source"] == f"rules.yaml:{expected_rule.line}"  # the base name only
 
 
 def test_no_rule_matching_is_an_explicit_exit_script_not_a_404(write_rules):
@@ -150,7 +150,7 @@ def test_healthz_shows_a_broken_edit_while_the_old_rules_keep_serving(app, clien
     assert app.extensions["bootrules"].reload() is False
     body = client.get("/healthz").get_json()
     assert body["status"] == "degraded" and body["rules"] == 3
-    assert body["reload_error"] == [f"{rules_path}:3: rule 'broken': match mac: 'nope' is not a MAC address (expected e.g. 00:11:22:33:44:55, 00-11-22-33-44-55, 0011.2233.4455 or 001122334455)"]
+    assert body["reload_error"] == ["rules.yaml:3: rule 'broken': match mac: 'nope' is not a MAC address (expected e.g. 00:11:22:33:44:55, 00-11-22-33-44-55, 0011.2233.4455 or 001122334455)"]
     assert client.get("/ipxe?mac=00:12:34:56:78:90").headers["X-Bootrules-Rule"] == "lab-rescue"
 
 

@@ -42,28 +42,25 @@ def test_serve_answers_curl_style_requests_on_a_real_port(rules_path, tmp_path):
 def loop_server(app):
     """bootrules' waitress server on a free port, in this process, and a function that runs
     its loop (as `server.run` does) until a condition holds or 5 s have passed."""
-    from waitress import wasyncore
-
     from bootrules import server
+    from bootrules.serving import listening_socket
     from bootrules.web import SLOW_PATHS
-    from bootrules.workers import listening_socket
 
     listener = listening_socket("127.0.0.1", 0)
-    waitress_server = server.create(app, listener, slow_paths=SLOW_PATHS)
+    loop = server.create(app, listener, server.Shutdown(), slow_paths=SLOW_PATHS)
+    assert isinstance(loop, server.LoopServer)
 
     def run_until(condition):
         deadline = time.monotonic() + 5
         while not condition() and time.monotonic() < deadline:
-            wasyncore.poll2(0.05, waitress_server._map)
-            waitress_server.task_dispatcher.run_pending()
+            loop.serve_pass(0.05)
         return condition()
 
     try:
-        yield waitress_server, run_until
+        yield loop, run_until
     finally:
-        waitress_server.close()
-        for channel in list(waitress_server._map.values()):
-            channel.close()
+        loop.close()
+        listener.close()
 
 
 def has_received(sock, received, marker):
@@ -83,11 +80,11 @@ def test_accepted_connections_have_tcp_nodelay(rules_path):
     """Scripts go out as soon as they are written: no connection waits on Nagle's algorithm."""
     from app import create_app
 
-    with loop_server(create_app(rules_path)) as (waitress_server, run_until):
-        clients = [socket.create_connection(waitress_server.socket.getsockname()) for _ in range(3)]
+    with loop_server(create_app(rules_path)) as (loop, run_until):
+        clients = [socket.create_connection(loop.waitress.socket.getsockname()) for _ in range(3)]
         try:
             def connections():
-                return [channel.socket for channel in waitress_server._map.values() if hasattr(channel, "requests")]
+                return [channel.socket for channel in loop.connections()]
 
             assert run_until(lambda: len(connections()) == len(clients))
             assert all(conn.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) for conn in connections())
@@ -111,8 +108,8 @@ def test_machines_are_answered_while_a_metrics_scrape_is_still_working(rules_pat
         return metrics_view()
 
     app.view_functions["metrics"] = slow_metrics_view
-    with loop_server(app) as (waitress_server, run_until):
-        address = waitress_server.socket.getsockname()
+    with loop_server(app) as (loop, run_until):
+        address = loop.waitress.socket.getsockname()
         scrape = socket.create_connection(address, timeout=10)
         scrape.sendall(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
         machine = socket.create_connection(address, timeout=10)

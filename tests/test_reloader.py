@@ -8,7 +8,7 @@ import os
 
 import pytest
 
-from bootrules.store import RuleStore
+from bootrules.reloader import Reloader
 from conftest import wait_until
 
 GOOD_A = "rules:\n  - name: version-a\n    exit: true\n"
@@ -16,7 +16,7 @@ GOOD_B = "rules:\n  - name: version-b\n    exit: true\n"
 BROKEN = "rules:\n  - name: broken\n    chain: not a url\n"
 
 
-def names(store: RuleStore) -> list[str]:
+def names(store: Reloader) -> list[str]:
     return [rule.name for rule in store.snapshot.ruleset.rules]
 
 
@@ -31,7 +31,7 @@ def bump(path, text: str) -> None:
 def store(tmp_path):
     path = tmp_path / "rules.yaml"
     path.write_text(GOOD_A)
-    store = RuleStore(str(path), poll_interval=0)
+    store = Reloader(str(path), poll_interval=0)
     assert store.reload()
     yield store
     store.stop()
@@ -94,7 +94,7 @@ def test_a_deleted_file_keeps_serving_and_a_restored_one_is_loaded(store, tmp_pa
 def watching(path, poll_interval: float):
     """A store on `path` (holding GOOD_A) with its watcher thread running; stopped afterwards."""
     path.write_text(GOOD_A)
-    store = RuleStore(str(path), poll_interval=poll_interval)
+    store = Reloader(str(path), poll_interval=poll_interval)
     store.reload()
     store.start()
     try:

@@ -1,4 +1,4 @@
-"""Keep the rules being served in step with the file on disk, never serving a broken one.
+"""Follow the rules file on disk and keep the last good rules, never serving a broken one.
 
 A reload builds a whole new Snapshot off to the side and then swaps one reference, so a
 request sees either the old rules or the new ones, never a mix, and needs no lock. A file
@@ -13,15 +13,13 @@ import logging
 import os
 import threading
 import time
-from dataclasses import dataclass, field
-from typing import Callable
 from datetime import datetime, timezone
+from typing import Callable
 
+from .engine import Snapshot
 from .loader import RulesError, load_rules
-from .matching import Matcher
 from .metrics import Metrics
-from .model import Facts, Rule, RuleSet
-from .render import render_no_match, render_rule
+from .wakeup import Wakeup
 
 log = logging.getLogger("bootrules")
 
@@ -37,50 +35,30 @@ def file_signature(path: str) -> FileSignature | None:
     return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
 
 
-@dataclass
-class Snapshot:
-    """One loaded version of the rules, with its index and rendered scripts."""
-
-    ruleset: RuleSet
-    loaded_at: datetime
-    signature: FileSignature | None = None
-    matcher: Matcher = field(init=False)
-    _scripts: dict[int, str] = field(default_factory=dict, init=False, repr=False)
-
-    def __post_init__(self) -> None:
-        self.matcher = Matcher(self.ruleset.rules)
-
-    def decide(self, facts: Facts) -> tuple[Rule | None, str]:
-        """Return the rule that answers for `facts` (None: no rule) and the script to send."""
-        rule = self.matcher.first_match(facts)
-        if rule is None:
-            return None, NO_MATCH_SCRIPT
-        key = id(rule)
-        script = self._scripts.get(key)
-        if script is None:  # rendered on first use; a race only renders the same text twice
-            script = self._scripts[key] = render_rule(rule)
-        return rule, script
-
-
-NO_MATCH_SCRIPT = render_no_match()
 _RETRY = object()  # an attempt that must be repeated whatever the file looks like
 
 
-class RuleStore:
-    """Holds the rules currently served and replaces them when the file changes."""
+class Reloader:
+    """Holds the rules currently served and replaces them when the file changes.
 
-    def __init__(self, path: str, poll_interval: float = 1.0) -> None:
+    `metrics` counts loads; `on_loaded` is called after each successful load (the parent of
+    several workers replaces them); `status_path` is where the last load's outcome is
+    published for the workers' /healthz.
+    """
+
+    def __init__(self, path: str, poll_interval: float = 1.0, *, metrics: Metrics | None = None,
+                 on_loaded: Callable[[], None] | None = None, status_path: str | None = None) -> None:
         self.path = path
         self.poll_interval = poll_interval
+        self.metrics = metrics
+        self.on_loaded = on_loaded
+        self.status_path = status_path
         self.snapshot: Snapshot | None = None
         self.last_error: RulesError | None = None
         self.last_error_at: datetime | None = None
-        self.metrics: Metrics | None = None  # set by create_app (and by serve, for the parent)
-        # With several workers the parent loads; these tell it and its workers what happened.
-        self.on_loaded: Callable[[], None] | None = None
-        self.status_path: str | None = None
-        self._reload_now = threading.Event()
-        self._stop = threading.Event()
+        self._wakeup = Wakeup()
+        self._forced = False
+        self._stopping = False
         self._thread: threading.Thread | None = None
         # The file version last loaded or tried, and the one seen at the previous poll.
         self._attempted: object = None
@@ -106,9 +84,10 @@ class RuleStore:
             # Written to while we read it: this may be half a file. The next tick retries.
             self._attempted = _RETRY
             return False
-        self.snapshot = Snapshot(ruleset=ruleset, loaded_at=datetime.now(timezone.utc), signature=after)
-        if self.metrics is not None:
-            self.metrics.loaded(len(ruleset), self.snapshot.loaded_at.timestamp())
+        first = self.snapshot is None
+        self.snapshot = Snapshot(ruleset=ruleset, loaded_at=datetime.now(timezone.utc))
+        if self.metrics is not None:  # the load at start-up is not a reload
+            self.metrics.loaded(len(ruleset), self.snapshot.loaded_at.timestamp(), reload=not first)
         if self.last_error is not None:
             log.info("rules file %s is valid again", self.path)
         self.last_error = None
@@ -175,8 +154,9 @@ class RuleStore:
     # ------------------------------------------------------------ watching
 
     def request_reload(self) -> None:
-        """Ask the watcher to reload at once (SIGHUP); safe to call from a signal handler."""
-        self._reload_now.set()
+        """Ask the watcher to reload at once (SIGHUP). Safe in a signal handler: no lock is taken."""
+        self._forced = True
+        self._wakeup.notify()
 
     def start(self) -> None:
         """Start the background thread that follows the file; idempotent."""
@@ -188,20 +168,20 @@ class RuleStore:
 
     def stop(self) -> None:
         """Stop the watcher thread and wait for it."""
-        self._stop.set()
-        self._reload_now.set()
+        self._stopping = True
+        self._wakeup.notify()
         if self._thread is not None:
             self._thread.join(timeout=5)
             self._thread = None
 
     def _watch(self) -> None:
-        while not self._stop.is_set():
-            forced = self._reload_now.wait(self.poll_interval)
-            if self._stop.is_set():
+        while not self._stopping:
+            self._wakeup.wait(self.poll_interval)
+            if self._stopping:
                 return
             try:
-                if forced:
-                    self._reload_now.clear()
+                if self._forced:
+                    self._forced = False
                     log.info("reloading %s on request", self.path)
                     self.reload()
                 else:

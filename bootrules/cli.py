@@ -1,0 +1,144 @@
+"""The command line: serve, check, preview. Commands only; the work is done elsewhere."""
+
+from __future__ import annotations
+
+from datetime import datetime, timezone
+from typing import Any, Callable
+
+import click
+
+from . import matching, values
+from .engine import Snapshot
+from .lint import lint
+from .loader import RulesError, load_rules
+from .render import render_rule
+from .settings import SETTINGS, Settings, SettingsError, environment_help
+
+DEFAULT_RULES = "rules.yaml"
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+def cli() -> None:
+    """bootrules: answer iPXE with a boot script chosen by the rules in rules.yaml."""
+
+
+cli.help = (
+    f"{cli.help}\n\n\b\nEvery setting of `serve` can also come from the environment:\n"
+    f"{environment_help()}\nA flag given on the command line wins over the variable."
+)
+
+
+def settings_options(command: Callable[..., Any]) -> Callable[..., Any]:
+    """Add one option per setting (bootrules.settings.SETTINGS) to `command`."""
+    for setting in reversed(SETTINGS):
+        command = click.option(
+            setting.flag, setting.name, default=None, multiple=setting.many,
+            help=f"{setting.meaning.replace('`', '')} [env {setting.env}; default {setting.shown_default.replace('`', '')}]"
+            + ("; repeat, or separate with commas" if setting.many else ""),
+        )(command)
+    return command
+
+
+@cli.command()
+@settings_options
+def serve(**given: Any) -> None:
+    """Serve the rules over HTTP with waitress.
+
+    The rules file is checked first; bootrules does not start on a broken file. Once
+    running, edits are picked up within about a second (SIGHUP: at once), and a broken
+    edit keeps the last good rules serving. With several workers the parent loads an
+    edit once and replaces the workers, which finish what they have in hand first.
+
+    Example:
+
+        python app.py serve --rules /etc/bootrules/rules.yaml --host 0.0.0.0 --port 80
+    """
+    from .serving import StartError, serve as run_server
+
+    try:
+        settings = Settings.load(given)
+        status = run_server(settings)
+    except SettingsError as error:
+        raise click.ClickException(f"invalid settings:\n{error}") from None
+    except StartError as error:
+        raise click.ClickException(str(error)) from None
+    raise SystemExit(status)
+
+
+@cli.command()
+@click.argument("path", default=DEFAULT_RULES, type=click.Path(dir_okay=False))
+@click.option("--strict", is_flag=True, help="Exit 1 on warnings too, not only on errors.")
+def check(path: str, strict: bool) -> None:
+    """Check a rules file: list every error as FILE:LINE (exit 1), then warnings.
+
+    Warnings (exit 0 unless --strict) flag rules that can never match because an
+    earlier rule always wins (an earlier catch-all, the same MAC twice, a glob or CIDR
+    covering a later value), and a file without a catch-all rule at the end.
+
+    Example:
+
+        python app.py check --strict rules.yaml
+    """
+    try:
+        ruleset = load_rules(path)
+    except RulesError as error:
+        click.echo(str(error), err=True)
+        raise SystemExit(1) from None
+    warnings = lint(ruleset)
+    for warning in warnings:
+        click.echo(warning.render(path), err=True)
+    click.echo(f"{path}: {len(ruleset)} rules, no errors, {len(warnings)} warning{'s' * (len(warnings) != 1)}")
+    if strict and warnings:
+        raise SystemExit(1)
+
+
+@cli.command()
+@click.option("--rules", "rules_path", envvar="BOOTRULES_RULES", default=DEFAULT_RULES, show_default=True,
+              help="Rules file [env BOOTRULES_RULES].")
+@click.option("--mac")
+@click.option("--uuid")
+@click.option("--serial")
+@click.option("--product")
+@click.option("--manufacturer")
+@click.option("--asset")
+@click.option("--hostname")
+@click.option("--platform", help="pcbios or efi")
+@click.option("--buildarch", help="i386, x86_64, arm64…")
+@click.option("--ip", help="The address iPXE reports for itself.")
+@click.option("--client", help="The address the request comes from.")
+@click.option("--show-secrets", is_flag=True, help="Print secret settings (CHAP passwords…) instead of ********.")
+@click.option("--explain", is_flag=True, help="Also say, for each rule above the answer, why it did not match.")
+def preview(rules_path: str, show_secrets: bool, explain: bool, **given: str | None) -> None:
+    """Print the script a machine would get, and which rule answered, without a server.
+
+    Secret settings are masked unless --show-secrets is given.
+
+    Example:
+
+        python app.py preview --mac 00:11:22:33:44:55 --platform efi
+    """
+    try:
+        ruleset = load_rules(rules_path)
+        client = given.pop("client")
+        facts, _ignored = values.facts_from_query({k: [v] for k, v in given.items() if v is not None})
+        if client:
+            facts["client"] = values.normalize_fact("client", client)
+    except RulesError as error:
+        click.echo(str(error), err=True)
+        raise SystemExit(1) from None
+    except ValueError as error:
+        raise click.ClickException(str(error)) from None
+    rule, script = Snapshot(ruleset=ruleset, loaded_at=datetime.now(timezone.utc)).decide(facts)
+    if rule is not None and not show_secrets:
+        script = render_rule(rule, reveal_secrets=False)
+    if explain:
+        for skipped, reason in matching.explain(ruleset.rules, facts):
+            click.echo(f"# rule '{skipped.name}' (line {skipped.line}) did not match: {reason}", err=True)
+    where = f"rule '{rule.name}' ({ruleset.source}:{rule.line}), action {rule.action_name}" if rule else "no rule matched (exit)"
+    click.echo(f"# answered by {where}", err=True)
+    click.echo(script, nl=False)
+
+
+def main() -> None:
+    """The `bootrules` console script."""
+    cli()

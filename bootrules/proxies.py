@@ -1,0 +1,82 @@
+"""Who is asking: the peer's address, or the client a trusted reverse proxy names.
+
+Anyone can send X-Forwarded-For; believing it from an untrusted peer would let a machine
+pick its own `client` address and so its own rules. IPv4 peers reached through an IPv6
+socket (`--host ::`) arrive as ::ffff:a.b.c.d; they are unmapped first, so `client:
+10.0.0.0/8` and `--trusted-proxy 127.0.0.1` mean the same on either kind of socket.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+from typing import Any, Callable, Iterable, Sequence
+
+from .settings import Network
+
+log = logging.getLogger("bootrules")
+
+WSGIApp = Callable[[dict, Callable[..., Any]], Iterable[bytes]]
+
+
+def plain_address(text: str) -> str | None:
+    """`text` as a canonical IP address (IPv4-mapped IPv6 unmapped), or None if it is not one.
+
+    A scoped address (fe80::1%eth0) is not plain: the scope is free text.
+    """
+    if "%" in text:
+        return None
+    try:
+        address = ipaddress.ip_address(text.strip())
+    except ValueError:
+        return None
+    if address.version == 6 and address.ipv4_mapped is not None:
+        return str(address.ipv4_mapped)
+    return str(address)
+
+
+class TrustedProxies:
+    """WSGI middleware: REMOTE_ADDR becomes the real client, X-Forwarded-* believed only from proxies."""
+
+    def __init__(self, app: WSGIApp, networks: Sequence[Network]) -> None:
+        self.app = app
+        self.networks = tuple(networks)
+
+    def trusted(self, address: str) -> bool:
+        """Tell whether the plain address `address` belongs to a trusted proxy."""
+        try:
+            parsed = ipaddress.ip_address(address)
+        except ValueError:
+            return False
+        return any(parsed in network for network in self.networks)
+
+    def __call__(self, environ: dict, start_response: Callable[..., Any]) -> Iterable[bytes]:
+        peer = environ.get("REMOTE_ADDR", "")
+        if peer.startswith("::ffff:"):
+            environ["REMOTE_ADDR"] = peer = plain_address(peer) or peer
+        if self.networks and self.trusted(peer):
+            self._believe_proxy(environ, peer)
+        return self.app(environ, start_response)
+
+    def _believe_proxy(self, environ: dict, proxy: str) -> None:
+        hops = [hop.strip() for hop in environ.get("HTTP_X_FORWARDED_FOR", "").split(",") if hop.strip()]
+        # The client is the last address not added by one of our own proxies. A hop that is
+        # not a plain address is refused: the request is judged on the proxy's address.
+        for hop in reversed(hops):
+            address = plain_address(hop)
+            if address is None:
+                log.warning("proxy %s sent X-Forwarded-For hop %s, which is not an IP address; "
+                            "judging the request on the proxy's address", proxy, ascii(hop[:100]))
+                break
+            if not self.trusted(address):
+                environ["REMOTE_ADDR"] = address
+                break
+        proto = environ.get("HTTP_X_FORWARDED_PROTO", "").split(",")[0].strip().lower()
+        if proto in ("http", "https"):
+            environ["wsgi.url_scheme"] = proto
+        host = environ.get("HTTP_X_FORWARDED_HOST", "").split(",")[0].strip()
+        if host:
+            environ["HTTP_HOST"] = host
+        prefix = environ.get("HTTP_X_FORWARDED_PREFIX", "").split(",")[0].strip().rstrip("/")
+        if prefix:
+            environ["SCRIPT_NAME"] = prefix

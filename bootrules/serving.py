@@ -1,0 +1,340 @@
+"""`serve`: one process, or pre-forked workers on one socket; signals and the supervisor.
+
+waitress runs in one process, and Python runs one thread at a time, so one process uses
+one core. With several workers the parent binds the socket, loads the rules, and forks the
+workers, which share the parent's copy of the rules (copy-on-write pages). The parent
+follows the rules file; when it changes, the parent loads it once, forks a new generation
+and retires the old one, so no worker ever holds two copies of the rules or spends its
+time loading them. A worker that dies is started again; SIGTERM or SIGINT stops them all.
+
+Signal handlers here only set a flag or write a byte to a wake-up pipe (bootrules.wakeup):
+anything more, run inside another handler, can deadlock.
+"""
+
+from __future__ import annotations
+
+import gc
+import logging
+import os
+import shutil
+import signal
+import socket
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+from . import server
+from .application import create_app
+from .logs import configure_logging
+from .metrics import MULTIPROC_ENV, Metrics, clear_runtime_files, worker_exited
+from .reloader import Reloader
+from .settings import Settings
+from .wakeup import Wakeup
+from .web import SLOW_PATHS
+
+log = logging.getLogger("bootrules")
+
+RESTART_DELAY = 1.0
+# How long a stopping server (SIGTERM) may take to answer what it has in hand; a second
+# SIGTERM stops it at once. A retiring worker (new rules) has the channel timeout.
+STOP_GRACE = 10.0
+WORKER_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1, signal.SIGHUP, signal.SIGCHLD)
+
+
+class StartError(Exception):
+    """bootrules cannot start; the message says why, in a line or a few."""
+
+
+def serve(settings: Settings) -> int:
+    """Serve until stopped; return the exit status."""
+    configure_logging(settings.log_format)
+    # Until the handlers are in place, SIGHUP (systemctl reload) must not kill us.
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    workers = settings.resolved_workers()
+    runtime = _runtime_directory() if workers > 1 else None
+    try:
+        metrics = Metrics()  # made after the runtime directory: it decides the metrics mode
+        status_path = os.path.join(runtime, "status.json") if runtime else None
+        reloader = Reloader(settings.rules, settings.poll_interval, metrics=metrics, status_path=status_path)
+        if not reloader.reload():
+            problems = reloader.last_error or "cannot load the rules"
+            raise StartError(f"{settings.rules} is not valid, not starting:\n{problems}")
+        _raise_open_files_limit(settings.connection_limit + 100)  # per process: each worker has its own
+        try:
+            sock = listening_socket(settings.host, settings.port)
+        except OSError as error:
+            raise StartError(f"cannot listen on {settings.host}:{settings.port}: {error.strerror or error}") from None
+        log.info("serving %d rules from %s on http://%s:%d/ with %d worker(s)",
+                 len(reloader.snapshot.ruleset), settings.rules, settings.host, sock.getsockname()[1], workers)
+        plan = WorkerPlan(settings, reloader, metrics, sock)
+        if workers == 1:
+            return plan.serve_alone()
+        supervisor = Supervisor(workers, plan.serve_as_worker, retire_grace=float(settings.channel_timeout),
+                                started=reloader.start, exited=worker_exited)
+        reloader.on_loaded = supervisor.request_replace
+        signal.signal(signal.SIGHUP, lambda _signum, _frame: reloader.request_reload())
+        try:
+            return supervisor.run()
+        finally:
+            reloader.stop()
+            sock.close()
+    finally:
+        if runtime and runtime.startswith(tempfile.gettempdir()) and os.path.basename(runtime).startswith("bootrules-"):
+            shutil.rmtree(runtime, ignore_errors=True)
+
+
+def listening_socket(host: str, port: int, backlog: int = 1024) -> socket.socket:
+    """Bind and listen on host:port (IPv4 or IPv6), ready to be shared with forked workers."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((host, port))
+    sock.listen(backlog)
+    sock.setblocking(False)
+    return sock
+
+
+@dataclass
+class WorkerPlan:
+    """How one serving process is built from the settings, the rules and the socket."""
+
+    settings: Settings
+    reloader: Reloader
+    metrics: Metrics
+    sock: socket.socket
+
+    def server_options(self) -> dict:
+        settings = self.settings
+        # waitress would strip X-Forwarded-* before the app sees them; TrustedProxies decides
+        # instead, by the peer's address, so that CIDRs and several proxies work.
+        # Idle and slow clients: waitress's defaults (100 connections, select(), which stops at
+        # 1024 descriptors, and a 120 s idle timeout) let a few hundred silent connections lock
+        # every machine out. poll() and a larger limit keep the door open; the timeout closes
+        # the silent ones.
+        return {"ident": "bootrules", "clear_untrusted_proxy_headers": False,
+                "connection_limit": settings.connection_limit, "channel_timeout": settings.channel_timeout,
+                "asyncore_use_poll": True, "cleanup_interval": min(30, settings.channel_timeout),
+                "slow_paths": SLOW_PATHS}
+
+    def build(self, shutdown: server.Shutdown) -> server.LoopServer | server.ThreadedServer:
+        app = create_app(settings=self.settings, reloader=self.reloader, metrics=self.metrics)
+        return server.create(app, self.sock, shutdown, **self.server_options())
+
+    def serve_alone(self) -> int:
+        """One process: it follows the file itself; SIGHUP reloads, SIGTERM drains and stops."""
+        shutdown = server.Shutdown()
+        _stop_on_signals(shutdown)
+        signal.signal(signal.SIGHUP, lambda _signum, _frame: self.reloader.request_reload())
+        try:
+            self.build(shutdown).run()
+        finally:
+            self.reloader.stop()
+            self.sock.close()
+        log.info("stopped")
+        return 0
+
+    def serve_as_worker(self, shutdown: server.Shutdown) -> None:
+        """In a forked worker (signals set by the supervisor): serve until asked to stop."""
+        self.reloader.poll_interval = 0  # the parent follows the file and replaces the workers
+        self.build(shutdown).run()
+
+
+def _stop_on_signals(shutdown: server.Shutdown) -> None:
+    """SIGTERM and SIGINT: drain and stop within STOP_GRACE; the second one: stop now."""
+
+    def stop(_signum: int, _frame: object) -> None:
+        shutdown.request(0.0 if shutdown.requested else STOP_GRACE)
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+
+
+class Supervisor:
+    """Forks and watches the workers; replaces them all when the rules change.
+
+    Everything happens on the main loop of `run`; the signal handlers and `request_replace`
+    only set a flag and wake it. So a worker forked for new rules is always one the stop
+    sees, and a stop that has begun forks nothing more.
+    """
+
+    def __init__(self, count: int, serve: Callable[[server.Shutdown], None], *, retire_grace: float = 30.0,
+                 started: Callable[[], None] = lambda: None, exited: Callable[[int], None] = lambda pid: None) -> None:
+        self.count = count
+        self.serve = serve
+        self.retire_grace = retire_grace
+        self.started = started
+        self.exited = exited
+        self.generation = 0
+        self.workers: dict[int, tuple[int, int]] = {}  # pid -> (generation, worker number)
+        self.stopping = False
+        self._stop_requested = False
+        self._replace_requested = False
+        self._signalled: set[int] = set()  # workers sent SIGTERM
+        self._restarts: dict[int, float] = {}  # worker number -> when to start it again
+        self._wakeup = Wakeup()
+
+    # ------------------------------------------------------------ requests (any thread, signal handlers)
+
+    def request_replace(self) -> None:
+        """Ask the main loop to replace the workers (new rules were loaded)."""
+        self._replace_requested = True
+        self._wakeup.notify()
+
+    def request_stop(self) -> None:
+        self._stop_requested = True
+        self._wakeup.notify()
+
+    # ------------------------------------------------------------ the main loop
+
+    def run(self) -> int:
+        """Start the workers and supervise them until SIGTERM or SIGINT; return the exit status."""
+        status = 0
+        signal.signal(signal.SIGTERM, lambda _s, _f: self.request_stop())
+        signal.signal(signal.SIGINT, lambda _s, _f: self.request_stop())
+        signal.signal(signal.SIGCHLD, lambda _s, _f: self._wakeup.notify())
+        self.start_generation()
+        self.started()
+        log.info("started %d workers: %s", self.count, " ".join(str(pid) for pid in self.workers))
+        while True:
+            self._wakeup.wait(0.5)
+            if self._stop_requested:
+                self.stopping = True
+            if self.stopping:
+                for pid in self.workers:
+                    if pid not in self._signalled:
+                        self._signalled.add(pid)
+                        _signal(pid, signal.SIGTERM)
+            elif self._replace_requested:
+                self._replace_requested = False
+                self.replace_all()
+            status |= self._reap()
+            if self.stopping and not self.workers:
+                break
+            if not self.stopping:
+                self._restart_due()
+        log.info("all workers stopped")
+        return 0 if self.stopping else status
+
+    def _reap(self) -> int:
+        """Collect every worker that has exited; schedule a restart for one that died."""
+        status = 0
+        while True:
+            try:
+                pid, wait_status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                return status
+            if pid == 0:
+                return status
+            if pid not in self.workers:
+                continue
+            generation, number = self.workers.pop(pid)
+            self._signalled.discard(pid)
+            self.exited(pid)
+            if self.stopping or generation != self.generation:
+                continue  # stopped, or a retired worker finishing
+            log.error("worker %d (pid %d) exited with %s; starting it again", number, pid,
+                      os.waitstatus_to_exitcode(wait_status))
+            status = 1
+            self._restarts[number] = time.monotonic() + RESTART_DELAY
+
+    def _restart_due(self) -> None:
+        now = time.monotonic()
+        for number, when in list(self._restarts.items()):
+            if when <= now:
+                del self._restarts[number]
+                self.spawn(number)
+
+    # ------------------------------------------------------------ workers
+
+    def spawn(self, number: int) -> None:
+        """Fork worker `number` of the current generation.
+
+        Signals are blocked across the fork, so the child never runs the parent's handlers:
+        it installs its own (through `serve`) before anything can reach it.
+        """
+        blocked = signal.pthread_sigmask(signal.SIG_BLOCK, WORKER_SIGNALS)
+        try:
+            pid = os.fork()
+            if pid == 0:  # the worker
+                _run_worker(self.serve, number, blocked, self.retire_grace)
+            self.workers[pid] = (self.generation, number)
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
+
+    def start_generation(self) -> None:
+        """Fork a full set of workers on the rules the parent holds now."""
+        # Objects made so far (the rules) are never collected: keeping the collector off
+        # them keeps their pages shared between the workers.
+        gc.freeze()
+        for number in range(self.count):
+            self.spawn(number)
+
+    def replace_all(self) -> None:
+        """Start a new generation, then retire the old one (the rules have changed)."""
+        old = [pid for pid, (generation, _number) in self.workers.items() if generation == self.generation]
+        self.generation += 1
+        self._restarts.clear()
+        self.start_generation()
+        for pid in old:
+            _signal(pid, signal.SIGUSR1)
+        new = [pid for pid, (generation, _number) in self.workers.items() if generation == self.generation]
+        log.info("new rules: started workers %s, retiring %s", " ".join(map(str, new)), " ".join(map(str, old)))
+
+
+def _run_worker(serve: Callable[[server.Shutdown], None], number: int, mask: set, retire_grace: float) -> None:
+    """The body of a forked worker: its own handlers first, then signals unblocked; never returns.
+
+    SIGUSR1 retires the worker (new rules: drain within `retire_grace`), SIGTERM and
+    SIGINT stop it (drain within STOP_GRACE; a second one: at once), SIGHUP is the parent's.
+    """
+    code = 0
+    try:
+        shutdown = server.Shutdown()
+        _stop_on_signals(shutdown)
+        signal.signal(signal.SIGUSR1, lambda _s, _f: shutdown.request(retire_grace))
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+        signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+        serve(shutdown)
+    except SystemExit as done:
+        code = done.code if isinstance(done.code, int) else 0
+    except BaseException:
+        log.exception("worker %d failed", number)
+        code = 1
+    finally:
+        logging.shutdown()
+        os._exit(code)
+
+
+def _signal(pid: int, signum: int) -> None:
+    try:
+        os.kill(pid, signum)
+    except ProcessLookupError:
+        pass
+
+
+def _runtime_directory() -> str:
+    """A directory the parent and its workers share: metrics, and the reload status.
+
+    An operator's own PROMETHEUS_MULTIPROC_DIR is used but emptied first: numbers left
+    by an earlier run would otherwise be added to this one's.
+    """
+    given = os.environ.get(MULTIPROC_ENV)
+    if given:
+        clear_runtime_files(Path(given))
+        return given
+    made = tempfile.mkdtemp(prefix="bootrules-")
+    os.environ[MULTIPROC_ENV] = made
+    return made
+
+
+def _raise_open_files_limit(wanted: int) -> None:
+    """Let the process hold `wanted` descriptors, up to the hard limit the system allows."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = wanted if hard == resource.RLIM_INFINITY else min(wanted, hard)
+    if soft != resource.RLIM_INFINITY and soft < target:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))

@@ -1,0 +1,219 @@
+"""Every setting of bootrules, in one list, read from flags and BOOTRULES_* in one place.
+
+`SETTINGS` is the single list: the command line's options, `--help`'s table of variables
+and the README's settings table (held equal by a test) all come from it. `Settings.load`
+turns what was given into one frozen object, reporting every wrong value at once.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import re
+import urllib.parse
+from dataclasses import dataclass, fields
+from typing import Any, Callable, Iterable, Mapping
+
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+LOG_FORMATS = ("text", "json")
+# The peer names itself in the Host header; only this alphabet reaches the entry script.
+HOST_PATTERN = re.compile(
+    r"(?:[A-Za-z0-9](?:[A-Za-z0-9-]{0,62})(?:\.[A-Za-z0-9-]{1,63})*\.?|\[[0-9A-Fa-f:.]+\])(?::[0-9]{1,5})?"
+)
+PREFIX_PATTERN = re.compile(r"(?:/[A-Za-z0-9._~-]+)*")
+
+
+class SettingsError(Exception):
+    """One or more settings are wrong; `problems` has one line for each."""
+
+    def __init__(self, problems: list[str]) -> None:
+        super().__init__("\n".join(problems))
+        self.problems = tuple(problems)
+
+
+# --------------------------------------------------------------------------- parsers
+# Each takes the text given and returns the value, or raises ValueError with the reason.
+
+
+def integer(low: int, high: int) -> Callable[[str], int]:
+    def parse(text: str) -> int:
+        try:
+            number = int(text.strip())
+        except ValueError:
+            raise ValueError(f"{text!r} is not a whole number") from None
+        if not low <= number <= high:
+            raise ValueError(f"{number} is out of range ({low} to {high})")
+        return number
+
+    return parse
+
+
+def seconds(low: float, high: float) -> Callable[[str], float]:
+    def parse(text: str) -> float:
+        try:
+            number = float(text.strip())
+        except ValueError:
+            raise ValueError(f"{text!r} is not a number of seconds") from None
+        if not low <= number <= high:
+            raise ValueError(f"{text!r} is out of range ({low:g} to {high:g} seconds)")
+        return number
+
+    return parse
+
+
+def choice(options: tuple[str, ...]) -> Callable[[str], str]:
+    def parse(text: str) -> str:
+        if text not in options:
+            raise ValueError(f"{text!r} is not one of: {', '.join(options)}")
+        return text
+
+    return parse
+
+
+def nonempty(text: str) -> str:
+    if not text.strip():
+        raise ValueError("is empty")
+    return text
+
+
+def parse_base_url(text: str) -> str | None:
+    """The public URL machines reach bootrules at (e.g. http://boot.example.com/pxe)."""
+    if not text:
+        return None
+    parts = urllib.parse.urlsplit(text.strip())
+    path = parts.path.rstrip("/")
+    if (
+        parts.scheme not in ("http", "https")
+        or not HOST_PATTERN.fullmatch(parts.netloc or "")
+        or not PREFIX_PATTERN.fullmatch(path)
+        or parts.query
+        or parts.fragment
+    ):
+        raise ValueError(f"{text!r} must look like http://host[:port][/path]")
+    return f"{parts.scheme}://{parts.netloc}{path}"
+
+
+def parse_networks(text: str) -> tuple[Network, ...]:
+    """Addresses or CIDR ranges, separated by commas or spaces."""
+    networks = []
+    for item in re.split(r"[,\s]+", text.strip()):
+        if not item:
+            continue
+        try:
+            network = ipaddress.ip_network(item, strict=False)
+        except ValueError:
+            raise ValueError(f"{item!r} is not an address or CIDR range") from None
+        networks.append(unmapped_network(network))
+    return tuple(networks)
+
+
+def unmapped_network(network: Network) -> Network:
+    """An IPv4-mapped IPv6 range (::ffff:10.0.0.0/104) as the IPv4 range it stands for."""
+    if network.version == 6 and network.prefixlen >= 96 and network.network_address.ipv4_mapped is not None:
+        return ipaddress.ip_network(f"{network.network_address.ipv4_mapped}/{network.prefixlen - 96}")
+    return network
+
+
+# --------------------------------------------------------------------------- the list
+
+
+@dataclass(frozen=True)
+class Setting:
+    """One setting: its attribute, flag, variable, default and how its text is read."""
+
+    name: str
+    flag: str
+    meaning: str
+    default: Any
+    shown_default: str
+    parse: Callable[[str], Any]
+    many: bool = False  # the flag may be repeated; the variable separates values by commas
+
+    @property
+    def env(self) -> str:
+        return "BOOTRULES_" + self.name.upper()
+
+
+SETTINGS: tuple[Setting, ...] = (
+    Setting("rules", "--rules", "rules file", "rules.yaml", "`rules.yaml`", nonempty),
+    Setting("host", "--host", "listen address (`serve`)", "127.0.0.1", "`127.0.0.1`", nonempty),
+    Setting("port", "--port", "listen port (`serve`)", 8080, "`8080`", integer(0, 65535)),
+    Setting("base_url", "--base-url", "public URL for the entry script", None, "from each request", parse_base_url),
+    Setting("trusted_proxies", "--trusted-proxy",
+            "proxies whose `X-Forwarded-*` is believed (comma-separated)", (), "none", parse_networks, many=True),
+    Setting("workers", "--workers", "worker processes sharing the port (0: one per CPU core)", 0,
+            "one per CPU core", integer(0, 64)),
+    Setting("connection_limit", "--connection-limit", "open connections per worker", 1000, "`1000`",
+            integer(10, 100000)),
+    Setting("channel_timeout", "--channel-timeout", "seconds an idle or stalled connection is kept", 30, "`30`",
+            integer(1, 3600)),
+    Setting("log_format", "--log-format", "`text` or `json`", "text", "`text`", choice(LOG_FORMATS)),
+    Setting("poll_interval", "--poll-interval", "seconds between checks of the rules file (0: never)", 1.0, "`1`",
+            seconds(0, 3600)),
+)
+BY_NAME = {setting.name: setting for setting in SETTINGS}
+
+
+@dataclass(frozen=True)
+class Settings:
+    """The settings in force: flags first, then BOOTRULES_* variables, then defaults."""
+
+    rules: str = "rules.yaml"
+    host: str = "127.0.0.1"
+    port: int = 8080
+    base_url: str | None = None
+    trusted_proxies: tuple[Network, ...] = ()
+    workers: int = 0
+    connection_limit: int = 1000
+    channel_timeout: int = 30
+    log_format: str = "text"
+    poll_interval: float = 1.0
+
+    @classmethod
+    def load(cls, given: Mapping[str, Any] | None = None, environ: Mapping[str, str] | None = None) -> "Settings":
+        """Build the settings from `given` (flags or arguments; None: not given) and `environ`.
+
+        Raises SettingsError listing every wrong value, each named by its flag or variable.
+        """
+        given = given or {}
+        environ = os.environ if environ is None else environ
+        unknown = set(given) - set(BY_NAME)
+        if unknown:
+            raise TypeError(f"unknown settings: {', '.join(sorted(unknown))}")
+        values: dict[str, Any] = {}
+        problems: list[str] = []
+        for setting in SETTINGS:
+            value = given.get(setting.name)
+            if value is None or (setting.many and value == ()):
+                if setting.env in environ:
+                    source, texts = setting.env, [environ[setting.env]]
+                else:
+                    values[setting.name] = setting.default
+                    continue
+            else:
+                source = setting.flag
+                texts = [str(item) for item in value] if setting.many and not isinstance(value, str) else [str(value)]
+            try:
+                if setting.many:
+                    values[setting.name] = tuple(item for text in texts for item in setting.parse(text))
+                else:
+                    values[setting.name] = setting.parse(texts[0])
+            except ValueError as error:
+                problems.append(f"{source}: {error}")
+        if problems:
+            raise SettingsError(problems)
+        return cls(**values)
+
+    def resolved_workers(self) -> int:
+        """The number of worker processes: as set, or one per CPU core."""
+        return self.workers or os.cpu_count() or 1
+
+
+assert [f.name for f in fields(Settings)] == [s.name for s in SETTINGS], "Settings and SETTINGS disagree"
+
+
+def environment_help(settings: Iterable[Setting] = SETTINGS) -> str:
+    """The variables, one a line, for `--help`."""
+    width = max(len(setting.env) for setting in settings)
+    return "\n".join(f"  {setting.env:<{width}}  {setting.flag}" for setting in settings)
