@@ -28,7 +28,6 @@ import socket
 import sys
 import threading
 import time
-import _thread
 from typing import Any, Callable, Iterable
 
 import waitress.server
@@ -310,11 +309,9 @@ class ThreadedServer:
         self.waitress = waitress.server.create_server(app, sockets=[sock], **options)
 
     def run(self) -> None:
-        threading.Thread(target=self._stop_when_asked, daemon=True, name="bootrules-stop").start()
-        self.waitress.run()  # returns on KeyboardInterrupt, which _stop_when_asked raises
-
-    def _stop_when_asked(self) -> None:
+        """Serve on a thread of waitress's own until asked to stop; then give what is in hand
+        a moment and return (the serving threads end with the process)."""
+        threading.Thread(target=self.waitress.run, daemon=True, name="bootrules-waitress").start()
         while not self.shutdown.requested:
             time.sleep(LOOP_TIMEOUT)
         time.sleep(min(self.STOP_DELAY, self.shutdown.grace or 0.0))
-        _thread.interrupt_main()

@@ -33,12 +33,13 @@ class BootrulesServer:
     log_path: Path
     args: tuple[str, ...] = ()
     host: str = "127.0.0.1"
+    connect_host: str | None = None  # where clients connect, if not `host`
     netns: str | None = None
     process: subprocess.Popen | None = field(default=None, init=False)
 
     @property
     def url(self) -> str:
-        return f"http://{self.host}:{self.port}"
+        return f"http://{self.connect_host or self.host}:{self.port}"
 
     def start(self, timeout: float = 20.0) -> "BootrulesServer":
         command = [sys.executable, str(ROOT / "app.py"), "serve", "--rules", str(self.rules),

@@ -130,3 +130,42 @@ def test_pipelined_requests_are_answered_in_order_while_another_client_stalls(ru
     assert abs(date.timestamp() - time.time()) < 60
 
 
+
+
+def test_a_waitress_without_the_internals_used_gets_the_stock_server_which_serves(rules_path, tmp_path):
+    """If an upgrade of waitress drops an internal the loop server uses, bootrules says so
+    once and serves with waitress's own threaded server: same answers, clean stop."""
+    port = free_port()
+    # As if upstream dropped the `_dispatcher` test shim of create_server.
+    hide = ("import waitress.server as s; stock = s.create_server; "
+            "s.create_server = lambda application, **options: stock(application, **options); "
+            "from bootrules.cli import main; main()")
+    command = [sys.executable, "-c", hide, "serve", "--rules", str(rules_path), "--port", str(port), "--workers", "1"]
+    with open(tmp_path / "server.log", "wb") as log:
+        process = subprocess.Popen(command, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
+        try:
+            def answer():
+                try:
+                    return http_get(f"http://127.0.0.1:{port}/ipxe?mac=00:12:34:56:78:90", timeout=1)
+                except OSError:
+                    return None
+
+            status, headers, body = wait_until(answer, timeout=15, interval=0.1)
+            assert status == 200 and headers["X-Bootrules-Rule"] == "lab-rescue" and body.startswith("#!ipxe\n")
+            assert http_get(f"http://127.0.0.1:{port}/healthz")[0] == 200
+            process.send_signal(signal.SIGTERM)
+            assert process.wait(timeout=15) == 0
+        finally:
+            if process.poll() is None:
+                process.kill()
+                process.wait()
+    text = (tmp_path / "server.log").read_text()
+    assert text.count("lacks what bootrules' fast server uses (create_server(_dispatcher=))") == 1, text
+    assert "Traceback" not in text
+
+
+def test_the_installed_waitress_has_every_internal_the_loop_server_uses():
+    """The pinned waitress (requirements.txt) is one the fast server runs on."""
+    from bootrules.server import missing_internals
+
+    assert missing_internals() == []
