@@ -6,7 +6,6 @@ import os
 import re
 import shutil
 import socket
-import sys
 import textwrap
 import time
 from pathlib import Path
@@ -14,10 +13,9 @@ from typing import Callable
 
 import pytest
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+from app import cli, create_app
 
-from app import cli, create_app  # noqa: E402
+ROOT = Path(__file__).resolve().parent.parent
 
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 

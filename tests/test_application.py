@@ -2,17 +2,12 @@
 
 from __future__ import annotations
 
-import contextlib
-import email.utils
-import signal
-import socket
 import subprocess
 import sys
-import threading
 import time
 
-from conftest import SAMPLE_RULES, free_port, wait_until
-from support import ROOT, BootrulesServer, http_get
+from conftest import free_port, wait_until
+from support import ROOT, http_get
 
 
 def test_waitress_serve_call_uses_create_app_with_environment_settings(rules_path, tmp_path):

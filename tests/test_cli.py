@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from app import cli
+from conftest import ROOT
 
 
 def test_check_accepts_a_valid_file(runner, rules_path):
@@ -59,3 +60,39 @@ def test_preview_refuses_a_bad_value(runner, rules_path):
     result = runner.invoke(cli, ["preview", "--rules", str(rules_path), "--mac", "xx"])
     assert result.exit_code == 1
     assert "Error: mac: 'xx' is not a MAC address" in result.output
+
+
+# --------------------------------------------------------------------------- preview --explain
+
+
+def test_preview_explain_says_why_each_earlier_rule_did_not_match(runner):
+    """--explain lists each rule above the answer with the first selector that failed."""
+    result = runner.invoke(cli, ["preview", "--rules", str(ROOT / "rules.yaml"), "--explain", "--mac", "52:54:00:12:34:56",
+                                 "--manufacturer", "Dell Inc.", "--product", "PowerEdge R740", "--platform", "efi"])
+    assert result.exit_code == 0, result.output
+    assert result.stderr.splitlines() == [
+        "# rule 'lab-rescue' (line 16) did not match: mac 52:54:00:12:34:56 does not match 00:12:34:56:78:90",
+        "# rule 'db01-iscsi' (line 21) did not match: mac 52:54:00:12:34:56 does not match any of 00:11:22:33:44:55, 00:11:22:33:44:56",
+        "# rule 'diskless-kiosk' (line 31) did not match: no serial was sent",
+        "# rule 'dell-uefi-installer' (line 39) did not match: product poweredge r740 does not match poweredge r6* (glob)",
+        "# rule 'test-rack' (line 47) did not match: no ip was sent",
+        "# rule 'vmware-guests' (line 52) did not match: mac 52:54:00:12:34:56 does not match 00:0c:29:* (glob)",
+        f"# answered by rule 'everyone-else' ({ROOT / 'rules.yaml'}:57), action exit",
+    ]
+
+
+def test_the_bootrules_command_is_installed_with_the_project(tmp_path):
+    """`pip install .` (tests/run does it, editable) gives `bootrules`, the same CLI as `python app.py`."""
+    import shutil
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from conftest import require_tool
+
+    command = shutil.which("bootrules", path=str(Path(sys.executable).parent)) or require_tool(
+        "bootrules", "pip install . installs it")
+    rules = tmp_path / "rules.yaml"
+    rules.write_text("rules:\n  - name: everyone\n    exit: true\n")
+    result = subprocess.run([command, "check", str(rules)], capture_output=True, text=True, timeout=60, cwd=tmp_path)
+    assert result.returncode == 0 and result.stdout == f"{rules}: 1 rules, no errors, 0 warnings\n"

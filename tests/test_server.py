@@ -11,7 +11,7 @@ import sys
 import threading
 import time
 
-from conftest import SAMPLE_RULES, free_port, wait_until
+from conftest import free_port, wait_until
 from support import ROOT, BootrulesServer, http_get
 
 

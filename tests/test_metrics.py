@@ -1,0 +1,103 @@
+"""/metrics: decisions, refusals and reloads counted, summed over workers (bootrules/metrics.py)."""
+
+from __future__ import annotations
+
+import re
+import time
+
+import pytest
+
+from conftest import SAMPLE_RULES, free_port
+from support import BootrulesServer, http_get
+
+
+
+# --------------------------------------------------------------------------- metrics
+
+
+def metric(text: str, name: str) -> float:
+    """The value of one sample line `name` (with labels) in Prometheus text format."""
+    found = re.search(rf"^{re.escape(name)} ([0-9.e+]+)$", text, re.M)
+    assert found, f"{name} not in:\n{text}"
+    return float(found.group(1))
+
+
+def test_metrics_count_decisions_bad_requests_and_reloads(client, app, rules_path):
+    """/metrics has decisions by rule and action, bad requests, reloads, rules and latency."""
+    for _ in range(3):
+        client.get("/ipxe?mac=00:12:34:56:78:90")
+    client.get("/ipxe?mac=00:0c:29:00:00:01")
+    client.get("/ipxe?mac=nonsense")
+    rules_path.write_text(SAMPLE_RULES.replace("lab-rescue", "lab-rescue-2"))
+    app.extensions["bootrules"].reload()
+    rules_path.write_text("rules: [")
+    app.extensions["bootrules"].reload()
+    response = client.get("/metrics")
+    assert response.status_code == 200 and response.content_type.startswith("text/plain; version=")
+    text = response.text
+    assert metric(text, 'bootrules_decisions_total{action="chain",rule="lab-rescue"}') == 3
+    assert metric(text, 'bootrules_decisions_total{action="chain",rule="vmware-guests"}') == 1
+    assert metric(text, "bootrules_bad_requests_total") == 1
+    assert metric(text, "bootrules_reloads_total") == 1
+    assert metric(text, "bootrules_reload_failures_total") == 1
+    assert metric(text, "bootrules_rules_loaded") == 3
+    assert metric(text, "bootrules_request_duration_seconds_count") == 5
+    assert metric(text, "bootrules_last_reload_timestamp_seconds") > time.time() - 60
+
+
+def test_metrics_add_up_across_worker_processes(rules_path, tmp_path, monkeypatch):
+    """With two workers, one /metrics answer counts the decisions of both workers."""
+    from prometheus_client.mmap_dict import MmapedDict
+
+    shared = tmp_path / "metrics"
+    shared.mkdir()
+    monkeypatch.setenv("PROMETHEUS_MULTIPROC_DIR", str(shared))
+    with BootrulesServer(rules_path, free_port(), tmp_path / "server.log", args=("--workers", "2")) as server:
+        for _ in range(60):  # a new connection each: the kernel hands them to either worker
+            http_get(server.url + "/ipxe?mac=00:12:34:56:78:90")
+        text = http_get(server.url + "/metrics")[2]
+        per_worker = []
+        for path in shared.glob("*.decisions"):  # one file of decision counts per process
+            values = MmapedDict.read_all_values_from_file(str(path))
+            per_worker.append(sum(value for key, value, *_ in values))
+    assert sum(count > 0 for count in per_worker) == 2, per_worker  # both workers answered (the parent: none)
+    assert sum(per_worker) == 60
+    assert metric(text, 'bootrules_decisions_total{action="chain",rule="lab-rescue"}') == 60
+    assert metric(text, "bootrules_rules_loaded") == 3
+
+
+@pytest.mark.parametrize("multiprocess", [False, True], ids=["one process", "several"])
+def test_odd_rule_names_are_counted_and_escaped_in_metrics(multiprocess, tmp_path, monkeypatch):
+    """Quotes, backslashes, newlines and non-ASCII in a rule name come out escaped, counted right."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from bootrules.metrics import Metrics
+
+    if multiprocess:
+        monkeypatch.setenv("PROMETHEUS_MULTIPROC_DIR", str(tmp_path))
+    else:
+        monkeypatch.delenv("PROMETHEUS_MULTIPROC_DIR", raising=False)
+    odd = 'odd "name" \\ with ü,\ttab and\nnewline'
+    metrics = Metrics()
+    for rule, action, times in ((odd, "chain", 3), ("plain", "exit", 1)):
+        for _ in range(times):
+            metrics.decided(rule, action, 0.001)
+    text = metrics.exposition()[0].decode()
+    family = next(f for f in text_string_to_metric_families(text) if f.name == "bootrules_decisions")
+    counted = {(s.labels["rule"], s.labels["action"]): s.value for s in family.samples if s.name.endswith("_total")}
+    assert counted == {(odd, "chain"): 3, ("plain", "exit"): 1}
+
+
+def test_decision_counts_in_a_reused_process_file_are_kept(tmp_path, monkeypatch):
+    """A process that finds its counter file already there (a reused pid) adds to it."""
+    from bootrules.metrics import Metrics
+
+    monkeypatch.setenv("PROMETHEUS_MULTIPROC_DIR", str(tmp_path))
+    for _ in range(2):  # the second Metrics opens the file the first one wrote
+        metrics = Metrics()
+        for _ in range(3):
+            metrics.decided("lab-rescue", "chain", 0.001)
+        metrics.decided("everyone-else", "exit", 0.001)
+    text = metrics.exposition()[0].decode()
+    assert metric(text, 'bootrules_decisions_total{action="chain",rule="lab-rescue"}') == 6
+    assert metric(text, 'bootrules_decisions_total{action="exit",rule="everyone-else"}') == 2
