@@ -54,7 +54,9 @@ def compile_pattern(key: str, text: str) -> Pattern:
     literal = _GLOB_SPLIT.split(pattern, maxsplit=1)[0]
     if bare:  # index bare prefixes in the form facts are kept in (with separators)
         literal = values.with_separators(key, literal)
-    return Glob(text=pattern, regex=re.compile(fnmatch.translate(pattern)), prefix=literal, bare=bare)
+    simple = pattern.endswith("*") and not values.is_glob(pattern[:-1])
+    regex = None if simple else re.compile(fnmatch.translate(pattern))
+    return Glob(text=pattern, regex=regex, prefix=literal, bare=bare)
 
 
 def _network(text: str) -> Network:
