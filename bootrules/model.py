@@ -34,7 +34,9 @@ class Glob:
     """A shell-style pattern (`*`, `?`, `[...]`), compiled once at load time."""
 
     text: str
-    regex: re.Pattern[str] = field(compare=False)
+    # None for the common `literal*` form, which is a prefix test (no regex to compile:
+    # 30,000 of them took seconds to load).
+    regex: re.Pattern[str] | None = field(compare=False)
     # Literal text before the first wildcard, in the form facts are stored in; the
     # matcher uses it to find candidate rules without trying every glob.
     prefix: str
@@ -45,6 +47,8 @@ class Glob:
     def matches(self, value: str) -> bool:
         """Tell whether the machine's value fits the pattern."""
         subject = value.replace(":", "").replace("-", "") if self.bare else value
+        if self.regex is None:
+            return subject.startswith(self.text[:-1])
         return self.regex.fullmatch(subject) is not None
 
 
@@ -68,11 +72,11 @@ class Selector:
 
     key: str
     patterns: tuple[Pattern, ...]
+    # Every pattern is an exact value, so the selector names its machines.
+    exact: bool = field(init=False, compare=False)
 
-    @property
-    def exact(self) -> bool:
-        """Tell whether every pattern is an exact value (so the selector names its machines)."""
-        return all(isinstance(pattern, Exact) for pattern in self.patterns)
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "exact", all(isinstance(pattern, Exact) for pattern in self.patterns))
 
     def matches(self, facts: Facts) -> bool:
         """Tell whether the machine has a value for this key that fits a pattern."""
@@ -131,6 +135,17 @@ class Setting:
     secret: bool = False
 
 
+@dataclass(frozen=True, slots=True)
+class Once:
+    """`once:`: answer each machine until it reports done, then let it fall through.
+
+    State is kept per (machine, rule name, label): a new label re-arms every machine.
+    """
+
+    label: str
+    expires: int  # seconds a token lives once issued (0: the server's default)
+
+
 # --------------------------------------------------------------------------- rules
 
 
@@ -143,6 +158,7 @@ class Rule:
     selectors: tuple[Selector, ...]
     action: Action
     settings: tuple[Setting, ...] = ()
+    once: Once | None = None
 
     def matches(self, facts: Facts) -> bool:
         """Tell whether every selector of this rule fits the machine (no selector: everyone)."""
