@@ -10,6 +10,7 @@ from werkzeug.exceptions import HTTPException
 from . import web
 from .logs import configure_logging
 from .metrics import Metrics
+from .once import OnceGate
 from .proxies import TrustedProxies
 from .reloader import Reloader
 from .settings import Settings
@@ -49,14 +50,17 @@ def create_app(
         metrics.rules_loaded.set(len(reloader.snapshot.ruleset))
         metrics.last_reload.set(reloader.snapshot.loaded_at.timestamp())
     reloader.start()
+    # Opened in the process that first needs it, and only if a rule has `once:`.
+    once = OnceGate(settings.state_location(), settings.once_expires, metrics)
     app.extensions["bootrules"] = reloader
     app.extensions["bootrules.metrics"] = metrics
+    app.extensions["bootrules.once"] = once
 
     app.add_url_rule("/healthz", "healthz", web.healthz)
     app.add_url_rule(web.METRICS_PATH, "metrics", web.metrics_view)
     app.register_error_handler(HTTPException, web.plain_http_error)
     app.register_error_handler(Exception, web.internal_error)
     # Outermost first: proxy headers are settled before /ipxe or Flask see the request.
-    boot = web.BootEndpoints(reloader, app.wsgi_app, metrics, base_url=settings.base_url)
+    boot = web.BootEndpoints(reloader, app.wsgi_app, metrics, base_url=settings.base_url, once=once)
     app.wsgi_app = TrustedProxies(boot, settings.trusted_proxies)  # type: ignore[method-assign]
     return app

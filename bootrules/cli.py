@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from datetime import datetime, timezone
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import click
 
@@ -13,6 +13,9 @@ from .lint import lint
 from .loader import RulesError, load_rules
 from .render import render_rule
 from .settings import SETTINGS, Settings, SettingsError, environment_help
+
+if TYPE_CHECKING:
+    from .state import Store
 
 DEFAULT_RULES = "rules.yaml"
 
@@ -128,15 +131,117 @@ def preview(rules_path: str, show_secrets: bool, explain: bool, **given: str | N
         raise SystemExit(1) from None
     except ValueError as error:
         raise click.ClickException(str(error)) from None
-    rule, script = Snapshot(ruleset=ruleset, loaded_at=datetime.now(timezone.utc)).decide(facts)
+    # A `once:` rule is shown as answering: whether this machine has reported done is in
+    # the state store, which the server reads.
+    placeholder = "http://BASE/done/TOKEN"
+    rule, script = Snapshot(ruleset=ruleset, loaded_at=datetime.now(timezone.utc)).decide(facts, lambda r: placeholder)
     if rule is not None and not show_secrets:
-        script = render_rule(rule, reveal_secrets=False)
+        script = render_rule(rule, reveal_secrets=False, done_url=placeholder if rule.once else None)
+    if rule is not None and rule.once is not None:
+        click.echo(f"# rule '{rule.name}' has once: {rule.once.label}: it answers until the machine reports done "
+                   "(python app.py machines shows which have)", err=True)
     if explain:
         for skipped, reason in matching.explain(ruleset.rules, facts):
             click.echo(f"# rule '{skipped.name}' (line {skipped.line}) did not match: {reason}", err=True)
     where = f"rule '{rule.name}' ({ruleset.source}:{rule.line}), action {rule.action_name}" if rule else "no rule matched (exit)"
     click.echo(f"# answered by {where}", err=True)
     click.echo(script, nl=False)
+
+
+def _state_store(rules: str | None, state: str | None) -> "Store":
+    from .state import open_store
+
+    try:
+        settings = Settings.load({"rules": rules, "state": state})
+    except SettingsError as error:
+        raise click.ClickException(str(error)) from None
+    return open_store(settings.state_location())
+
+
+STATE_OPTIONS = (
+    click.option("--rules", "rules", default=None, help="Rules file; the state file lies beside it [env BOOTRULES_RULES]."),
+    click.option("--state", "state", default=None,
+                 help="State: a SQLite file or a postgresql:// URL [env BOOTRULES_STATE]."),
+)
+
+
+def state_options(command: Callable[..., Any]) -> Callable[..., Any]:
+    for option in reversed(STATE_OPTIONS):
+        command = option(command)
+    return command
+
+
+@cli.command()
+@state_options
+@click.option("--json", "as_json", is_flag=True, help="One JSON object per line, for scripts.")
+def machines(rules: str | None, state: str | None, as_json: bool) -> None:
+    """List the state of machines of `once:` rules: armed (installing) or done.
+
+    Example:
+
+        python app.py machines --state /var/lib/bootrules/state.db
+    """
+    import json
+    import time as clock
+
+    from .state import StateError
+
+    try:
+        rows = _state_store(rules, state).rows()
+    except StateError as error:
+        raise click.ClickException(f"cannot read the state store: {error}") from None
+
+    def when(seconds: float | None) -> str:
+        return clock.strftime("%Y-%m-%dT%H:%M:%SZ", clock.gmtime(seconds)) if seconds else "-"
+
+    if as_json:
+        for row in rows:  # the token is a credential: never listed
+            click.echo(json.dumps({"machine": row.machine, "rule": row.rule, "label": row.label, "state": row.state,
+                                   "issued_at": when(row.issued_at), "expires_at": when(row.expires_at),
+                                   "done_at": when(row.done_at) if row.done_at else None, "done_from": row.done_from}))
+        return
+    click.echo(f"{'machine':<46} {'rule':<24} {'label':<20} {'state':<6} {'when':<20} from")
+    for row in rows:
+        moment = when(row.done_at) if row.state == "done" else when(row.issued_at)
+        click.echo(f"{row.machine:<46} {row.rule:<24} {row.label:<20} {row.state:<6} {moment:<20} "
+                   f"{row.done_from or '-'}")
+
+
+@cli.command()
+@state_options
+@click.option("--mac", help="The machine's MAC.")
+@click.option("--uuid", help="The machine's SMBIOS UUID.")
+@click.option("--rule", "rule", help="Only this rule (default: every rule).")
+def rearm(rules: str | None, state: str | None, mac: str | None, uuid: str | None, rule: str | None) -> None:
+    """Re-arm a machine: its next boot gets its `once:` rule again (to re-arm every machine of
+    a rule, change the rule's `once:` label instead).
+
+    Example:
+
+        python app.py rearm --mac 52:54:00:12:34:56 --rule install-debian
+    """
+    import logging
+
+    from .logs import configure_logging
+    from .state import StateError
+
+    if not mac and not uuid:
+        raise click.UsageError("give --mac or --uuid (or both)")
+    try:
+        names = ([f"mac:{values.normalize_mac(mac)}"] if mac else []) + (
+            [f"uuid:{values.normalize_uuid(uuid)}"] if uuid else [])
+    except ValueError as error:
+        raise click.ClickException(str(error)) from None
+    try:
+        forgotten = _state_store(rules, state).rearm(names, rule)
+    except StateError as error:
+        raise click.ClickException(f"cannot write the state store: {error}") from None
+    configure_logging()
+    logging.getLogger("bootrules").info("once: rearm machine=%s rule=%s: %d row(s) removed", " ".join(names),
+                                        rule or "(every rule)", forgotten)
+    logging.shutdown()
+    click.echo(f"re-armed {' '.join(names)} ({forgotten} row{'s' * (forgotten != 1)} removed): "
+               "its next boot is answered by its once: rules again")
 
 
 def main() -> None:

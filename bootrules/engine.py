@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from datetime import datetime
+from typing import Callable
 
 from .matching import Matcher
 from .model import Facts, Rule, RuleSet
@@ -18,21 +19,46 @@ class Snapshot:
     same text for the same rule, so requests share it without a lock.
     """
 
-    __slots__ = ("ruleset", "loaded_at", "matcher", "_scripts")
+    __slots__ = ("ruleset", "loaded_at", "matcher", "has_once", "_scripts", "_positions")
 
     def __init__(self, ruleset: RuleSet, loaded_at: datetime) -> None:
         self.ruleset = ruleset
         self.loaded_at = loaded_at
         self.matcher = Matcher(ruleset.rules)
+        self.has_once = any(rule.once is not None for rule in ruleset.rules)
         self._scripts: dict[int, str] = {}
+        self._positions: dict[int, int] | None = None
 
-    def decide(self, facts: Facts) -> tuple[Rule | None, str]:
-        """Return the rule that answers for `facts` (None: no rule) and the script to send."""
+    def decide(self, facts: Facts, once: Callable[[Rule], str | None] | None = None) -> tuple[Rule | None, str]:
+        """Return the rule that answers for `facts` (None: no rule) and the script to send.
+
+        `once(rule)` is asked for each matching `once:` rule: the URL the machine reports
+        done to, or None to let it fall through to the rules below. Without it, `once:`
+        rules are passed over.
+        """
         rule = self.matcher.first_match(facts)
         if rule is None:
             return None, NO_MATCH_SCRIPT
+        if rule.once is not None:
+            return self._decide_once(rule, facts, once)
+        return rule, self._script(rule)
+
+    def _decide_once(self, rule: Rule | None, facts: Facts,
+                     once: Callable[[Rule], str | None] | None) -> tuple[Rule | None, str]:
+        if self._positions is None:
+            self._positions = {id(each): position for position, each in enumerate(self.ruleset.rules)}
+        while rule is not None and rule.once is not None:
+            done_url = once(rule) if once is not None else None
+            if done_url is not None:
+                return rule, render_rule(rule, done_url=done_url)
+            rule = self.matcher.first_match_after(facts, self._positions[id(rule)])
+        if rule is None:
+            return None, NO_MATCH_SCRIPT
+        return rule, self._script(rule)
+
+    def _script(self, rule: Rule) -> str:
         key = id(rule)
         script = self._scripts.get(key)
         if script is None:  # rendered on first use; a race only renders the same text twice
             script = self._scripts[key] = render_rule(rule)
-        return rule, script
+        return script

@@ -39,16 +39,18 @@ class Warning:
 def lint(ruleset: RuleSet) -> list[Warning]:
     """Return the warnings for a rule set, in file order."""
     rules = ruleset.rules
-    matcher = Matcher(rules)
+    # A `once:` rule lets its machines through once they are done, so it shadows nothing.
+    matcher = Matcher([rule for rule in rules if rule.once is None])
     position = {id(rule): index for index, rule in enumerate(rules)}
     warnings: list[Warning] = []
     broad = _BroadRules()  # earlier rules with no exact selector at all
     for index, rule in enumerate(rules):
         found = _shadowed_by_broad(rule, broad.candidates(rule)) or _shadowed_by_exact(rule, index, matcher, position)
         warnings.extend(found)
-        if not found and not any(selector.exact for selector in rule.selectors):
+        if not found and rule.once is None and not any(selector.exact for selector in rule.selectors):
             # A shadowed rule is not filed: whatever it would cover, the rule covering it covers too.
             broad.add(rule)
+    warnings.extend(_once_without_fallthrough(rules))
     if all(rule.selectors for rule in rules):
         last = rules[-1].line if rules else 1
         warnings.append(Warning(last, "no catch-all rule at the end: a machine no rule matches is sent on with "
@@ -122,6 +124,21 @@ class _BroadRules:
                     mask = ((1 << length) - 1) << (total - length)
                     hits += by_network.get(bits & mask, ())
         return hits
+
+
+def _once_without_fallthrough(rules: tuple[Rule, ...]) -> list[Warning]:
+    """`once:` rules with no later rule that answers all their machines once they are done."""
+    found = []
+    for index, rule in enumerate(rules):
+        if rule.once is None:
+            continue
+        below = rules[index + 1:]
+        if any(all(_implied(selector, rule) for selector in later.selectors) for later in below):
+            continue
+        found.append(Warning(rule.line, f"rule '{rule.name}' has once: but no rule below it answers all its "
+                                        "machines once they report done (they would get the no-match `exit`); "
+                                        "add one below, e.g. a last rule without 'match:' with exit: true"))
+    return found
 
 
 def _describe(rule: Rule) -> str:

@@ -20,9 +20,10 @@ from typing import Iterator
 
 import yaml
 
-from .model import Action, Rule, RuleSet, Selector, Setting
+from .model import Action, Once, Rule, RuleSet, Selector, Setting
 from .rule_actions import ACTION_READERS
 from .rule_match import compile_pattern, read_match
+from .rule_once import read_once
 from .rule_settings import read_settings
 from .yaml_events import YAML_NULL, Composer
 from .yaml_nodes import NodeReader, RulesError, line_of, suggest
@@ -36,7 +37,7 @@ __all__ = ["RulesError", "load_rules", "parse_rules", "compile_pattern", "RULE_K
 
 MAX_FILE_BYTES = 64 * 1024 * 1024
 ACTION_KEYS = tuple(ACTION_READERS)
-RULE_KEYS = ("name", "match", "set", *ACTION_KEYS)
+RULE_KEYS = ("name", "match", "set", "once", *ACTION_KEYS)
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 _FILE_KINDS = {stat.S_IFIFO: "a FIFO", stat.S_IFSOCK: "a socket", stat.S_IFCHR: "a character device",
                stat.S_IFBLK: "a block device", stat.S_IFDIR: "a directory"}
@@ -192,12 +193,15 @@ class DocumentReader(NodeReader):
         problems_before = len(self.problems)
         selectors: tuple[Selector, ...] = ()
         settings: tuple[Setting, ...] = ()
+        once: Once | None = None
         actions: list[tuple[str, yaml.Node, Action | None]] = []
         for key, key_node, value_node in self.mapping(node, "rule", RULE_KEYS):
             if key == "match":
                 selectors = read_match(self, value_node)
             elif key == "set":
                 settings = read_settings(self, value_node)
+            elif key == "once":
+                once = read_once(self, value_node)
             elif key in ACTION_READERS:
                 actions.append((key, key_node, ACTION_READERS[key](self, value_node)))
         if not actions:
@@ -210,7 +214,7 @@ class DocumentReader(NodeReader):
             return None
         action = actions[0][2]
         assert action is not None
-        return Rule(name=name, line=line_of(node), selectors=selectors, action=action, settings=settings)
+        return Rule(name=name, line=line_of(node), selectors=selectors, action=action, settings=settings, once=once)
 
     def rule_identity(self, node: yaml.MappingNode, position: int, names: dict[str, int]) -> str | None:
         """Find and check the rule's name first, so every later message can carry it."""

@@ -156,6 +156,23 @@ class Matcher:
                     break
         return rules[best] if best < len(rules) else None
 
+    def first_match_after(self, facts: Facts, position: int) -> Rule | None:
+        """Return the first rule below `position` (file order) whose every selector fits `facts`.
+
+        For a `once:` rule that lets a machine fall through; kept apart from first_match so
+        that the common path pays nothing for it.
+        """
+        rules = self.rules
+        best = len(rules)
+        for positions in self.candidate_lists(facts):
+            for candidate in positions:
+                if candidate >= best:
+                    break
+                if candidate > position and rules[candidate].matches(facts):
+                    best = candidate
+                    break
+        return rules[best] if best < len(rules) else None
+
 
 def why_not(rule: Rule, facts: Facts) -> str | None:
     """Say which selector of `rule` the machine fails first, and why; None if it matches."""

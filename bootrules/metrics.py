@@ -46,6 +46,12 @@ class Metrics:
                                   multiprocess_mode="livemax")
         self.last_reload = Gauge("bootrules_last_reload_timestamp_seconds", "When the rules served were loaded",
                                  registry=registry, multiprocess_mode="livemax")
+        self.once_tokens_issued = Counter("bootrules_once_tokens_issued", "Tokens issued to machines of once: rules",
+                                          registry=registry)
+        self.once_callbacks = Counter("bootrules_once_callbacks", "POST /done/<token> callbacks, by outcome",
+                                      ["outcome"], registry=registry)
+        self.state_errors = Counter("bootrules_state_errors", "Reads or writes of the state store that failed",
+                                    registry=registry)
         self.latency = Histogram("bootrules_request_duration_seconds", "Time to answer a decision request",
                                  buckets=LATENCY_BUCKETS, registry=registry)
 

@@ -57,12 +57,19 @@ def render_no_match() -> str:
 SECRET_MASK = "********"
 
 
-def render_rule(rule: Rule, reveal_secrets: bool = True) -> str:
+DONE_SETTING = "bootrules-done"
+
+
+def render_rule(rule: Rule, reveal_secrets: bool = True, done_url: str | None = None) -> str:
     """Return the decision script for a machine that `rule` matched.
 
     reveal_secrets=False masks secret settings, for showing a script to a person.
+    `done_url` (a `once:` rule): set as ${bootrules-done} first, for the rule to pass on
+    to the installer, which POSTs to it when the machine is installed.
     """
     head = f"#!ipxe\n# bootrules: rule '{rule.name}' (line {rule.line})\n"
+    if done_url is not None:
+        head += f"set {DONE_SETTING} {done_url}\n"
     settings = "".join(_render_setting(setting, reveal_secrets) for setting in rule.settings)
     action = rule.action
     if isinstance(action, Exit):

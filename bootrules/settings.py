@@ -71,6 +71,32 @@ def choice(options: tuple[str, ...]) -> Callable[[str], str]:
     return parse
 
 
+_DURATION = re.compile(r"([0-9]{1,6})\s*([smhd])")
+_UNIT_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+MAX_DURATION = 366 * 86400
+
+
+def parse_duration(text: str) -> int:
+    """Seconds in a duration written like `90m`, `24h` or `7d` (1 minute to a year)."""
+    found = _DURATION.fullmatch(text.strip().lower())
+    if not found:
+        raise ValueError(f"{text!r} is not a duration (a number and s, m, h or d: 90m, 24h, 7d)")
+    seconds = int(found.group(1)) * _UNIT_SECONDS[found.group(2)]
+    if not 60 <= seconds <= MAX_DURATION:
+        raise ValueError(f"{text!r} is out of range (1 minute to 366 days)")
+    return seconds
+
+
+def parse_state(text: str) -> str | None:
+    """Where machine state is kept: a SQLite file path, or a postgresql:// URL."""
+    text = text.strip()
+    if not text:
+        return None
+    if "://" in text and not text.startswith(("postgresql://", "postgres://")):
+        raise ValueError(f"{text!r}: give a file path (SQLite) or a postgresql:// URL")
+    return text
+
+
 def nonempty(text: str) -> str:
     if not text.strip():
         raise ValueError("is empty")
@@ -151,6 +177,10 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("log_format", "--log-format", "`text` or `json`", "text", "`text`", choice(LOG_FORMATS)),
     Setting("poll_interval", "--poll-interval", "seconds between checks of the rules file (0: never)", 1.0, "`1`",
             seconds(0, 3600)),
+    Setting("state", "--state", "machine state for `once:` rules: a SQLite file, or a `postgresql://` URL", None,
+            "`bootrules-state.db` beside the rules file", parse_state),
+    Setting("once_expires", "--once-expires", "how long a `once:` token lives (a rule's `expires:` wins)", 86400,
+            "`24h`", parse_duration),
 )
 BY_NAME = {setting.name: setting for setting in SETTINGS}
 
@@ -169,6 +199,8 @@ class Settings:
     channel_timeout: int = 30
     log_format: str = "text"
     poll_interval: float = 1.0
+    state: str | None = None
+    once_expires: int = 86400
 
     @classmethod
     def load(cls, given: Mapping[str, Any] | None = None, environ: Mapping[str, str] | None = None) -> "Settings":
@@ -204,6 +236,10 @@ class Settings:
         if problems:
             raise SettingsError(problems)
         return cls(**values)
+
+    def state_location(self) -> str:
+        """Where machine state lives: as set, or `bootrules-state.db` beside the rules file."""
+        return self.state or os.path.join(os.path.dirname(os.path.abspath(self.rules)), "bootrules-state.db")
 
     def resolved_workers(self) -> int:
         """The number of worker processes: as set, or one per CPU core."""

@@ -27,6 +27,8 @@ from .clock import PerSecond
 from .engine import NO_MATCH_SCRIPT
 from .logs import log_decision
 from .metrics import Metrics
+from .model import Rule
+from .once import DONE_PATH, OnceGate
 from .proxies import WSGIApp
 from .reloader import Reloader
 from .render import render_entry
@@ -54,8 +56,10 @@ _PARAM_NAME = re.compile(r"[A-Za-z0-9_.-]{1,40}")
 class BootEndpoints:
     """The entry script and the decision, as bare WSGI; anything else goes to `fallback`."""
 
-    def __init__(self, reloader: Reloader, fallback: WSGIApp, metrics: Metrics, base_url: str | None = None) -> None:
+    def __init__(self, reloader: Reloader, fallback: WSGIApp, metrics: Metrics, base_url: str | None = None,
+                 once: OnceGate | None = None) -> None:
         self.reloader = reloader
+        self.once = once
         self.fallback = fallback
         self.metrics = metrics
         self.base_url = base_url
@@ -67,6 +71,8 @@ class BootEndpoints:
             answer = self.decide
         elif path in ENTRY_PATHS:
             answer = self.entry
+        elif path.startswith(DONE_PATH) and self.once is not None:
+            return self.done(environ, start_response)
         else:
             return self.fallback(environ, start_response)
         method = environ.get("REQUEST_METHOD")
@@ -111,7 +117,12 @@ class BootEndpoints:
         except ValueError:
             pass  # a unix socket or similar: no client address to match on
         snapshot = self.reloader.snapshot
-        rule, script = snapshot.decide(facts) if snapshot is not None else (None, NO_MATCH_SCRIPT)
+        if snapshot is None:
+            rule, script = None, NO_MATCH_SCRIPT
+        elif snapshot.has_once and self.once is not None:
+            rule, script = snapshot.decide(facts, self._once_answer(environ, facts, client))
+        else:
+            rule, script = snapshot.decide(facts)
         if rule is None:
             headers = [("X-Bootrules-Rule", "(none)"), ("X-Bootrules-Action", "exit")]
         else:
@@ -129,6 +140,39 @@ class BootEndpoints:
         log_decision(client, mac, rule_name, action)
         self.metrics.decided(rule_name, action, time.perf_counter() - started)
         return _respond(start_response, "200 OK", script, headers, method)
+
+
+    def _once_answer(self, environ: dict, facts: dict, client: str) -> Callable[[Rule], str | None]:
+        """For Snapshot.decide: the done URL for a `once:` rule that still answers this machine."""
+        assert self.once is not None
+        gate = self.once
+
+        def done_url(rule: Rule) -> str | None:
+            try:
+                base = self.base_url or request_url_root(environ)
+            except ValueError as error:
+                log.warning("once: rule %s skipped: no URL to report done to (%s; set --base-url)", rule.name, error)
+                return None
+            token = gate.token_for(rule, facts, client)
+            return None if token is None else f"{base}{DONE_PATH}{token}"
+
+        return done_url
+
+    def done(self, environ: dict, start_response: Callable[..., Any]) -> Iterable[bytes]:
+        """POST /done/<token>: the installed machine reports done. GET is refused, so a crawler
+        or a proxy's prefetch can never disarm a machine."""
+        assert self.once is not None
+        method = environ.get("REQUEST_METHOD")
+        if method != "POST":
+            return _respond(start_response, "405 Method Not Allowed", "405 Method Not Allowed: POST to report done\n",
+                            [("Allow", "POST")], method)
+        token = environ.get("PATH_INFO", "")[len(DONE_PATH):]
+        try:
+            outcome = self.once.redeem(token, environ.get("REMOTE_ADDR") or "-")
+        except Exception:  # never a traceback to the installer; the log has it
+            log.exception("unexpected error on the done callback")
+            return _respond(start_response, "500 Internal Server Error", INTERNAL_ERROR, (), method)
+        return _respond(start_response, outcome.status, outcome.message + "\n", (), method)
 
 
 def request_url_root(environ: dict) -> str:
@@ -192,6 +236,12 @@ def healthz() -> Response:
         "reload_error": error,
         "reload_error_at": error_at,
     }
+    once = current_app.extensions.get("bootrules.once")
+    in_use = snapshot is not None and snapshot.has_once
+    if once is not None and (once.last_error or in_use):
+        body["state"] = once.health(probe=in_use)
+        if once.last_error and body["status"] == "ok":
+            body["status"] = "degraded"
     response = current_app.json.response(body)
     response.status_code = 200 if snapshot else 503
     response.headers["Cache-Control"] = "no-store"

@@ -1,0 +1,354 @@
+"""Where `once:` state is kept: SQLite (one file, the default) or PostgreSQL (shared by servers).
+
+One row per (machine, rule, label): armed with a live token, or done. Both engines run the
+same SQL (SQLite 3.24+ has PostgreSQL's upsert); only placeholders and connecting differ.
+Every failure (unreachable, locked past LOCK_TIMEOUT, read-only, corrupt, made by a newer
+bootrules) is a StateError with a one-line reason; bootrules.once decides what that means.
+
+SQLite runs in WAL mode: readers never wait for the writer, and a process killed in the
+middle of a write leaves the last committed state intact. A token's issue is committed
+with synchronous=NORMAL (safe against a crash of the process; a power cut may lose the
+last ones, and their machine then simply gets a new token at its next boot); a `done` or
+a re-arm, which must survive anything once answered, with synchronous=FULL.
+"""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any, Iterable, Sequence
+
+SCHEMA_VERSION = 1
+LOCK_TIMEOUT = 2.0  # seconds a write waits for another before the store counts as failing
+
+_SCHEMA = (
+    "CREATE TABLE IF NOT EXISTS bootrules_meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)",
+    """CREATE TABLE IF NOT EXISTS bootrules_once (
+        machine TEXT NOT NULL,
+        rule TEXT NOT NULL,
+        label TEXT NOT NULL,
+        state TEXT NOT NULL,
+        token TEXT,
+        issued_at DOUBLE PRECISION NOT NULL,
+        expires_at DOUBLE PRECISION NOT NULL,
+        done_at DOUBLE PRECISION,
+        done_from TEXT,
+        identities TEXT NOT NULL,
+        PRIMARY KEY (machine, rule, label))""",
+    "CREATE UNIQUE INDEX IF NOT EXISTS bootrules_once_token ON bootrules_once (token)",
+)
+# Later releases add `version: [statements]` here; a store is migrated one step at a time.
+_MIGRATIONS: dict[int, Sequence[str]] = {}
+_COLUMNS = "machine, rule, label, state, token, issued_at, expires_at, done_at, done_from, identities"
+
+
+class StateError(Exception):
+    """The state store cannot be used right now; the message says why in one line."""
+
+
+@dataclass(frozen=True)
+class OnceRow:
+    """One machine's state for one rule and label."""
+
+    machine: str
+    rule: str
+    label: str
+    state: str  # "armed" or "done"
+    token: str | None
+    issued_at: float
+    expires_at: float
+    done_at: float | None
+    done_from: str | None
+    identities: tuple[str, ...]
+
+    @classmethod
+    def from_record(cls, record: Sequence[Any]) -> "OnceRow":
+        values = list(record)
+        values[9] = tuple(values[9].split())
+        return cls(*values)
+
+
+class Store:
+    """The operations `once:` needs, on one connection per process (made again after a fork)."""
+
+    kind = "store"
+    placeholder = "?"
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._connection: Any = None
+        self._pid = 0
+
+    # ------------------------------------------------------------ engine specifics
+
+    def _connect(self) -> Any:
+        raise NotImplementedError
+
+    def _durable(self, connection: Any, full: bool) -> None:
+        """Make the next commit as durable as asked (SQLite only)."""
+
+    def _errors(self) -> tuple[type[BaseException], ...]:
+        raise NotImplementedError
+
+    def _begin(self, cursor: Any) -> None:
+        cursor.execute("BEGIN")
+
+    # ------------------------------------------------------------ plumbing
+
+    def _sql(self, text: str) -> str:
+        return text.replace("?", self.placeholder)
+
+    def _run(self, work: Any, write: bool = False, full: bool = False) -> Any:
+        """Run `work(cursor)` in one transaction; any engine error becomes a StateError."""
+        with self._lock:
+            try:
+                if self._connection is None or self._pid != os.getpid():
+                    self._connection = self._connect()
+                    self._pid = os.getpid()
+                    self._ensure_schema()
+                connection = self._connection
+                if write:
+                    self._durable(connection, full)
+                cursor = connection.cursor()
+                try:
+                    self._begin(cursor) if write else None
+                    result = work(cursor)
+                    connection.commit()
+                    return result
+                except BaseException:
+                    try:
+                        connection.rollback()
+                    except Exception:  # noqa: BLE001 - the connection is dropped below anyway
+                        pass
+                    raise
+            except StateError:
+                self._drop()
+                raise
+            except self._errors() as error:
+                self._drop()
+                raise StateError(_one_line(error)) from None
+
+    def _drop(self) -> None:
+        if self._connection is not None:
+            try:
+                self._connection.close()
+            except Exception:  # noqa: BLE001
+                pass
+        self._connection = None
+
+    def _ensure_schema(self) -> None:
+        connection = self._connection
+        cursor = connection.cursor()
+        try:
+            self._begin(cursor)
+            for statement in _SCHEMA:
+                cursor.execute(statement)
+            cursor.execute(self._sql("SELECT value FROM bootrules_meta WHERE key = 'schema_version'"))
+            found = cursor.fetchone()
+            version = int(found[0]) if found else 0
+            if version > SCHEMA_VERSION:
+                raise StateError(f"the state store has schema version {version}, made by a newer bootrules "
+                                 f"(this one knows {SCHEMA_VERSION})")
+            for step in range(max(version, 1) + 1, SCHEMA_VERSION + 1):
+                for statement in _MIGRATIONS.get(step, ()):
+                    cursor.execute(statement)
+            if version != SCHEMA_VERSION:
+                cursor.execute(self._sql("INSERT INTO bootrules_meta (key, value) VALUES ('schema_version', ?) "
+                                         "ON CONFLICT (key) DO UPDATE SET value = excluded.value"),
+                               (str(SCHEMA_VERSION),))
+            connection.commit()
+        except BaseException:
+            try:
+                connection.rollback()
+            except Exception:  # noqa: BLE001
+                pass
+            raise
+
+    def close(self) -> None:
+        with self._lock:
+            self._drop()
+
+    # ------------------------------------------------------------ operations
+
+    def check(self) -> None:
+        """Open the store (creating or migrating its schema); raise StateError if it cannot be used."""
+        self._run(lambda cursor: cursor.execute("SELECT 1 FROM bootrules_once LIMIT 1"))
+
+    def arm(self, identities: Sequence[str], rule: str, label: str, token: str, now: float,
+            lifetime: float) -> tuple[bool, OnceRow | None, bool]:
+        """Look a machine up for (rule, label): (done, its armed row, whether `token` was issued now).
+
+        A machine done under any of its identities is done. Otherwise its live token is
+        kept; an expired or missing one is replaced by `token`, in the same transaction.
+        """
+        primary = identities[0]
+        marks = ", ".join("?" * len(identities))
+
+        def work(cursor: Any) -> tuple[bool, OnceRow | None, bool]:
+            cursor.execute(self._sql(f"SELECT {_COLUMNS} FROM bootrules_once WHERE rule = ? AND label = ? "
+                                     f"AND machine IN ({marks})"), (rule, label, *identities))
+            rows = [OnceRow.from_record(record) for record in cursor.fetchall()]
+            if any(row.state == "done" for row in rows):
+                return True, None, False
+            mine = next((row for row in rows if row.machine == primary), None)
+            if mine is not None and mine.token and mine.expires_at > now:
+                return False, mine, False
+            cursor.execute(self._sql(
+                f"INSERT INTO bootrules_once ({_COLUMNS}) VALUES (?, ?, ?, 'armed', ?, ?, ?, NULL, NULL, ?) "
+                "ON CONFLICT (machine, rule, label) DO UPDATE SET state = 'armed', token = excluded.token, "
+                "issued_at = excluded.issued_at, expires_at = excluded.expires_at, identities = excluded.identities"),
+                (primary, rule, label, token, now, now + lifetime, " ".join(identities)))
+            return False, OnceRow(primary, rule, label, "armed", token, now, now + lifetime, None, None,
+                                  tuple(identities)), True
+
+        # A read first, without the write lock: the common case (a live token, or done) writes nothing.
+        done, row = self._run(lambda cursor: self._peek(cursor, identities, rule, label, now))
+        if done or row is not None:
+            return done, row, False
+        return self._run(work, write=True)
+
+    def _peek(self, cursor: Any, identities: Sequence[str], rule: str, label: str,
+              now: float) -> tuple[bool, OnceRow | None]:
+        marks = ", ".join("?" * len(identities))
+        cursor.execute(self._sql(f"SELECT {_COLUMNS} FROM bootrules_once WHERE rule = ? AND label = ? "
+                                 f"AND machine IN ({marks})"), (rule, label, *identities))
+        rows = [OnceRow.from_record(record) for record in cursor.fetchall()]
+        if any(row.state == "done" for row in rows):
+            return True, None
+        mine = next((row for row in rows if row.machine == identities[0]), None)
+        if mine is not None and mine.token and mine.expires_at > now:
+            return False, mine
+        return False, None
+
+    def redeem(self, token: str, peer: str, now: float) -> tuple[str, OnceRow | None]:
+        """Mark done the machine `token` was issued to: ("done" | "already" | "expired" | "unknown", row)."""
+
+        def work(cursor: Any) -> tuple[str, OnceRow | None]:
+            cursor.execute(self._sql(f"SELECT {_COLUMNS} FROM bootrules_once WHERE token = ?"), (token,))
+            record = cursor.fetchone()
+            if record is None:
+                return "unknown", None
+            row = OnceRow.from_record(record)
+            if row.state == "done":
+                return "already", row
+            if row.expires_at <= now:
+                return "expired", row
+            cursor.execute(self._sql("UPDATE bootrules_once SET state = 'done', done_at = ?, done_from = ? "
+                                     "WHERE machine = ? AND rule = ? AND label = ?"),
+                           (now, peer, row.machine, row.rule, row.label))
+            for other in row.identities:  # the machine's other names (its UUID, its MAC) are done too
+                if other == row.machine:
+                    continue
+                cursor.execute(self._sql(
+                    f"INSERT INTO bootrules_once ({_COLUMNS}) VALUES (?, ?, ?, 'done', NULL, ?, ?, ?, ?, ?) "
+                    "ON CONFLICT (machine, rule, label) DO UPDATE SET state = 'done', token = NULL, "
+                    "done_at = excluded.done_at, done_from = excluded.done_from"),
+                    (other, row.rule, row.label, row.issued_at, row.expires_at, now, peer, " ".join(row.identities)))
+            return "done", row
+
+        return self._run(work, write=True, full=True)
+
+    def rearm(self, identities: Iterable[str], rule: str | None = None) -> int:
+        """Forget a machine's state (every rule, or one), under every name it was seen with:
+        its next boot is armed again."""
+        names = set(identities)
+
+        def work(cursor: Any) -> int:
+            query = "SELECT machine, rule, label, identities FROM bootrules_once"
+            cursor.execute(self._sql(query + (" WHERE rule = ?" if rule is not None else "")),
+                           (rule,) if rule is not None else ())
+            doomed = [(machine, rule_name, label) for machine, rule_name, label, known in cursor.fetchall()
+                      if names & ({machine} | set(known.split()))]
+            for key in doomed:
+                cursor.execute(self._sql("DELETE FROM bootrules_once WHERE machine = ? AND rule = ? AND label = ?"), key)
+            return len(doomed)
+
+        return self._run(work, write=True, full=True)
+
+    def rows(self, limit: int = 100000) -> list[OnceRow]:
+        """Every row, the most recent first."""
+
+        def work(cursor: Any) -> list[OnceRow]:
+            cursor.execute(self._sql(f"SELECT {_COLUMNS} FROM bootrules_once "
+                                     "ORDER BY COALESCE(done_at, issued_at) DESC, machine LIMIT ?"), (limit,))
+            return [OnceRow.from_record(record) for record in cursor.fetchall()]
+
+        return self._run(work)
+
+
+class SqliteStore(Store):
+    kind = "sqlite"
+
+    def __init__(self, path: str) -> None:
+        super().__init__()
+        self.path = path
+
+    def _errors(self) -> tuple[type[BaseException], ...]:
+        return (sqlite3.Error, OSError)
+
+    def _connect(self) -> sqlite3.Connection:
+        previous = os.umask(0o077)  # the file holds live tokens: owner only
+        try:
+            connection = sqlite3.connect(self.path, timeout=LOCK_TIMEOUT, isolation_level=None,
+                                         check_same_thread=False)
+        finally:
+            os.umask(previous)
+        try:
+            mode = connection.execute("PRAGMA journal_mode=WAL").fetchone()[0]
+            if mode.lower() != "wal":
+                raise StateError(f"{self.path}: cannot use write-ahead logging (journal mode {mode})")
+            connection.execute("PRAGMA synchronous=NORMAL")
+        except BaseException:
+            connection.close()
+            raise
+        return connection
+
+    def _durable(self, connection: sqlite3.Connection, full: bool) -> None:
+        connection.execute(f"PRAGMA synchronous={'FULL' if full else 'NORMAL'}")
+
+    def _begin(self, cursor: Any) -> None:
+        cursor.execute("BEGIN IMMEDIATE")  # take the write lock now, not half-way through
+
+
+class PostgresStore(Store):
+    kind = "postgresql"
+    placeholder = "%s"
+
+    def __init__(self, url: str) -> None:
+        super().__init__()
+        self.url = url
+        try:
+            import psycopg
+        except ImportError:
+            raise StateError("PostgreSQL state needs psycopg 3: pip install -r requirements-postgresql.txt") from None
+        self._psycopg = psycopg
+
+    def _errors(self) -> tuple[type[BaseException], ...]:
+        return (self._psycopg.Error, OSError)
+
+    def _connect(self) -> Any:
+        timeout_ms = int(LOCK_TIMEOUT * 1000)
+        return self._psycopg.connect(self.url, connect_timeout=max(1, int(LOCK_TIMEOUT)),
+                                     options=f"-c lock_timeout={timeout_ms} -c statement_timeout={timeout_ms}")
+
+    def _begin(self, cursor: Any) -> None:
+        pass  # psycopg opens a transaction with the first statement
+
+
+def open_store(location: str) -> Store:
+    """The store at `location`: a postgresql:// URL, or a SQLite file path."""
+    if location.startswith(("postgresql://", "postgres://")):
+        return PostgresStore(location)
+    return SqliteStore(location)
+
+
+def _one_line(error: BaseException) -> str:
+    text = " ".join(str(error).split()) or type(error).__name__
+    return text[:300]
+
+
+def now() -> float:
+    return time.time()

@@ -1,0 +1,261 @@
+"""`once:` rules: install once, report done with a token, then fall through (bootrules/once.py, state.py)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import sqlite3
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from app import cli, create_app
+from bootrules.loader import RulesError, parse_rules
+from bootrules.model import Once
+from conftest import ROOT
+
+MAC_A, MAC_B = "52:54:00:12:34:56", "52:54:00:12:34:57"
+UUID = "4c4c4544-0042-3510-8052-b4c04f4d4e31"
+ONCE_RULES = """
+rules:
+  - name: install-debian
+    match: {mac: ["52:54:00:12:34:56", "52:54:00:12:34:57", "52:54:00:99:99:99"]}
+    once: LABEL
+    boot:
+      kernel: http://mirror.example.com/debian/linux
+      args: auto=true bootrules.done=${bootrules-done}
+  - name: local-disk
+    exit: true
+"""
+DONE_LINE = re.compile(r"^set bootrules-done (http://[^/]+)/done/([A-Za-z0-9_-]+)$", re.M)
+
+
+def write(path: Path, label: str = "true") -> Path:
+    path.write_text(textwrap.dedent(ONCE_RULES).lstrip().replace("LABEL", label))
+    return path
+
+
+@pytest.fixture
+def lab(tmp_path):
+    """An app with a once: rule and its state in a SQLite file of the test's own."""
+    rules = write(tmp_path / "rules.yaml")
+    app = create_app(str(rules), poll_interval=0)
+    yield app, app.test_client(), rules, tmp_path / "bootrules-state.db"
+    app.extensions["bootrules"].stop()
+
+
+def ask(client, mac: str = MAC_A, uuid: str | None = None):
+    query = f"/ipxe?mac={mac}" + (f"&uuid={uuid}" if uuid else "")
+    response = client.get(query)
+    assert response.status_code == 200
+    found = DONE_LINE.search(response.get_data(as_text=True))
+    return response.headers["X-Bootrules-Rule"], (found.group(2) if found else None)
+
+
+def rows(state: Path) -> list[tuple]:
+    with sqlite3.connect(state) as db:
+        return db.execute("SELECT machine, rule, label, state FROM bootrules_once ORDER BY machine").fetchall()
+
+
+# --------------------------------------------------------------------------- rules.yaml
+
+
+@pytest.mark.parametrize("value, expected", [
+    ("true", Once("true", 0)), ("yes", Once("true", 0)), ("debian13-2026-11", Once("debian13-2026-11", 0)),
+    ("{label: v2, expires: 36h}", Once("v2", 129600)), ("{expires: 90m}", Once("true", 5400)),
+])
+def test_once_takes_true_a_label_or_a_label_with_an_expiry(value, expected):
+    ruleset = parse_rules(f"rules:\n  - name: a\n    once: {value}\n    exit: true\n")
+    assert ruleset.rules[0].once == expected
+
+
+@pytest.mark.parametrize("value, problem", [
+    ("false", "rules.yaml:3: rule 'a': 'once: false' does nothing; remove it (or give a label to re-arm)"),
+    ('"two words"', "rules.yaml:3: rule 'a': once: label 'two words' must be 1-64 letters, digits, '.', '_' or '-', "
+                    "starting with a letter or digit"),
+    ("{expires: 3y}", "rules.yaml:3: rule 'a': once expires: '3y' is not a duration (a number and s, m, h or d: 90m, 24h, 7d)"),
+    ("{expires: 10s}", "rules.yaml:3: rule 'a': once expires: '10s' is out of range (1 minute to 366 days)"),
+    ("{lable: x}", "rules.yaml:3: rule 'a': once: unknown key 'lable' (did you mean 'label'? expected one of: label, expires)"),
+])
+def test_a_wrong_once_is_reported_with_its_line(value, problem):
+    with pytest.raises(RulesError) as error:
+        parse_rules(f"rules:\n  - name: a\n    once: {value}\n    exit: true\n")
+    assert error.value.problems == (problem,)
+
+
+def test_check_warns_when_a_once_rule_has_nothing_below_to_fall_through_to(runner, tmp_path):
+    rules = tmp_path / "rules.yaml"
+    rules.write_text('rules:\n  - name: a\n    match: {mac: "52:54:00:*"}\n    once: v1\n    exit: true\n'
+                     '  - name: b\n    match: {mac: "52:54:00:12:*"}\n    exit: true\n')
+    result = runner.invoke(cli, ["check", str(rules)])
+    assert f"{rules}:2: warning: rule 'a' has once: but no rule below it answers all its machines" in result.output
+    assert "can never match" not in result.output  # a once: rule lets its machines through: it shadows nothing
+    assert runner.invoke(cli, ["check", str(write(rules))]).output.endswith("2 rules, no errors, 0 warnings\n")
+
+
+# --------------------------------------------------------------------------- the boot path and the callback
+
+
+def test_a_machine_installs_once_reports_done_and_then_boots_from_disk(lab):
+    app, client, _rules, state = lab
+    rule, token = ask(client)
+    assert rule == "install-debian" and len(token) >= 22  # at least 128 random bits
+    script = client.get(f"/ipxe?mac={MAC_A}").get_data(as_text=True)
+    assert script.splitlines()[2] == f"set bootrules-done http://localhost/done/{token}"
+    assert "bootrules.done=${bootrules-done}" in script
+    for _ in range(20):  # asking again while armed: the same live token, no new row
+        assert ask(client) == ("install-debian", token)
+    assert rows(state) == [(f"mac:{MAC_A}", "install-debian", "true", "armed")]
+
+    response = client.post(f"/done/{token}")
+    assert response.status_code == 200 and response.get_data(as_text=True).startswith("done: machine mac:")
+    assert ask(client) == ("local-disk", None)
+    again = client.post(f"/done/{token}")  # an installer that retries: still 200, nothing changes
+    assert again.status_code == 200 and again.get_data(as_text=True).startswith("already done")
+    assert rows(state) == [(f"mac:{MAC_A}", "install-debian", "true", "done")]
+
+
+def test_the_callback_refuses_get_unknown_malformed_and_expired_tokens(lab):
+    app, client, _rules, state = lab
+    _rule, token = ask(client)
+    assert client.get(f"/done/{token}").status_code == 405  # a crawler or a prefetch disarms nothing
+    assert client.get(f"/done/{token}").headers["Allow"] == "POST"
+    assert client.post("/done/" + "A" * 32).status_code == 404
+    assert client.post("/done/../../etc/passwd").status_code == 404
+    assert client.post("/done/x%0aset").status_code == 404
+    gate = app.extensions["bootrules.once"]
+    real_clock = gate.clock
+    gate.clock = lambda: real_clock() + 86400 + 1  # a day and a second later
+    expired = client.post(f"/done/{token}")
+    assert expired.status_code == 410 and "token expired at" in expired.get_data(as_text=True)
+    assert rows(state)[0][3] == "armed"  # nothing changed
+    _rule, fresh = ask(client)  # booting again gets a new token, which works
+    assert fresh != token and client.post(f"/done/{fresh}").status_code == 200
+
+
+def test_a_token_only_disarms_the_machine_it_was_issued_to(lab):
+    _app, client, _rules, state = lab
+    _rule, token_a = ask(client, MAC_A)
+    _rule, token_b = ask(client, MAC_B)
+    assert token_a != token_b
+    assert client.post(f"/done/{token_a}").status_code == 200
+    assert ask(client, MAC_A)[0] == "local-disk"
+    assert ask(client, MAC_B) == ("install-debian", token_b)
+
+
+def test_a_machine_with_two_nics_does_not_reinstall_through_the_other(lab):
+    """State hangs on the SMBIOS UUID when the machine sends one: it is the same on every NIC."""
+    _app, client, _rules, _state = lab
+    _rule, token = ask(client, MAC_A, UUID)
+    assert client.post(f"/done/{token}").status_code == 200
+    assert ask(client, MAC_B, UUID)[0] == "local-disk"  # the second NIC, same machine
+    assert ask(client, MAC_A)[0] == "local-disk"  # the first NIC, from firmware that sends no UUID
+
+
+def test_changing_the_label_re_arms_every_machine_of_the_rule(lab):
+    app, client, rules, state = lab
+    for mac in (MAC_A, MAC_B):
+        assert client.post(f"/done/{ask(client, mac)[1]}").status_code == 200
+        assert ask(client, mac)[0] == "local-disk"
+    write(rules, "debian13-2026-11")
+    assert app.extensions["bootrules"].reload()
+    assert ask(client, MAC_A)[0] == "install-debian" and ask(client, MAC_B)[0] == "install-debian"
+    write(rules, "true")  # back to the old label: those machines are done under it
+    assert app.extensions["bootrules"].reload()
+    assert ask(client, MAC_A)[0] == "local-disk"
+
+
+def test_rearm_and_machines_from_the_command_line(lab, runner):
+    _app, client, rules, state = lab
+    _rule, token = ask(client, MAC_A, UUID)
+    assert client.post(f"/done/{token}").status_code == 200
+    listed = runner.invoke(cli, ["machines", "--rules", str(rules)])
+    assert listed.exit_code == 0, listed.output
+    assert re.search(rf"^uuid:{UUID} +install-debian +true +done +\S+Z 127.0.0.1$", listed.output, re.M), listed.output
+    assert token not in listed.output
+    as_json = [json.loads(line) for line in runner.invoke(cli, ["machines", "--rules", str(rules), "--json"]).output.splitlines()]
+    assert {row["machine"] for row in as_json} == {f"uuid:{UUID}", f"mac:{MAC_A}"}
+    assert all(token not in json.dumps(row) for row in as_json)
+
+    result = runner.invoke(cli, ["rearm", "--rules", str(rules), "--mac", MAC_A.replace(":", "-"), "--rule", "install-debian"])
+    assert result.exit_code == 0 and "(2 rows removed)" in result.output, result.output
+    assert ask(client, MAC_A, UUID)[0] == "install-debian"
+    assert runner.invoke(cli, ["rearm", "--rules", str(rules)]).exit_code == 2  # neither --mac nor --uuid
+
+
+def test_tokens_never_appear_whole_in_logs_health_or_metrics(lab, caplog):
+    _app, client, _rules, _state = lab
+    with caplog.at_level(logging.INFO, logger="bootrules"):
+        _rule, token = ask(client)
+        client.post(f"/done/{token}")
+        client.post(f"/done/{token}")
+    text = "\n".join(record.getMessage() for record in caplog.records)
+    assert f"token={token[:6]}…" in text and token not in text
+    assert "once: armed machine=mac:52:54:00:12:34:56 rule=install-debian label=true" in text
+    assert "once: done machine=mac:52:54:00:12:34:56 rule=install-debian label=true" in text
+    assert token not in client.get("/healthz").get_data(as_text=True)
+    metrics = client.get("/metrics").get_data(as_text=True)
+    assert token not in metrics and 'bootrules_once_callbacks_total{outcome="done"} 1.0' in metrics
+
+
+def test_rules_without_once_never_touch_the_state_store(tmp_path):
+    """No once: rule: no state file is made (not even where one could be), and health has no state."""
+    rules = tmp_path / "rules.yaml"
+    rules.write_text((ROOT / "rules.yaml").read_text())
+    app = create_app(str(rules), poll_interval=0)
+    client = app.test_client()
+    for mac in ("00:11:22:33:44:56", "00:0c:29:12:34:56", "aa:bb:cc:dd:ee:ff"):
+        assert client.get(f"/ipxe?mac={mac}").status_code == 200
+    assert not (tmp_path / "bootrules-state.db").exists()
+    assert "state" not in client.get("/healthz").get_json()
+    app.extensions["bootrules"].stop()
+
+
+# --------------------------------------------------------------------------- failing safe
+
+
+def broken_state(kind: str, tmp_path: Path) -> str:
+    if kind == "unreachable":
+        (tmp_path / "not-a-dir").write_text("a file")
+        return str(tmp_path / "not-a-dir" / "state.db")
+    path = tmp_path / "state.db"
+    path.write_bytes(b"this is not a SQLite database, it was overwritten" * 100)
+    return str(path)
+
+
+@pytest.mark.parametrize("kind", ["unreachable", "corrupt"])
+def test_a_store_that_cannot_be_used_never_reinstalls_and_says_so(tmp_path, kind, caplog):
+    rules = write(tmp_path / "rules.yaml")
+    app = create_app(str(rules), poll_interval=0)
+    gate = app.extensions["bootrules.once"]
+    gate.location = broken_state(kind, tmp_path)
+    client = app.test_client()
+    with caplog.at_level(logging.INFO, logger="bootrules"):
+        assert ask(client) == ("local-disk", None)  # falls through, as if done
+    assert any("once: rule install-debian skipped for machine=mac:52:54:00:12:34:56: state store unavailable"
+               in record.getMessage() for record in caplog.records)
+    health = client.get("/healthz").get_json()
+    assert health["status"] == "degraded" and health["state"]["status"] == "error" and health["state"]["error"]
+    errors = re.search(r"^bootrules_state_errors_total (\S+)$", client.get("/metrics").get_data(as_text=True), re.M)
+    assert float(errors.group(1)) >= 1
+    callback = client.post("/done/" + "A" * 32)
+    assert callback.status_code == 503 and "try again" in callback.get_data(as_text=True)
+    app.extensions["bootrules"].stop()
+
+
+def test_a_store_locked_past_the_timeout_falls_through_and_the_callback_asks_to_retry(lab):
+    _app, client, _rules, state = lab
+    _rule, token = ask(client, MAC_A)
+    holder = sqlite3.connect(state, isolation_level=None)
+    holder.execute("BEGIN IMMEDIATE")  # another writer that does not let go
+    try:
+        assert ask(client, MAC_A) == ("install-debian", token)  # reads still work (WAL)
+        assert ask(client, MAC_B) == ("local-disk", None)  # a new machine would need a write: falls through
+        assert client.post(f"/done/{token}").status_code == 503
+    finally:
+        holder.execute("ROLLBACK")
+        holder.close()
+    assert client.post(f"/done/{token}").status_code == 200  # the installer's retry succeeds
+    assert client.get("/healthz").get_json()["status"] == "ok"

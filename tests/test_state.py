@@ -1,0 +1,150 @@
+"""The state store (bootrules/state.py): SQLite crash safety and schema, and PostgreSQL shared
+by two bootrules servers, on a real PostgreSQL the test starts itself (loopback only)."""
+
+from __future__ import annotations
+
+import glob
+import os
+import shutil
+import signal
+import sqlite3
+import subprocess
+import sys
+import tempfile
+import textwrap
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from conftest import ROOT, free_port, require_root, require_tool
+from support import BootrulesServer, http_get
+from test_once import DONE_LINE, MAC_A, MAC_B, write
+
+
+def test_a_crash_in_the_middle_of_writes_loses_nothing_committed(tmp_path):
+    """A process writing tokens and callbacks as fast as it can is killed with SIGKILL: every
+    callback it had acknowledged is there, and the file passes SQLite's integrity check."""
+    state = tmp_path / "state.db"
+    writer = textwrap.dedent(f"""
+        import sys, time
+        from bootrules.state import SqliteStore
+        store = SqliteStore({str(state)!r})
+        for n in range(1_000_000):
+            names = (f"mac:02:00:00:{{n >> 16 & 255:02x}}:{{n >> 8 & 255:02x}}:{{n & 255:02x}}",)
+            token = f"{{n:032d}}"
+            store.arm(names, "install", "v1", token, time.time(), 3600)
+            assert store.redeem(token, "10.0.0.1", time.time())[0] == "done"
+            print(n, flush=True)
+    """)
+    process = subprocess.Popen([sys.executable, "-c", writer], cwd=ROOT, stdout=subprocess.PIPE, text=True)
+    acknowledged = []
+    for line in process.stdout:
+        acknowledged.append(int(line))
+        if len(acknowledged) >= 300:
+            process.kill()
+            break
+    process.wait(timeout=10)
+    process.stdout.close()
+    with sqlite3.connect(state) as db:
+        assert db.execute("PRAGMA integrity_check").fetchone() == ("ok",)
+        done = {row[0] for row in db.execute("SELECT token FROM bootrules_once WHERE state = 'done'")}
+    assert {f"{n:032d}" for n in acknowledged} <= done
+
+
+def test_a_store_made_by_a_newer_bootrules_is_refused_not_rewritten(tmp_path):
+    from bootrules.state import SqliteStore, StateError
+
+    path = tmp_path / "state.db"
+    SqliteStore(str(path)).check()
+    with sqlite3.connect(path) as db:
+        db.execute("UPDATE bootrules_meta SET value = '99' WHERE key = 'schema_version'")
+    with pytest.raises(StateError, match="schema version 99, made by a newer bootrules"):
+        SqliteStore(str(path)).check()
+
+
+# --------------------------------------------------------------------------- PostgreSQL
+
+
+def pg_tool(name: str) -> str:
+    found = sorted(glob.glob(f"/usr/lib/postgresql/*/bin/{name}"))
+    return found[-1] if found else require_tool(name, "from Debian's postgresql package")
+
+
+@pytest.fixture(scope="module")
+def postgres():
+    """A PostgreSQL of the test's own: its own data directory, listening on 127.0.0.1 only."""
+    require_root("PostgreSQL runs as the postgres user")
+    initdb, pg_ctl = pg_tool("initdb"), pg_tool("pg_ctl")
+    work = Path(tempfile.mkdtemp(prefix="bootrules-pg-"))
+    work.chmod(0o755)
+    data, sockets = work / "data", work / "sockets"
+    sockets.mkdir()
+    shutil.chown(work, "postgres")
+    shutil.chown(sockets, "postgres")
+    port = free_port()
+    as_postgres = ["runuser", "-u", "postgres", "--"]
+    subprocess.run([*as_postgres, initdb, "-D", str(data), "-A", "trust", "-U", "postgres", "--no-sync"],
+                   check=True, capture_output=True)
+    options = f"-c listen_addresses=127.0.0.1 -p {port} -k {sockets} -c fsync=off"
+    subprocess.run([*as_postgres, pg_ctl, "-D", str(data), "-o", options, "-l", str(work / "log"), "-w", "start"],
+                   check=True, capture_output=True)
+    try:
+        import psycopg
+
+        with psycopg.connect(f"postgresql://postgres@127.0.0.1:{port}/postgres", autocommit=True) as db:
+            db.execute("CREATE DATABASE bootrules")
+            db.execute("CREATE DATABASE readonly")
+            db.execute("ALTER DATABASE readonly SET default_transaction_read_only = on")
+        yield f"postgresql://postgres@127.0.0.1:{port}"
+    finally:
+        stopped = subprocess.run([*as_postgres, pg_ctl, "-D", str(data), "-m", "fast", "-w", "stop"],
+                                 capture_output=True)
+        if stopped.returncode != 0 and (data / "postmaster.pid").exists():
+            os.kill(int((data / "postmaster.pid").read_text().split()[0]), signal.SIGKILL)
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def boot(server: BootrulesServer, mac: str) -> tuple[str, str | None]:
+    status, headers, body = http_get(f"{server.url}/ipxe?mac={mac}")
+    assert status == 200
+    found = DONE_LINE.search(body)
+    return headers["X-Bootrules-Rule"], (found.group(2) if found else None)
+
+
+def post(url: str) -> tuple[int, str]:
+    request = urllib.request.Request(url, data=b"", method="POST")
+    try:
+        with urllib.request.urlopen(request, timeout=10) as response:
+            return response.status, response.read().decode()
+    except urllib.error.HTTPError as error:
+        return error.code, error.read().decode()
+
+
+def test_two_servers_share_state_through_postgresql(postgres, tmp_path):
+    """Armed through server A, reported done through server B: A's next answer is the disk."""
+    rules = write(tmp_path / "rules.yaml")
+    url = postgres + "/bootrules"
+    with BootrulesServer(rules, free_port(), tmp_path / "a.log", args=("--state", url)) as a, \
+            BootrulesServer(rules, free_port(), tmp_path / "b.log", args=("--state", url)) as b:
+        rule, token = boot(a, MAC_A)
+        assert rule == "install-debian" and token
+        assert boot(a, MAC_A) == ("install-debian", token) == boot(b, MAC_A)  # one row, one live token
+        assert post(f"{b.url}/done/{token}")[0] == 200
+        assert boot(a, MAC_A) == ("local-disk", None)
+        assert boot(b, MAC_B)[0] == "install-debian"
+        assert "state" in http_get(a.url + "/healthz")[2] and '"store":"postgresql"' in http_get(a.url + "/healthz")[2].replace(" ", "")
+    assert postgres.split("@")[0] not in a.log()  # the URL (it may hold a password) is never logged
+
+
+@pytest.mark.parametrize("which", ["read-only", "unreachable"])
+def test_a_postgresql_that_cannot_be_written_never_reinstalls(postgres, tmp_path, which):
+    rules = write(tmp_path / "rules.yaml")
+    url = postgres + "/readonly" if which == "read-only" else f"postgresql://postgres@127.0.0.1:{free_port()}/x"
+    with BootrulesServer(rules, free_port(), tmp_path / "server.log", args=("--state", url)) as server:
+        assert boot(server, MAC_A) == ("local-disk", None)
+        status, body = post(f"{server.url}/done/{'A' * 32}")
+        assert status == 503 and "try again" in body
+        health = http_get(server.url + "/healthz")[2].replace(" ", "")
+        assert '"status":"degraded"' in health and '"store":"postgresql"' in health
+    assert "state store unavailable" in server.log()
