@@ -9,10 +9,13 @@ iPXE printed just before).
 
 from __future__ import annotations
 
+import re
 import shutil
+import signal
 import socket
 import textwrap
 import time
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -339,3 +342,47 @@ def test_the_contrib_pxelinux_entry_chainloads_ipxe_which_reaches_bootrules(lab,
     assert result.marker() == SAN_DISK, result.describe() + "\n" + server.log()
     assert "using undionly" in result.screen_text(), result.describe()  # pxelinux's iPXE, not the ROM
     assert lab.decisions() == ["after-pxelinux action=sanboot"]
+
+
+def test_a_once_rule_installs_then_boots_from_disk_until_its_label_changes(lab):
+    """Boot 1: the installer (the marker kernel) gets the done URL in its arguments; the test
+    POSTs it as an installer would. Boot 2: the local disk. A new label: boot 3 installs again."""
+    lab.files.files["/vmlinuz"] = marker_kernel(KERNEL, 0x12)
+    lab.files.files["/initrd.img"] = b"INITRD" * 10
+    rules = """
+        rules:
+          - name: install
+            match: {mac: "52:54:00:12:34:56"}
+            once: LABEL
+            boot:
+              kernel: FILES/vmlinuz
+              initrd: FILES/initrd.img
+              args: auto=true bootrules.done=${bootrules-done}
+          - name: local-disk
+            exit: true
+        """
+    server = lab.serve(rules.replace("LABEL", "debian13-2026-11"))
+    first = lab.boot()
+    found = re.fullmatch(rf"{KERNEL} initrd=0000003c cmdline=auto=true bootrules.done=(\S+)", first.marker() or "")
+    assert found, first.describe()
+    done_url = found.group(1)
+    assert done_url.startswith(f"http://{HOST_FROM_GUEST}:{server.port}/done/")
+    request = urllib.request.Request(done_url.replace(HOST_FROM_GUEST, "127.0.0.1"), data=b"", method="POST")
+    with urllib.request.urlopen(request, timeout=10) as response:
+        assert response.status == 200
+
+    second = lab.boot()
+    assert second.marker() == LOCAL_DISK, second.describe()
+
+    loaded = http_get(server.url + "/healthz")[2]
+    time.sleep(1.1)  # loaded_at has a resolution of one second
+    lab.write_rules(rules.replace("LABEL", "debian13-2026-12"))
+    server.signal(signal.SIGHUP)
+    deadline = time.monotonic() + 5
+    while http_get(server.url + "/healthz")[2] == loaded:
+        assert time.monotonic() < deadline, server.log()
+        time.sleep(0.1)
+    third = lab.boot()
+    again = re.fullmatch(rf"{KERNEL} initrd=0000003c cmdline=auto=true bootrules.done=(\S+)", third.marker() or "")
+    assert again and again.group(1) != done_url, third.describe()
+    assert lab.decisions(expected=3) == ["install action=boot", "local-disk action=exit", "install action=boot"]
