@@ -91,8 +91,8 @@ def parse_rules(data: bytes | str, source: str = "rules.yaml") -> RuleSet:
             line = data[: error.start].count(b"\n") + 1
             raise RulesError([f"{source}:{line}: not UTF-8 text"]) from None
     reader = DocumentReader(source)
-    # Pausing the cyclic GC matters: with it running, a 100,000-rule file took about
-    # four times longer, because every collection walks all the objects made so far.
+    # Pausing the cyclic GC matters for large files: every collection walks all the
+    # objects made so far, so loading would grow with the square of the rules.
     gc_was_enabled = gc.isenabled()
     gc.disable()
     try:

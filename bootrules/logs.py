@@ -1,11 +1,11 @@
 """Logging set-up: one line per decision, cheap enough for a boot storm.
 
-Python's stderr is line-buffered, so each log line is a write(2). At ten thousand
-decisions a second that, with formatting the timestamp, cost more than the decision itself
-(17% of the throughput, measured with the benchmark). Here lines are written in batches:
-at the latest half a second later, and at once for warnings and errors.
+Python's stderr is line-buffered, so each log line is a write(2); in a boot storm that,
+with formatting the timestamp, cost more than the decision itself (README, performance).
+Here lines are written in batches: at the latest half a second later, and at once for
+warnings and errors.
 
-Even batched, a LogRecord per decision cost a quarter of a decision's time. So
+Even batched, a LogRecord per decision cost a good part of a decision's time. So
 `log_decision` hands the four fields straight to the batching handler, which formats them
 when it writes, exactly as the formatter would format the record. It does so only while
 that handler is the sole listener; otherwise (a host program's logging, pytest's caplog)

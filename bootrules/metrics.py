@@ -95,17 +95,13 @@ class DecisionCounts:
 
     A prometheus_client Counter makes a child object per label pair, and with several
     workers the child also finds its place in the process's value file. In a boot storm on
-    100,000 one-per-MAC rules nearly every decision is some rule's first, and those children
-    were 8% of a worker's time (py-spy). Here a count is an entry in a dict: a rule's first
-    decision (count and latency) went from 24.7 to 6.1 µs, later ones stay at about 4 µs,
-    and a worker's CPU time per storm request from 158-171 to 141-153 µs (interleaved runs,
-    10,000 new machines, 100k rules).
+    one-per-MAC rules nearly every decision is some rule's first, and making those children
+    was a noticeable share of a worker's time. Here a count is an entry in a dict.
 
     With several workers each count is also written to this process's file of decisions
     in PROMETHEUS_MULTIPROC_DIR (prometheus_client's MmapedDict, keyed by the JSON of
-    [rule, action]), and a scrape adds the files up by key. Once 100,000 rules had each
-    answered, a scrape took 1.6-1.9 s while prometheus_client's own collector read these
-    counts, and takes 0.70-0.74 s now (curl, 2 workers).
+    [rule, action]), and a scrape adds the files up by key, which is faster than
+    prometheus_client's own collector at one series per rule (README, performance).
     """
 
     NAME = "bootrules_decisions"

@@ -34,8 +34,8 @@ class Glob:
     """A shell-style pattern (`*`, `?`, `[...]`), compiled once at load time."""
 
     text: str
-    # None for the common `literal*` form, which is a prefix test (no regex to compile:
-    # 30,000 of them took seconds to load).
+    # None for the common `literal*` form, which is a prefix test (no regex to compile,
+    # which was most of the time loading a file of many globs took).
     regex: re.Pattern[str] | None = field(compare=False)
     # Literal text before the first wildcard, in the form facts are stored in; the
     # matcher uses it to find candidate rules without trying every glob.

@@ -257,7 +257,6 @@ class LoopServer:
 
     def run(self) -> None:
         """Serve until asked to stop, then drain: answer what comes, close what is quiet."""
-        channels = self.channels
         dispatcher = self.dispatcher
         deadline: float | None = None
         try:

@@ -2,11 +2,9 @@
 
 GET /boot.ipxe and GET /ipxe, the two requests every booting machine makes, are answered
 by `BootEndpoints`, a bare WSGI callable in front of Flask. Flask's per-request machinery
-(request context, URL map, Response object) cost more than all of bootrules' own work:
-an entry script took 50 µs through Flask and a decision about 20 µs without it, and with
-Flask two workers served 6,300 decisions a second where waitress alone manages about
-15,000 (README, performance). Everything else (/healthz, /metrics, errors) goes through
-Flask as usual.
+(request context, URL map, Response object) cost more than all of bootrules' own work
+(README, performance). Everything else (/healthz, /metrics, /done, errors) goes through
+Flask or small handlers here.
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """Compose YAML nodes from libyaml's event stream one piece at a time.
 
-yaml.compose builds the node tree of a whole document first: for a 100,000-rule file that
-peaks near 400 MB, which the process then keeps. Reading events and composing one rule at
+yaml.compose builds the node tree of a whole document first: for a large rule file that
+is several times the memory of the rules themselves, which the process then keeps. Reading events and composing one rule at
 a time keeps only the rule at hand, with the same nodes (and their line numbers).
 """
 

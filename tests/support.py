@@ -24,6 +24,18 @@ def http_get(url: str, timeout: float = 5.0) -> tuple[int, dict[str, str], str]:
         return error.code, dict(error.headers), error.read().decode()
 
 
+def first_answer(url: str, timeout: float = 15.0) -> tuple[int, dict[str, str], str]:
+    """GET `url` until a server started in the background answers it (or `timeout` passes)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            return http_get(url, timeout=1)
+        except OSError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.1)
+
+
 @dataclass
 class BootrulesServer:
     """`python app.py serve` in a child process, logging to a file the test can read."""

@@ -6,8 +6,8 @@ import subprocess
 import sys
 import time
 
-from conftest import free_port, wait_until
-from support import ROOT, http_get
+from conftest import free_port
+from support import ROOT, first_answer, http_get
 
 
 def test_waitress_serve_call_uses_create_app_with_environment_settings(rules_path, tmp_path):
@@ -42,13 +42,7 @@ def test_flask_run_serves_the_app_from_the_factory(rules_path, tmp_path):
         process = subprocess.Popen([sys.executable, "-m", "flask", "--app", "app", "run", "--port", str(port)],
                                    cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
         try:
-            def answer():
-                try:
-                    return http_get(f"http://127.0.0.1:{port}/ipxe?mac=00:12:34:56:78:90", timeout=1)
-                except OSError:
-                    return None
-
-            status, headers, body = wait_until(answer, timeout=15, interval=0.1)
+            status, headers, body = first_answer(f"http://127.0.0.1:{port}/ipxe?mac=00:12:34:56:78:90")
             assert status == 200 and headers["X-Bootrules-Rule"] == "lab-rescue"
             assert body.startswith("#!ipxe\n")
         finally:

@@ -112,7 +112,7 @@ BAD_DOCUMENTS = [
             chian: http://x/
         """,
         [
-            "rules.yaml:4: rule 'lab': rule: unknown key 'chian' (did you mean 'chain'? expected one of: name, match, set, chain, sanboot, boot, exit)",
+            "rules.yaml:4: rule 'lab': rule: unknown key 'chian' (did you mean 'chain'? expected one of: name, match, set, once, chain, sanboot, boot, exit)",
             "rules.yaml:2: rule 'lab': no action (expected exactly one of: chain, sanboot, boot, exit)",
         ],
         id="unknown-rule-key-and-no-action",

@@ -11,8 +11,8 @@ import sys
 import threading
 import time
 
-from conftest import free_port, wait_until
-from support import ROOT, BootrulesServer, http_get
+from conftest import free_port
+from support import ROOT, BootrulesServer, first_answer, http_get
 
 
 @contextlib.contextmanager
@@ -144,13 +144,7 @@ def test_a_waitress_without_the_internals_used_gets_the_stock_server_which_serve
     with open(tmp_path / "server.log", "wb") as log:
         process = subprocess.Popen(command, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
         try:
-            def answer():
-                try:
-                    return http_get(f"http://127.0.0.1:{port}/ipxe?mac=00:12:34:56:78:90", timeout=1)
-                except OSError:
-                    return None
-
-            status, headers, body = wait_until(answer, timeout=15, interval=0.1)
+            status, headers, body = first_answer(f"http://127.0.0.1:{port}/ipxe?mac=00:12:34:56:78:90")
             assert status == 200 and headers["X-Bootrules-Rule"] == "lab-rescue" and body.startswith("#!ipxe\n")
             assert http_get(f"http://127.0.0.1:{port}/healthz")[0] == 200
             process.send_signal(signal.SIGTERM)
