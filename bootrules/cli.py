@@ -148,14 +148,22 @@ def preview(rules_path: str, show_secrets: bool, explain: bool, **given: str | N
     click.echo(script, nl=False)
 
 
-def _state_store(rules: str | None, state: str | None) -> "Store":
+def _state_store(rules: str | None, state: str | None) -> "Store | None":
+    """The state store the server uses; None if it is a SQLite file that does not exist yet
+    (a command that only looks must not create it)."""
+    import os
+
     from .state import open_store
 
     try:
         settings = Settings.load({"rules": rules, "state": state})
     except SettingsError as error:
         raise click.ClickException(str(error)) from None
-    return open_store(settings.state_location())
+    location = settings.state_location()
+    if "://" not in location and not os.path.exists(location):
+        click.echo(f"{location}: no state yet (no machine of a once: rule has booted)", err=True)
+        return None
+    return open_store(location)
 
 
 STATE_OPTIONS = (
@@ -186,8 +194,11 @@ def machines(rules: str | None, state: str | None, as_json: bool) -> None:
 
     from .state import StateError
 
+    store = _state_store(rules, state)
+    if store is None:
+        return
     try:
-        rows = _state_store(rules, state).rows()
+        rows = store.rows()
     except StateError as error:
         raise click.ClickException(f"cannot read the state store: {error}") from None
 
@@ -232,8 +243,11 @@ def rearm(rules: str | None, state: str | None, mac: str | None, uuid: str | Non
             [f"uuid:{values.normalize_uuid(uuid)}"] if uuid else [])
     except ValueError as error:
         raise click.ClickException(str(error)) from None
+    store = _state_store(rules, state)
+    if store is None:
+        return
     try:
-        forgotten = _state_store(rules, state).rearm(names, rule)
+        forgotten = store.rearm(names, rule)
     except StateError as error:
         raise click.ClickException(f"cannot write the state store: {error}") from None
     configure_logging()

@@ -129,8 +129,10 @@ class _BroadRules:
 def _once_without_fallthrough(rules: tuple[Rule, ...]) -> list[Warning]:
     """`once:` rules with no later rule that answers all their machines once they are done."""
     found = []
+    # A catch-all below answers every machine: the common case, found without a scan.
+    last_catch_all = max((index for index, rule in enumerate(rules) if not rule.selectors), default=-1)
     for index, rule in enumerate(rules):
-        if rule.once is None:
+        if rule.once is None or index < last_catch_all:
             continue
         below = rules[index + 1:]
         if any(all(_implied(selector, rule) for selector in later.selectors) for later in below):

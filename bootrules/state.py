@@ -23,6 +23,7 @@ from typing import Any, Iterable, Sequence
 
 SCHEMA_VERSION = 1
 LOCK_TIMEOUT = 2.0  # seconds a write waits for another before the store counts as failing
+CHECKPOINT_EVERY = 2.0  # seconds between two copies of SQLite's WAL into the database
 
 _SCHEMA = (
     "CREATE TABLE IF NOT EXISTS bootrules_meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)",
@@ -38,8 +39,9 @@ _SCHEMA = (
         done_from TEXT,
         identities TEXT NOT NULL,
         PRIMARY KEY (machine, rule, label))""",
-    "CREATE UNIQUE INDEX IF NOT EXISTS bootrules_once_token ON bootrules_once (token)",
 )
+# No index on `token`: it would be one more page written for every machine a boot storm
+# arms, and a token is looked up only when an installer reports done (a scan, rare).
 # Later releases add `version: [statements]` here; a store is migrated one step at a time.
 _MIGRATIONS: dict[int, Sequence[str]] = {}
 _COLUMNS = "machine, rule, label, state, token, issued_at, expires_at, done_at, done_from, identities"
@@ -101,8 +103,23 @@ class Store:
     def _sql(self, text: str) -> str:
         return text.replace("?", self.placeholder)
 
+    def _retryable(self, error: BaseException) -> bool:
+        """Whether `error` only says another connection is busy (worth trying again at once)."""
+        return False
+
     def _run(self, work: Any, write: bool = False, full: bool = False) -> Any:
         """Run `work(cursor)` in one transaction; any engine error becomes a StateError."""
+        deadline = time.monotonic() + LOCK_TIMEOUT
+        while True:
+            try:
+                return self._run_once(work, write, full)
+            except StateError as error:
+                cause = error.__context__
+                if cause is None or not self._retryable(cause) or time.monotonic() >= deadline:
+                    raise
+                time.sleep(0.00005)
+
+    def _run_once(self, work: Any, write: bool, full: bool) -> Any:
         with self._lock:
             try:
                 if self._connection is None or self._pid != os.getpid():
@@ -128,8 +145,9 @@ class Store:
                 self._drop()
                 raise
             except self._errors() as error:
-                self._drop()
-                raise StateError(_one_line(error)) from None
+                if not self._retryable(error):
+                    self._drop()
+                raise StateError(_one_line(error))  # the engine's error stays as the context
 
     def _drop(self) -> None:
         if self._connection is not None:
@@ -285,6 +303,8 @@ class SqliteStore(Store):
     def __init__(self, path: str) -> None:
         super().__init__()
         self.path = path
+        self._full = False  # the connection's synchronous mode: NORMAL until a FULL commit
+        self._checkpointer_pid = 0
 
     def _errors(self) -> tuple[type[BaseException], ...]:
         return (sqlite3.Error, OSError)
@@ -292,8 +312,11 @@ class SqliteStore(Store):
     def _connect(self) -> sqlite3.Connection:
         previous = os.umask(0o077)  # the file holds live tokens: owner only
         try:
-            connection = sqlite3.connect(self.path, timeout=LOCK_TIMEOUT, isolation_level=None,
-                                         check_same_thread=False)
+            # timeout=0: a busy database raises at once and _begin retries every 50 µs.
+            # SQLite's own busy handler sleeps 1, 2, 5, 10… ms, and it sleeps on the
+            # worker's only loop thread: in a boot storm on a `once:` rule, two workers
+            # writing at once made every machine on the loser wait milliseconds.
+            connection = sqlite3.connect(self.path, timeout=0, isolation_level=None, check_same_thread=False)
         finally:
             os.umask(previous)
         try:
@@ -301,16 +324,56 @@ class SqliteStore(Store):
             if mode.lower() != "wal":
                 raise StateError(f"{self.path}: cannot use write-ahead logging (journal mode {mode})")
             connection.execute("PRAGMA synchronous=NORMAL")
+            # SQLite checkpoints the WAL into the database in the commit that crosses 1000
+            # pages, fsync included, on the worker's loop thread: a stall for every few
+            # hundred machines a storm arms. A thread of this process does it instead.
+            connection.execute("PRAGMA wal_autocheckpoint=0")
+            self._full = False
+            self._start_checkpoints()
         except BaseException:
             connection.close()
             raise
         return connection
 
+    def _start_checkpoints(self) -> None:
+        if self._checkpointer_pid == os.getpid():
+            return
+        self._checkpointer_pid = os.getpid()
+        threading.Thread(target=self._checkpoint_now_and_then, args=(os.getpid(),), daemon=True,
+                         name="bootrules-state-checkpoint").start()
+
+    def _checkpoint_now_and_then(self, pid: int) -> None:
+        """Copy the WAL into the database every CHECKPOINT_EVERY seconds, without blocking anyone."""
+        while os.getpid() == pid:
+            time.sleep(CHECKPOINT_EVERY)
+            try:
+                with sqlite3.connect(self.path, timeout=LOCK_TIMEOUT) as connection:
+                    connection.execute("PRAGMA wal_checkpoint(PASSIVE)")
+                connection.close()
+            except sqlite3.Error:
+                pass  # the next round tries again; a failing store shows on the boot path
+
+    def _retryable(self, error: BaseException) -> bool:
+        return isinstance(error, sqlite3.OperationalError) and ("locked" in str(error) or "busy" in str(error))
+
     def _durable(self, connection: sqlite3.Connection, full: bool) -> None:
-        connection.execute(f"PRAGMA synchronous={'FULL' if full else 'NORMAL'}")
+        if full != self._full:
+            connection.execute(f"PRAGMA synchronous={'FULL' if full else 'NORMAL'}")
+            self._full = full
 
     def _begin(self, cursor: Any) -> None:
-        cursor.execute("BEGIN IMMEDIATE")  # take the write lock now, not half-way through
+        # Take the write lock now, not half-way through; wait for another writer by retrying.
+        deadline = time.monotonic() + LOCK_TIMEOUT
+        while True:
+            try:
+                cursor.execute("BEGIN IMMEDIATE")
+                return
+            except sqlite3.OperationalError as error:
+                if "locked" not in str(error) and "busy" not in str(error):
+                    raise
+                if time.monotonic() >= deadline:
+                    raise StateError(f"{self.path}: still locked by another writer after {LOCK_TIMEOUT:g} s") from None
+                time.sleep(0.00005)
 
 
 class PostgresStore(Store):

@@ -259,3 +259,25 @@ def test_a_store_locked_past_the_timeout_falls_through_and_the_callback_asks_to_
         holder.close()
     assert client.post(f"/done/{token}").status_code == 200  # the installer's retry succeeds
     assert client.get("/healthz").get_json()["status"] == "ok"
+
+
+def test_machines_and_rearm_do_not_create_a_state_file(runner, tmp_path):
+    rules = write(tmp_path / "rules.yaml")
+    result = runner.invoke(cli, ["machines", "--rules", str(rules)])
+    assert result.exit_code == 0 and "no state yet" in result.output
+    assert runner.invoke(cli, ["rearm", "--rules", str(rules), "--mac", MAC_A]).exit_code == 0
+    assert not (tmp_path / "bootrules-state.db").exists()
+
+
+def test_check_stays_linear_with_many_once_rules(monkeypatch):
+    """5,000 one-per-MAC once: rules above a catch-all: the fall-through check compares nothing."""
+    from bootrules import lint as lint_module
+
+    text = "rules:\n" + "".join(
+        f'  - name: m{n}\n    match: {{mac: "02:00:00:00:{n >> 8:02x}:{n & 255:02x}"}}\n    once: v1\n    exit: true\n'
+        for n in range(5000)) + "  - name: rest\n    exit: true\n"
+    compared = []
+    implied = lint_module._implied
+    monkeypatch.setattr(lint_module, "_implied", lambda selector, rule: compared.append(1) or implied(selector, rule))
+    assert lint_module.lint(parse_rules(text)) == []
+    assert len(compared) < 5000
