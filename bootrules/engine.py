@@ -7,7 +7,7 @@ from typing import Callable
 
 from .matching import Matcher
 from .model import Facts, Rule, RuleSet
-from .render import render_no_match, render_rule
+from .render import DONE_SETTING, render_no_match, render_rule
 
 NO_MATCH_SCRIPT = render_no_match()
 
@@ -50,7 +50,11 @@ class Snapshot:
         while rule is not None and rule.once is not None:
             done_url = once(rule) if once is not None else None
             if done_url is not None:
-                return rule, render_rule(rule, done_url=done_url)
+                # The rule's script with the done URL set after its two header lines (as
+                # render_rule(rule, done_url=…) writes it), without rendering it again.
+                script = self._script(rule)
+                cut = script.index("\n", script.index("\n") + 1) + 1
+                return rule, f"{script[:cut]}set {DONE_SETTING} {done_url}\n{script[cut:]}"
             rule = self.matcher.first_match_after(facts, self._positions[id(rule)])
         if rule is None:
             return None, NO_MATCH_SCRIPT

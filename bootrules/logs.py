@@ -6,8 +6,9 @@ Here lines are written in batches: at the latest half a second later, and at onc
 warnings and errors.
 
 Even batched, a LogRecord per decision cost a good part of a decision's time. So
-`log_decision` hands the four fields straight to the batching handler, which formats them
-when it writes, exactly as the formatter would format the record. It does so only while
+`log_decision` (and `log_fields`, for other lines a storm makes) hands the fields straight
+to the batching handler, which formats them when it writes, exactly as the formatter would
+format the record. It does so only while
 that handler is the sole listener; otherwise (a host program's logging, pytest's caplog)
 it logs an ordinary record.
 """
@@ -49,9 +50,9 @@ class SecondCachingFormatter(logging.Formatter):
     def _time(self, created: float, msecs: float) -> str:
         return f"{self._stamp(created)},{int(msecs):03d}"
 
-    def format_decision(self, created: float, fields: tuple[str, str, str, str]) -> str:
-        """The line `format` makes of a decision record created at `created` (TEXT_FORMAT)."""
-        return f"{self._time(created, _msecs(created))} INFO {LOGGER_NAME}: {DECISION_MESSAGE % fields}"
+    def format_queued(self, created: float, message: str, fields: tuple[str, ...], names: tuple[str, ...]) -> str:
+        """The line `format` makes of an INFO record of `message % fields` created at `created`."""
+        return f"{self._time(created, _msecs(created))} INFO {LOGGER_NAME}: {message % fields}"
 
 
 class JsonFormatter(logging.Formatter):
@@ -64,17 +65,17 @@ class JsonFormatter(logging.Formatter):
             "logger": record.name,
             "message": record.getMessage(),
         }
-        for name in DECISION_FIELDS:
+        for name in getattr(record, "field_names", DECISION_FIELDS):
             if hasattr(record, name):
                 entry[name] = getattr(record, name)
         if record.exc_info:
             entry["exception"] = self.formatException(record.exc_info)
         return json.dumps(entry, ensure_ascii=False)
 
-    def format_decision(self, created: float, fields: tuple[str, str, str, str]) -> str:
-        """The line `format` makes of a decision record created at `created`."""
+    def format_queued(self, created: float, message: str, fields: tuple[str, ...], names: tuple[str, ...]) -> str:
+        """The line `format` makes of an INFO record of `message % fields`, with `names` as its fields."""
         entry = {"time": _utc_time(created, _msecs(created)), "level": "INFO", "logger": LOGGER_NAME,
-                 "message": DECISION_MESSAGE % fields, **dict(zip(DECISION_FIELDS, fields))}
+                 "message": message % fields, **dict(zip(names, fields))}
         return json.dumps(entry, ensure_ascii=False)
 
 
@@ -96,7 +97,8 @@ class BatchingHandler(logging.StreamHandler):
 
     def __init__(self, stream: io.TextIOBase, interval: float = FLUSH_INTERVAL) -> None:
         super().__init__(stream)
-        self.decisions: collections.deque[tuple[float, tuple[str, str, str, str]]] = collections.deque()
+        # (created, message, fields, field names): decisions and other frequent INFO lines.
+        self.queued: collections.deque[tuple[float, str, tuple[str, ...], tuple[str, ...]]] = collections.deque()
         self._interval = interval
         self._start_timer()
         # Workers are forked: flush first so no line is written twice, and give each
@@ -112,28 +114,27 @@ class BatchingHandler(logging.StreamHandler):
         except (OSError, ValueError):
             pass
 
-    def _write_decisions(self) -> None:
-        """Write the queued decisions (the caller holds the handler's lock)."""
-        decisions = self.decisions
-        if not decisions:
+    def _write_queued(self) -> None:
+        """Write the queued lines (the caller holds the handler's lock)."""
+        queued = self.queued
+        if not queued:
             return
         lines = []
-        format_decision = self.formatter.format_decision  # type: ignore[union-attr]
-        while decisions:
-            created, fields = decisions.popleft()
-            lines.append(format_decision(created, fields))
+        format_queued = self.formatter.format_queued  # type: ignore[union-attr]
+        while queued:
+            lines.append(format_queued(*queued.popleft()))
         lines.append("")
         self.stream.write(self.terminator.join(lines))
 
     def flush(self) -> None:
         with self.lock:  # type: ignore[union-attr]
             if self.stream and hasattr(self.stream, "flush"):
-                self._write_decisions()
+                self._write_queued()
                 self.stream.flush()
 
     def emit(self, record: logging.LogRecord) -> None:
         try:
-            self._write_decisions()
+            self._write_queued()
             self.stream.write(self.format(record) + self.terminator)
             if record.levelno >= logging.WARNING:
                 self.stream.flush()
@@ -157,12 +158,17 @@ _handler: BatchingHandler | None = None  # installed by configure_logging
 
 def log_decision(client: str, mac: str, rule: str, action: str) -> None:
     """Log one decision: `client=… mac=… rule=… action=…` at INFO, as fields in JSON."""
+    log_fields(DECISION_MESSAGE, (client, mac, rule, action), DECISION_FIELDS)
+
+
+def log_fields(message: str, fields: tuple[str, ...], names: tuple[str, ...]) -> None:
+    """Log `message % fields` at INFO, with each field under its name in JSON; queued for the
+    batching handler to format when it writes (a boot storm's lines cost little)."""
     handler = _handler
     if handler is not None and _handler_is_sole_listener(handler):
-        handler.decisions.append((time.time(), (client, mac, rule, action)))
+        handler.queued.append((time.time(), message, fields, names))
     else:
-        log.info(DECISION_MESSAGE, client, mac, rule, action,
-                 extra={"client": client, "mac": mac, "rule": rule, "action": action})
+        log.info(message, *fields, extra={**dict(zip(names, fields)), "field_names": names})
 
 
 def _handler_is_sole_listener(handler: BatchingHandler) -> bool:

@@ -23,6 +23,7 @@ import time
 from dataclasses import dataclass
 from typing import Callable
 
+from .logs import log_fields
 from .model import Facts, Rule
 from .state import StateError, Store, open_store
 
@@ -33,6 +34,7 @@ TOKEN_BYTES = 24  # 192 random bits
 TOKEN = re.compile(r"[A-Za-z0-9_-]{32}")
 SHOWN_CHARS = 6  # of a token, in logs: enough to correlate, far too few to use
 WARN_EVERY = 10.0  # seconds between two warnings that the store fails
+ARMED_FIELDS = ("machine", "rule", "label", "token", "client", "expires")
 
 
 def identities(facts: Facts) -> tuple[str, ...]:
@@ -103,7 +105,7 @@ class OnceGate:
             return None
         lifetime = rule.once.expires or self.default_lifetime
         try:
-            done, row, issued = self.store().arm(names, rule.name, rule.once.label, new_token(), self.clock(), lifetime)
+            done, row, issued = self.store().arm(names, rule.name, rule.once.label, new_token, self.clock(), lifetime)
         except StateError as error:
             self._failed(str(error))
             self._skip(rule, names[0], f"state store unavailable ({error}); not risking a reinstall")
@@ -113,8 +115,9 @@ class OnceGate:
             return None
         assert row is not None and row.token is not None
         if issued:
-            log.info("once: armed machine=%s rule=%s label=%s token=%s client=%s expires=%s", names[0], rule.name,
-                     rule.once.label, shown(row.token), client, _utc(row.expires_at))
+            log_fields("once: armed machine=%s rule=%s label=%s token=%s client=%s expires=%s",
+                       (names[0], rule.name, rule.once.label, shown(row.token), client, _utc(row.expires_at)),
+                       ARMED_FIELDS)
             self._count("once_tokens_issued")
         return row.token
 

@@ -19,7 +19,7 @@ import sqlite3
 import threading
 import time
 from dataclasses import dataclass
-from typing import Any, Iterable, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 SCHEMA_VERSION = 1
 LOCK_TIMEOUT = 2.0  # seconds a write waits for another before the store counts as failing
@@ -107,19 +107,23 @@ class Store:
         """Whether `error` only says another connection is busy (worth trying again at once)."""
         return False
 
-    def _run(self, work: Any, write: bool = False, full: bool = False) -> Any:
-        """Run `work(cursor)` in one transaction; any engine error becomes a StateError."""
+    def _run(self, work: Any, write: bool = False, full: bool = False, single: bool = False) -> Any:
+        """Run `work(cursor)` in one transaction; any engine error becomes a StateError.
+
+        `single`: the work writes with one statement, which is a transaction of its own (no
+        lock is taken beforehand).
+        """
         deadline = time.monotonic() + LOCK_TIMEOUT
         while True:
             try:
-                return self._run_once(work, write, full)
+                return self._run_once(work, write, full, single)
             except StateError as error:
                 cause = error.__context__
                 if cause is None or not self._retryable(cause) or time.monotonic() >= deadline:
                     raise
                 time.sleep(0.00005)
 
-    def _run_once(self, work: Any, write: bool, full: bool) -> Any:
+    def _run_once(self, work: Any, write: bool, full: bool, single: bool) -> Any:
         with self._lock:
             try:
                 if self._connection is None or self._pid != os.getpid():
@@ -131,7 +135,8 @@ class Store:
                     self._durable(connection, full)
                 cursor = connection.cursor()
                 try:
-                    self._begin(cursor) if write else None
+                    if write and not single:
+                        self._begin(cursor)
                     result = work(cursor)
                     connection.commit()
                     return result
@@ -195,38 +200,38 @@ class Store:
         """Open the store (creating or migrating its schema); raise StateError if it cannot be used."""
         self._run(lambda cursor: cursor.execute("SELECT 1 FROM bootrules_once LIMIT 1"))
 
-    def arm(self, identities: Sequence[str], rule: str, label: str, token: str, now: float,
+    def arm(self, identities: Sequence[str], rule: str, label: str, new_token: Callable[[], str], now: float,
             lifetime: float) -> tuple[bool, OnceRow | None, bool]:
-        """Look a machine up for (rule, label): (done, its armed row, whether `token` was issued now).
+        """Look a machine up for (rule, label): (done, its armed row, whether a token was issued now).
 
         A machine done under any of its identities is done. Otherwise its live token is
-        kept; an expired or missing one is replaced by `token`, in the same transaction.
+        kept; an expired or missing one is replaced by `new_token()`. The write never turns a done
+        row (of this identity) back to armed, nor replaces a live token another server issued.
         """
         primary = identities[0]
-        marks = ", ".join("?" * len(identities))
+        token = ""
 
         def work(cursor: Any) -> tuple[bool, OnceRow | None, bool]:
-            cursor.execute(self._sql(f"SELECT {_COLUMNS} FROM bootrules_once WHERE rule = ? AND label = ? "
-                                     f"AND machine IN ({marks})"), (rule, label, *identities))
-            rows = [OnceRow.from_record(record) for record in cursor.fetchall()]
-            if any(row.state == "done" for row in rows):
-                return True, None, False
-            mine = next((row for row in rows if row.machine == primary), None)
-            if mine is not None and mine.token and mine.expires_at > now:
-                return False, mine, False
+            # One statement, so the write lock is held only for it: a new row, or a new token
+            # in an armed row whose token has expired; a live or done row is left alone.
             cursor.execute(self._sql(
                 f"INSERT INTO bootrules_once ({_COLUMNS}) VALUES (?, ?, ?, 'armed', ?, ?, ?, NULL, NULL, ?) "
-                "ON CONFLICT (machine, rule, label) DO UPDATE SET state = 'armed', token = excluded.token, "
-                "issued_at = excluded.issued_at, expires_at = excluded.expires_at, identities = excluded.identities"),
-                (primary, rule, label, token, now, now + lifetime, " ".join(identities)))
-            return False, OnceRow(primary, rule, label, "armed", token, now, now + lifetime, None, None,
-                                  tuple(identities)), True
+                "ON CONFLICT (machine, rule, label) DO UPDATE SET token = excluded.token, "
+                "issued_at = excluded.issued_at, expires_at = excluded.expires_at, identities = excluded.identities "
+                "WHERE bootrules_once.state = 'armed' AND bootrules_once.expires_at <= ?"),
+                (primary, rule, label, token, now, now + lifetime, " ".join(identities), now))
+            if cursor.rowcount == 1:
+                return False, OnceRow(primary, rule, label, "armed", token, now, now + lifetime, None, None,
+                                      tuple(identities)), True
+            done, row = self._peek(cursor, identities, rule, label, now)  # another server was first
+            return done, row, False
 
-        # A read first, without the write lock: the common case (a live token, or done) writes nothing.
+        # A read first: the common case (a live token, or done) writes nothing.
         done, row = self._run(lambda cursor: self._peek(cursor, identities, rule, label, now))
         if done or row is not None:
             return done, row, False
-        return self._run(work, write=True)
+        token = new_token()
+        return self._run(work, write=True, single=True)
 
     def _peek(self, cursor: Any, identities: Sequence[str], rule: str, label: str,
               now: float) -> tuple[bool, OnceRow | None]:

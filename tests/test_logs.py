@@ -35,7 +35,7 @@ def test_queued_decision_lines_read_as_logged_records_and_keep_their_order(forma
     stream = io.StringIO()
     handler = BatchingHandler(stream, interval=3600)
     handler.setFormatter(formatter)
-    handler.decisions.append((record.created, fields))
+    handler.queued.append((record.created, DECISION_MESSAGE, fields, ("client", "mac", "rule", "action")))
     handler.handle(logging.LogRecord("bootrules", logging.WARNING, __file__, 1, "reload failed", (), None))
     lines = stream.getvalue().splitlines()
     assert len(lines) == 2 and "reload failed" in lines[1]

@@ -33,7 +33,7 @@ def test_a_crash_in_the_middle_of_writes_loses_nothing_committed(tmp_path):
         for n in range(1_000_000):
             names = (f"mac:02:00:00:{{n >> 16 & 255:02x}}:{{n >> 8 & 255:02x}}:{{n & 255:02x}}",)
             token = f"{{n:032d}}"
-            store.arm(names, "install", "v1", token, time.time(), 3600)
+            store.arm(names, "install", "v1", lambda: token, time.time(), 3600)
             assert store.redeem(token, "10.0.0.1", time.time())[0] == "done"
             print(n, flush=True)
     """)
