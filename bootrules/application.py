@@ -30,7 +30,8 @@ def create_app(
 
     Settings come from `settings`, or else from the arguments given and BOOTRULES_*
     variables (so `waitress-serve --call app:create_app` and `flask --app app run` work).
-    `reloader` and `metrics` hand over rules loaded already (by `serve`, before it forks).
+    `reloader` and `metrics` hand over rules loaded already (by `serve`, before it forks);
+    whoever hands a reloader over decides whether it follows the file.
     Raises SettingsError for a wrong setting.
     """
     if settings is None:
@@ -43,13 +44,13 @@ def create_app(
 
     if metrics is None:
         metrics = Metrics()
-    if reloader is None:
+    if reloader is None:  # this app follows the file itself
         reloader = Reloader(settings.rules, settings.poll_interval, metrics=metrics)
         reloader.reload()
-    elif reloader.snapshot is not None:  # loaded already: report it, without counting a reload
+        reloader.start()
+    elif reloader.snapshot is not None:  # loaded (and followed) by the caller: report it, not a reload
         metrics.rules_loaded.set(len(reloader.snapshot.ruleset))
         metrics.last_reload.set(reloader.snapshot.loaded_at.timestamp())
-    reloader.start()
     # Opened in the process that first needs it, and only if a rule has `once:`.
     once = OnceGate(settings.state_location(), settings.once_expires, metrics)
     app.extensions["bootrules"] = reloader

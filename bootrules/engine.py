@@ -41,7 +41,8 @@ class Snapshot:
             return None, NO_MATCH_SCRIPT
         if rule.once is not None:
             return self._decide_once(rule, facts, once)
-        return rule, self._script(rule)
+        script = self._scripts.get(id(rule))  # _script, inline: this is every machine's path
+        return rule, script if script is not None else self._script(rule)
 
     def _decide_once(self, rule: Rule | None, facts: Facts,
                      once: Callable[[Rule], str | None] | None) -> tuple[Rule | None, str]:

@@ -158,7 +158,11 @@ _handler: BatchingHandler | None = None  # installed by configure_logging
 
 def log_decision(client: str, mac: str, rule: str, action: str) -> None:
     """Log one decision: `client=… mac=… rule=… action=…` at INFO, as fields in JSON."""
-    log_fields(DECISION_MESSAGE, (client, mac, rule, action), DECISION_FIELDS)
+    handler = _handler
+    if handler is not None and _handler_is_sole_listener(handler):  # log_fields, inline: every request
+        handler.queued.append((time.time(), DECISION_MESSAGE, (client, mac, rule, action), DECISION_FIELDS))
+    else:
+        log_fields(DECISION_MESSAGE, (client, mac, rule, action), DECISION_FIELDS)
 
 
 def log_fields(message: str, fields: tuple[str, ...], names: tuple[str, ...]) -> None:
@@ -167,7 +171,7 @@ def log_fields(message: str, fields: tuple[str, ...], names: tuple[str, ...]) ->
     handler = _handler
     if handler is not None and _handler_is_sole_listener(handler):
         handler.queued.append((time.time(), message, fields, names))
-    else:
+    elif log.isEnabledFor(logging.INFO):
         log.info(message, *fields, extra={**dict(zip(names, fields)), "field_names": names})
 
 

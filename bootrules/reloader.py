@@ -41,8 +41,8 @@ _RETRY = object()  # an attempt that must be repeated whatever the file looks li
 class Reloader:
     """Holds the rules currently served and replaces them when the file changes.
 
-    `metrics` counts loads; `on_loaded` is called after each successful load (the parent of
-    several workers replaces them); `status_path` is where the last load's outcome is
+    `metrics` counts loads; `on_loaded` is called after each successful reload, not after
+    the first load (the parent of several workers replaces them); `status_path` is where the last load's outcome is
     published for the workers' /healthz.
     """
 
@@ -94,7 +94,7 @@ class Reloader:
         self.last_error_at = None
         log.info("loaded %d rules from %s in %.2f s", len(ruleset), self.path, time.monotonic() - started)
         self._write_status()
-        if self.on_loaded is not None:
+        if self.on_loaded is not None and not first:
             self.on_loaded()
         return True
 

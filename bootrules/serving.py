@@ -56,8 +56,11 @@ def serve(settings: Settings) -> int:
     runtime = _runtime_directory() if workers > 1 else None
     try:
         metrics = Metrics()  # made after the runtime directory: it decides the metrics mode
-        status_path = os.path.join(runtime, "status.json") if runtime else None
-        reloader = Reloader(settings.rules, settings.poll_interval, metrics=metrics, status_path=status_path)
+        # With several workers the parent follows the file, and each load replaces the workers.
+        supervisor = Supervisor(workers, retire_grace=float(settings.channel_timeout), exited=worker_exited)
+        reloader = Reloader(settings.rules, settings.poll_interval, metrics=metrics,
+                            on_loaded=supervisor.request_replace if runtime else None,
+                            status_path=os.path.join(runtime, "status.json") if runtime else None)
         if not reloader.reload():
             problems = reloader.last_error or "cannot load the rules"
             raise StartError(f"{settings.rules} is not valid, not starting:\n{problems}")
@@ -71,12 +74,10 @@ def serve(settings: Settings) -> int:
         plan = WorkerPlan(settings, reloader, metrics, sock)
         if workers == 1:
             return plan.serve_alone()
-        supervisor = Supervisor(workers, plan.serve_as_worker, retire_grace=float(settings.channel_timeout),
-                                started=reloader.start, exited=worker_exited)
-        reloader.on_loaded = supervisor.request_replace
         signal.signal(signal.SIGHUP, lambda _signum, _frame: reloader.request_reload())
         try:
-            return supervisor.run()
+            # The watcher starts once the first workers are forked: threads and fork do not mix.
+            return supervisor.run(plan.serve_as_worker, started=reloader.start)
         finally:
             reloader.stop()
             sock.close()
@@ -127,6 +128,7 @@ class WorkerPlan:
         shutdown = server.Shutdown()
         _stop_on_signals(shutdown)
         signal.signal(signal.SIGHUP, lambda _signum, _frame: self.reloader.request_reload())
+        self.reloader.start()
         try:
             self.build(shutdown).run()
         finally:
@@ -136,8 +138,8 @@ class WorkerPlan:
         return 0
 
     def serve_as_worker(self, shutdown: server.Shutdown) -> None:
-        """In a forked worker (signals set by the supervisor): serve until asked to stop."""
-        self.reloader.poll_interval = 0  # the parent follows the file and replaces the workers
+        """In a forked worker (signals set by the supervisor): serve until asked to stop.
+        The parent follows the file and replaces the workers: no watcher here."""
         self.build(shutdown).run()
 
 
@@ -159,12 +161,11 @@ class Supervisor:
     sees, and a stop that has begun forks nothing more.
     """
 
-    def __init__(self, count: int, serve: Callable[[server.Shutdown], None], *, retire_grace: float = 30.0,
-                 started: Callable[[], None] = lambda: None, exited: Callable[[int], None] = lambda pid: None) -> None:
+    def __init__(self, count: int, *, retire_grace: float = 30.0,
+                 exited: Callable[[int], None] = lambda pid: None) -> None:
         self.count = count
-        self.serve = serve
+        self.serve: Callable[[server.Shutdown], None] = lambda shutdown: None  # given to run()
         self.retire_grace = retire_grace
-        self.started = started
         self.exited = exited
         self.generation = 0
         self.workers: dict[int, tuple[int, int]] = {}  # pid -> (generation, worker number)
@@ -188,14 +189,16 @@ class Supervisor:
 
     # ------------------------------------------------------------ the main loop
 
-    def run(self) -> int:
-        """Start the workers and supervise them until SIGTERM or SIGINT; return the exit status."""
+    def run(self, serve: Callable[[server.Shutdown], None], started: Callable[[], None] = lambda: None) -> int:
+        """Start workers that run `serve`, call `started`, and supervise them until SIGTERM or
+        SIGINT; return the exit status."""
+        self.serve = serve
         status = 0
         signal.signal(signal.SIGTERM, lambda _s, _f: self.request_stop())
         signal.signal(signal.SIGINT, lambda _s, _f: self.request_stop())
         signal.signal(signal.SIGCHLD, lambda _s, _f: self._wakeup.notify())
         self.start_generation()
-        self.started()
+        started()
         log.info("started %d workers: %s", self.count, " ".join(str(pid) for pid in self.workers))
         while True:
             self._wakeup.wait(0.5)
