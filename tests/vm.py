@@ -27,7 +27,9 @@ OVMF_VARS = Path("/usr/share/OVMF/OVMF_VARS_4M.fd")
 # QEMU's own default ROM for virtio-net: Debian's iPXE for both BIOS and UEFI. It must be
 # left as the default: with an explicit romfile= (even this same file) SeaBIOS 1.16 does
 # not run it as the NIC's option ROM, and the VM never network-boots.
-VIRTIO_ROM = Path("/usr/lib/ipxe/qemu/efi-virtio.rom")
+# bookworm's ipxe-qemu puts it in /usr/lib/ipxe/qemu/, trixie's in /usr/share/qemu/.
+VIRTIO_ROM = next((path for path in (Path("/usr/lib/ipxe/qemu/efi-virtio.rom"), Path("/usr/share/qemu/efi-virtio.rom"))
+                   if path.exists()), Path("/usr/lib/ipxe/qemu/efi-virtio.rom"))
 BOOT_TIMEOUT = float(os.environ.get("BOOTRULES_VM_TIMEOUT", "120"))
 
 
