@@ -120,8 +120,10 @@ class Store:
                 return self._run_once(work, write, full, single)
             except StateError as error:
                 cause = error.__context__
-                if cause is None or not self._retryable(cause) or time.monotonic() >= deadline:
+                if cause is None or not self._retryable(cause):
                     raise
+                if time.monotonic() >= deadline:
+                    raise StateError(f"still locked by another writer after {LOCK_TIMEOUT:g} s") from None
                 time.sleep(0.00005)
 
     def _run_once(self, work: Any, write: bool, full: bool, single: bool) -> Any:
@@ -322,7 +324,7 @@ class SqliteStore(Store):
     def _connect(self) -> sqlite3.Connection:
         previous = os.umask(0o077)  # the file holds live tokens: owner only
         try:
-            # timeout=0: a busy database raises at once and _begin retries every 50 µs.
+            # timeout=0: a busy database raises at once and _run tries again every 50 µs.
             # SQLite's own busy handler sleeps 1, 2, 5, 10… ms, and it sleeps on the
             # worker's only loop thread: in a boot storm on a `once:` rule, two workers
             # writing at once made every machine on the loser wait milliseconds.
@@ -372,18 +374,7 @@ class SqliteStore(Store):
             self._full = full
 
     def _begin(self, cursor: Any) -> None:
-        # Take the write lock now, not half-way through; wait for another writer by retrying.
-        deadline = time.monotonic() + LOCK_TIMEOUT
-        while True:
-            try:
-                cursor.execute("BEGIN IMMEDIATE")
-                return
-            except sqlite3.OperationalError as error:
-                if "locked" not in str(error) and "busy" not in str(error):
-                    raise
-                if time.monotonic() >= deadline:
-                    raise StateError(f"{self.path}: still locked by another writer after {LOCK_TIMEOUT:g} s") from None
-                time.sleep(0.00005)
+        cursor.execute("BEGIN IMMEDIATE")  # take the write lock now, not half-way through (_run retries)
 
 
 class PostgresStore(Store):
