@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any, Iterable
 
-from flask import Flask
+from flask import Flask, redirect
 from werkzeug.exceptions import HTTPException
 
 from . import web
@@ -12,6 +12,7 @@ from .logs import configure_logging
 from .metrics import Metrics
 from .once import OnceGate
 from .proxies import TrustedProxies
+from .recorder import Recorder
 from .reloader import Reloader
 from .settings import Settings
 
@@ -56,12 +57,23 @@ def create_app(
     app.extensions["bootrules"] = reloader
     app.extensions["bootrules.metrics"] = metrics
     app.extensions["bootrules.once"] = once
+    # Machines seen, written in batches by a thread of the process that answers them.
+    recorder = None
+    if settings.machines_keep:
+        recorder = Recorder(settings.state_location(), settings.machines_keep, settings.machines_max, metrics)
+    app.extensions["bootrules.recorder"] = recorder
 
     app.add_url_rule("/healthz", "healthz", web.healthz)
     app.add_url_rule(web.METRICS_PATH, "metrics", web.metrics_view)
+    from .ui import api, ui
+
+    app.register_blueprint(ui)
+    app.register_blueprint(api)
+    app.add_url_rule("/ui", "ui_root", lambda: redirect("/ui/"))
     app.register_error_handler(HTTPException, web.plain_http_error)
     app.register_error_handler(Exception, web.internal_error)
     # Outermost first: proxy headers are settled before /ipxe or Flask see the request.
-    boot = web.BootEndpoints(reloader, app.wsgi_app, metrics, base_url=settings.base_url, once=once)
+    boot = web.BootEndpoints(reloader, app.wsgi_app, metrics, base_url=settings.base_url, once=once,
+                             recorder=recorder)
     app.wsgi_app = TrustedProxies(boot, settings.trusted_proxies)  # type: ignore[method-assign]
     return app

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, Callable
 
 import click
@@ -56,7 +56,8 @@ def serve(**given: Any) -> None:
 
         python app.py serve --rules /etc/bootrules/rules.yaml --host 0.0.0.0 --port 80
     """
-    from .serving import StartError, serve as run_server
+    from .serving import StartError
+    from .serving import serve as run_server
 
     try:
         settings = Settings.load(given)
@@ -134,7 +135,7 @@ def preview(rules_path: str, show_secrets: bool, explain: bool, **given: str | N
     # A `once:` rule is shown as answering: whether this machine has reported done is in
     # the state store, which the server reads.
     placeholder = "http://BASE/done/TOKEN"
-    rule, script = Snapshot(ruleset=ruleset, loaded_at=datetime.now(timezone.utc)).decide(facts, lambda r: placeholder)
+    rule, script = Snapshot(ruleset=ruleset, loaded_at=datetime.now(UTC)).decide(facts, lambda r: placeholder)
     if rule is not None and not show_secrets:
         script = render_rule(rule, reveal_secrets=False, done_url=placeholder if rule.once else None)
     if rule is not None and rule.once is not None:
@@ -161,7 +162,7 @@ def _state_store(rules: str | None, state: str | None) -> "Store | None":
         raise click.ClickException(str(error)) from None
     location = settings.state_location()
     if "://" not in location and not os.path.exists(location):
-        click.echo(f"{location}: no state yet (no machine of a once: rule has booted)", err=True)
+        click.echo(f"{location}: no state yet (no machine has booted)", err=True)
         return None
     return open_store(location)
 
@@ -181,26 +182,59 @@ def state_options(command: Callable[..., Any]) -> Callable[..., Any]:
 
 @cli.command()
 @state_options
+@click.option("--unknown", is_flag=True, help="Only machines no rule names: answered by a catch-all, or by no rule.")
+@click.option("--once", "once_rows", is_flag=True, help="List the state of once: rules instead: one line per "
+              "machine, rule and label, armed (installing) or done.")
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per line, for scripts.")
-def machines(rules: str | None, state: str | None, as_json: bool) -> None:
-    """List the state of machines of `once:` rules: armed (installing) or done.
+@click.option("--limit", default=1000, show_default=True, type=click.IntRange(1, 10_000_000),
+              help="At most this many machines, newest first.")
+def machines(rules: str | None, state: str | None, unknown: bool, once_rows: bool, as_json: bool, limit: int) -> None:
+    """List the machines that asked, newest first: what they sent, what they got, their
+    once: state. Unknown machines (a catch-all or no rule answered them) are marked `?`.
 
-    Example:
+    Examples:
 
-        python app.py machines --state /var/lib/bootrules/state.db
+        python app.py machines --unknown
+
+        python app.py machines --once --state /var/lib/bootrules/state.db
     """
     import json
-    import time as clock
 
+    from . import machines as seen
     from .state import StateError
 
     store = _state_store(rules, state)
     if store is None:
         return
     try:
-        rows = store.rows()
+        if once_rows:
+            _list_once_rows(store.rows(limit), as_json)
+            return
+        found = seen.page(store, seen.Filter(unknown=unknown), 1, limit).machines if limit else ()
     except StateError as error:
         raise click.ClickException(f"cannot read the state store: {error}") from None
+    if as_json:
+        for machine in found:
+            click.echo(json.dumps(machine.public(), sort_keys=True))
+        return
+    click.echo(f"  {'last seen':<20} {'machine':<44} {'serial':<16} {'product':<20} {'last answer':<28} once")
+    for machine in found:
+        facts = machine.facts
+        answer = f"{machine.last_rule} ({machine.last_action})"
+        once = " ".join(f"{row.rule}/{row.label}:{row.state}" for row in machine.once) or "-"
+        click.echo(f"{'?' if machine.unknown else ' '} {seen.utc(machine.last_seen):<20} {machine.machine:<44} "
+                   f"{_cell(facts.get('serial'), 16)} {_cell(facts.get('product'), 20)} {_cell(answer, 28)} {once}")
+
+
+def _cell(value: str | None, width: int) -> str:
+    """A machine's value in a fixed-width column: printable ASCII only (escapes shown), cut to fit."""
+    text = ascii(value)[1:-1] if value else "-"
+    return (text if len(text) <= width else text[:width - 1] + "…").ljust(width)
+
+
+def _list_once_rows(rows: list, as_json: bool) -> None:
+    import json
+    import time as clock
 
     def when(seconds: float | None) -> str:
         return clock.strftime("%Y-%m-%dT%H:%M:%SZ", clock.gmtime(seconds)) if seconds else "-"

@@ -22,6 +22,15 @@ MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
 
 
+# prometheus_client's multiprocess values share one lock per process. The supervisor forks
+# workers on its main thread while its reloader thread may be counting a load: a fork in
+# the middle of that would hand the new worker a lock held forever. Counting in the parent
+# takes this lock, and a fork waits for it.
+_COUNTING = threading.Lock()
+os.register_at_fork(before=_COUNTING.acquire, after_in_parent=_COUNTING.release,
+                    after_in_child=_COUNTING.release)
+
+
 def multiprocess() -> bool:
     """Tell whether metrics are shared through files between worker processes."""
     return bool(os.environ.get(MULTIPROC_ENV))
@@ -52,6 +61,12 @@ class Metrics:
                                       ["outcome"], registry=registry)
         self.state_errors = Counter("bootrules_state_errors", "Reads or writes of the state store that failed",
                                     registry=registry)
+        self.machine_records_written = Counter("bootrules_machine_records_written",
+                                               "Machines seen written to the state store (one per machine per batch)",
+                                               registry=registry)
+        self.machine_records_dropped = Counter("bootrules_machine_records_dropped",
+                                               "Machines seen not recorded: the batch was full (the store slow or down)",
+                                               registry=registry)
         self.latency = Histogram("bootrules_request_duration_seconds", "Time to answer a decision request",
                                  buckets=LATENCY_BUCKETS, registry=registry)
 
@@ -67,17 +82,27 @@ class Metrics:
 
     def loaded(self, rules: int, when: float | None = None, reload: bool = True) -> None:
         """Record a successful load of `rules` rules (`reload`: not the first)."""
-        if reload:
-            self.reloads.inc()
-        self.rules_loaded.set(rules)
-        self.last_reload.set(when if when is not None else time.time())
+        with _COUNTING:
+            if reload:
+                self.reloads.inc()
+            self.rules_loaded.set(rules)
+            self.last_reload.set(when if when is not None else time.time())
 
     def load_failed(self) -> None:
-        self.reload_failures.inc()
+        with _COUNTING:
+            self.reload_failures.inc()
+
+    def decision_totals(self) -> dict[tuple[str, str], float]:
+        """Decisions so far by (rule, action), every worker's added up."""
+        return self.decisions.totals()
 
     def exposition(self) -> tuple[bytes, str]:
         """The metrics in Prometheus text format, and their content type."""
-        from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+        from prometheus_client import (
+            CONTENT_TYPE_LATEST,
+            CollectorRegistry,
+            generate_latest,
+        )
 
         if multiprocess():
             from prometheus_client import multiprocess as mp
@@ -147,19 +172,26 @@ class DecisionCounts:
         # A process that had this pid before may have left counts here; they are kept.
         return int(self._file.read_value(file_key)[0])
 
+    def totals(self) -> dict[tuple[str, str], float]:
+        """This process's counts, or every worker's files added up."""
+        if self._multiprocess:
+            with _files_locked(exclusive=False):
+                return _added_up_decision_files()
+        with self._lock:
+            return {key: float(total) for key, total in self._counts.items()}
+
     def collect(self) -> Iterator[Any]:
         """The counts as one metric family: this process's, or every worker's files added up."""
         from prometheus_client.core import CounterMetricFamily
 
         family = CounterMetricFamily(self.NAME, self.HELP, labels=self.LABELS)
         if self._multiprocess:
-            for (rule, action), total in _added_up_decision_files().items():
-                family.add_metric((rule, action), total)
+            counts = list(_added_up_decision_files().items())  # exposition() holds the files' lock
         else:
             with self._lock:
                 counts = list(self._counts.items())
-            for labels, total in counts:
-                family.add_metric(labels, total)
+        for labels, total in counts:
+            family.add_metric(labels, total)
         yield family
 
 

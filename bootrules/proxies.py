@@ -16,6 +16,9 @@ from .settings import Network
 
 log = logging.getLogger("bootrules")
 
+# In the WSGI environ: the trusted proxy a request came through (absent: none).
+PROXY_KEY = "bootrules.proxy"
+FORWARDING_HEADERS = ("HTTP_X_FORWARDED_FOR", "HTTP_FORWARDED", "HTTP_X_REAL_IP")
 WSGIApp = Callable[[dict, Callable[..., Any]], Iterable[bytes]]
 
 
@@ -59,6 +62,7 @@ class TrustedProxies:
         return self.app(environ, start_response)
 
     def _believe_proxy(self, environ: dict, proxy: str) -> None:
+        environ[PROXY_KEY] = proxy
         hops = [hop.strip() for hop in environ.get("HTTP_X_FORWARDED_FOR", "").split(",") if hop.strip()]
         # The client is the last address not added by one of our own proxies. A hop that is
         # not a plain address is refused: the request is judged on the proxy's address.

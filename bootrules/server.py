@@ -131,7 +131,10 @@ class LoopDispatcher:
 
     def __init__(self, slow_paths: Iterable[str] = ()) -> None:
         self.pending: collections.deque[Any] = collections.deque()
-        self.slow_paths = frozenset(slow_paths)
+        # A path ending in "/" stands for everything under it.
+        slow_paths = tuple(slow_paths)
+        self.slow_paths = frozenset(path for path in slow_paths if not path.endswith("/"))
+        self.slow_prefixes = tuple(path for path in slow_paths if path.endswith("/"))
         self.retiring = False
         self._slow: queue.SimpleQueue[Any] | None = None  # made, with its thread, when first needed
 
@@ -141,7 +144,8 @@ class LoopDispatcher:
     def add_task(self, task: Any) -> None:
         # Called by a connection while it holds its own lock, so the task cannot run here.
         # The task is the connection; its first request is the one to answer next.
-        if self.slow_paths and getattr(task.requests[0], "path", None) in self.slow_paths:
+        path = getattr(task.requests[0], "path", None) or ""
+        if path in self.slow_paths or (self.slow_prefixes and path.startswith(self.slow_prefixes)):
             self._run_aside(task)
         else:
             self.pending.append(task)

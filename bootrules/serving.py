@@ -21,9 +21,9 @@ import signal
 import socket
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 from . import server
 from .application import create_app
@@ -105,6 +105,7 @@ class WorkerPlan:
     reloader: Reloader
     metrics: Metrics
     sock: socket.socket
+    app: Any = field(default=None, init=False)  # made by build(), in the serving process
 
     def server_options(self) -> dict:
         settings = self.settings
@@ -120,8 +121,17 @@ class WorkerPlan:
                 "slow_paths": SLOW_PATHS}
 
     def build(self, shutdown: server.Shutdown) -> server.LoopServer | server.ThreadedServer:
-        app = create_app(settings=self.settings, reloader=self.reloader, metrics=self.metrics)
-        return server.create(app, self.sock, shutdown, **self.server_options())
+        self.app = create_app(settings=self.settings, reloader=self.reloader, metrics=self.metrics)
+        return server.create(self.app, self.sock, shutdown, **self.server_options())
+
+    def run(self, shutdown: server.Shutdown) -> None:
+        """Serve until stopped, then write the machines seen that are not written yet."""
+        try:
+            self.build(shutdown).run()
+        finally:
+            recorder = self.app.extensions.get("bootrules.recorder") if self.app is not None else None
+            if recorder is not None:
+                recorder.close()
 
     def serve_alone(self) -> int:
         """One process: it follows the file itself; SIGHUP reloads, SIGTERM drains and stops."""
@@ -130,7 +140,7 @@ class WorkerPlan:
         signal.signal(signal.SIGHUP, lambda _signum, _frame: self.reloader.request_reload())
         self.reloader.start()
         try:
-            self.build(shutdown).run()
+            self.run(shutdown)
         finally:
             self.reloader.stop()
             self.sock.close()
@@ -140,7 +150,7 @@ class WorkerPlan:
     def serve_as_worker(self, shutdown: server.Shutdown) -> None:
         """In a forked worker (signals set by the supervisor): serve until asked to stop.
         The parent follows the file and replaces the workers: no watcher here."""
-        self.build(shutdown).run()
+        self.run(shutdown)
 
 
 def _stop_on_signals(shutdown: server.Shutdown) -> None:

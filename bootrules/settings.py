@@ -97,6 +97,13 @@ def parse_state(text: str) -> str | None:
     return text
 
 
+def parse_keep(text: str) -> int:
+    """How long a machine seen stays listed: a duration, or 0 (`off`) to record no machines."""
+    if text.strip().lower() in ("0", "off"):
+        return 0
+    return parse_duration(text)
+
+
 def nonempty(text: str) -> str:
     if not text.strip():
         raise ValueError("is empty")
@@ -177,10 +184,19 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("log_format", "--log-format", "`text` or `json`", "text", "`text`", choice(LOG_FORMATS)),
     Setting("poll_interval", "--poll-interval", "seconds between checks of the rules file (0: never)", 1.0, "`1`",
             seconds(0, 3600)),
-    Setting("state", "--state", "machine state for `once:` rules: a SQLite file, or a `postgresql://` URL", None,
+    Setting("state", "--state",
+            "machine state (`once:` rules, machines seen): a SQLite file, or a `postgresql://` URL", None,
             "`bootrules-state.db` beside the rules file", parse_state),
     Setting("once_expires", "--once-expires", "how long a `once:` token lives (a rule's `expires:` wins)", 86400,
             "`24h`", parse_duration),
+    Setting("machines_keep", "--machines-keep",
+            "how long a machine seen stays listed after its last boot (`0`: record no machines)", 30 * 86400,
+            "`30d`", parse_keep),
+    Setting("machines_max", "--machines-max", "most machines listed (the least recently seen go first)", 200000,
+            "`200000`", integer(100, 10_000_000)),
+    Setting("admin_allow", "--admin-allow",
+            "networks that may see `/ui/` and `/api/` (127.0.0.1 and ::1 always may; comma-separated)", (),
+            "127.0.0.1 and ::1 only", parse_networks, many=True),
 )
 BY_NAME = {setting.name: setting for setting in SETTINGS}
 
@@ -201,6 +217,9 @@ class Settings:
     poll_interval: float = 1.0
     state: str | None = None
     once_expires: int = 86400
+    machines_keep: int = 30 * 86400
+    machines_max: int = 200000
+    admin_allow: tuple[Network, ...] = ()
 
     @classmethod
     def load(cls, given: Mapping[str, Any] | None = None, environ: Mapping[str, str] | None = None) -> "Settings":

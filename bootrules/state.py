@@ -21,7 +21,7 @@ import time
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Sequence
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 LOCK_TIMEOUT = 2.0  # seconds a write waits for another before the store counts as failing
 CHECKPOINT_EVERY = 2.0  # seconds between two copies of SQLite's WAL into the database
 
@@ -39,11 +39,32 @@ _SCHEMA = (
         done_from TEXT,
         identities TEXT NOT NULL,
         PRIMARY KEY (machine, rule, label))""",  # SQLite: WITHOUT ROWID (Store.table_options)
+    # Machines seen (bootrules.machines): one row per machine, written in batches.
+    """CREATE TABLE IF NOT EXISTS bootrules_machines (
+        machine TEXT PRIMARY KEY,
+        mac TEXT,
+        serial TEXT,
+        facts TEXT NOT NULL,
+        client TEXT,
+        first_seen DOUBLE PRECISION NOT NULL,
+        last_seen DOUBLE PRECISION NOT NULL,
+        decisions BIGINT NOT NULL,
+        last_rule TEXT,
+        last_action TEXT,
+        unknown SMALLINT NOT NULL,
+        recent TEXT NOT NULL)""",
+    "CREATE INDEX IF NOT EXISTS bootrules_machines_last_seen ON bootrules_machines (last_seen)",
+    """CREATE TABLE IF NOT EXISTS bootrules_minutes (
+        minute BIGINT NOT NULL,
+        action TEXT NOT NULL,
+        decisions BIGINT NOT NULL,
+        PRIMARY KEY (minute, action))""",
 )
 # No index on `token`: it would be one more page written for every machine a boot storm
 # arms, and a token is looked up only when an installer reports done (a scan, rare).
 # Later releases add `version: [statements]` here; a store is migrated one step at a time.
-_MIGRATIONS: dict[int, Sequence[str]] = {}
+# Version 2 added the machines and minutes tables (made by _SCHEMA's CREATE … IF NOT EXISTS).
+_MIGRATIONS: dict[int, Sequence[str]] = {2: ()}
 _COLUMNS = "machine, rule, label, state, token, issued_at, expires_at, done_at, done_from, identities"
 
 
@@ -200,6 +221,16 @@ class Store:
             self._drop()
 
     # ------------------------------------------------------------ operations
+
+    def transaction(self, work: Callable[[Any], Any], write: bool = False) -> Any:
+        """Run `work(cursor)` in one transaction (bootrules.machines' queries); StateError on failure.
+
+        SQL is written with `?` placeholders; `sql()` gives the engine's form.
+        """
+        return self._run(work, write=write)
+
+    def sql(self, text: str) -> str:
+        return self._sql(text)
 
     def check(self) -> None:
         """Open the store (creating or migrating its schema); raise StateError if it cannot be used."""

@@ -28,6 +28,7 @@ from .metrics import Metrics
 from .model import Rule
 from .once import DONE_PATH, OnceGate
 from .proxies import WSGIApp
+from .recorder import Recorder
 from .reloader import Reloader
 from .render import render_entry
 from .settings import HOST_PATTERN, PREFIX_PATTERN
@@ -40,7 +41,8 @@ DECISION_PATH = "/ipxe"
 ENTRY_PATHS = frozenset({"/boot.ipxe", "/boot.ipxe.0"})
 METRICS_PATH = "/metrics"
 # Answered off the server's loop, so that machines do not wait for them (server.py).
-SLOW_PATHS = frozenset({METRICS_PATH})
+# (The status page and the API read the state store, which may take a while at 100,000 machines.)
+SLOW_PATHS = frozenset({METRICS_PATH, "/ui/", "/api/"})
 # Entry scripts kept rendered, one per public URL. With --base-url there is one; otherwise
 # the Host header names it, so the number kept is bounded.
 ENTRY_SCRIPTS_KEPT = 64
@@ -55,9 +57,10 @@ class BootEndpoints:
     """The entry script and the decision, as bare WSGI; anything else goes to `fallback`."""
 
     def __init__(self, reloader: Reloader, fallback: WSGIApp, metrics: Metrics, base_url: str | None = None,
-                 once: OnceGate | None = None) -> None:
+                 once: OnceGate | None = None, recorder: Recorder | None = None) -> None:
         self.reloader = reloader
         self.once = once
+        self.recorder = recorder
         self.fallback = fallback
         self.metrics = metrics
         self.base_url = base_url
@@ -136,6 +139,9 @@ class BootEndpoints:
             headers.append(("X-Bootrules-Ignored", ", ".join(shown)[:200]))
         mac, rule_name, action = facts.get("mac", "-"), headers[0][1], headers[1][1]
         log_decision(client, mac, rule_name, action)
+        if self.recorder is not None:
+            # A catch-all (no match:) or no rule at all: a machine the rules do not name yet.
+            self.recorder.saw(facts, client, rule_name, action, rule is None or not rule.selectors)
         self.metrics.decided(rule_name, action, time.perf_counter() - started)
         return _respond(start_response, "200 OK", script, headers, method)
 

@@ -171,11 +171,11 @@ def test_rearm_and_machines_from_the_command_line(lab, runner):
     _app, client, rules, state = lab
     _rule, token = ask(client, MAC_A, UUID)
     assert client.post(f"/done/{token}").status_code == 200
-    listed = runner.invoke(cli, ["machines", "--rules", str(rules)])
+    listed = runner.invoke(cli, ["machines", "--once", "--rules", str(rules)])
     assert listed.exit_code == 0, listed.output
     assert re.search(rf"^uuid:{UUID} +install-debian +true +done +\S+Z 127.0.0.1$", listed.output, re.M), listed.output
     assert token not in listed.output
-    as_json = [json.loads(line) for line in runner.invoke(cli, ["machines", "--rules", str(rules), "--json"]).output.splitlines()]
+    as_json = [json.loads(line) for line in runner.invoke(cli, ["machines", "--once", "--rules", str(rules), "--json"]).output.splitlines()]
     assert {row["machine"] for row in as_json} == {f"uuid:{UUID}", f"mac:{MAC_A}"}
     assert all(token not in json.dumps(row) for row in as_json)
 

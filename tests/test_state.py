@@ -3,21 +3,14 @@ by two bootrules servers, on a real PostgreSQL the test starts itself (loopback 
 
 from __future__ import annotations
 
-import glob
-import os
-import shutil
-import signal
 import sqlite3
 import subprocess
 import sys
-import tempfile
 import textwrap
 import urllib.request
-from pathlib import Path
 
 import pytest
-
-from conftest import ROOT, free_port, require_root, require_tool
+from conftest import ROOT, free_port
 from support import BootrulesServer, http_get
 from test_once import DONE_LINE, MAC_A, MAC_B, write
 
@@ -64,45 +57,6 @@ def test_a_store_made_by_a_newer_bootrules_is_refused_not_rewritten(tmp_path):
 
 
 # --------------------------------------------------------------------------- PostgreSQL
-
-
-def pg_tool(name: str) -> str:
-    found = sorted(glob.glob(f"/usr/lib/postgresql/*/bin/{name}"))
-    return found[-1] if found else require_tool(name, "from Debian's postgresql package")
-
-
-@pytest.fixture(scope="module")
-def postgres():
-    """A PostgreSQL of the test's own: its own data directory, listening on 127.0.0.1 only."""
-    require_root("PostgreSQL runs as the postgres user")
-    initdb, pg_ctl = pg_tool("initdb"), pg_tool("pg_ctl")
-    work = Path(tempfile.mkdtemp(prefix="bootrules-pg-"))
-    work.chmod(0o755)
-    data, sockets = work / "data", work / "sockets"
-    sockets.mkdir()
-    shutil.chown(work, "postgres")
-    shutil.chown(sockets, "postgres")
-    port = free_port()
-    as_postgres = ["runuser", "-u", "postgres", "--"]
-    subprocess.run([*as_postgres, initdb, "-D", str(data), "-A", "trust", "-U", "postgres", "--no-sync"],
-                   check=True, capture_output=True)
-    options = f"-c listen_addresses=127.0.0.1 -p {port} -k {sockets} -c fsync=off"
-    subprocess.run([*as_postgres, pg_ctl, "-D", str(data), "-o", options, "-l", str(work / "log"), "-w", "start"],
-                   check=True, capture_output=True)
-    try:
-        import psycopg
-
-        with psycopg.connect(f"postgresql://postgres@127.0.0.1:{port}/postgres", autocommit=True) as db:
-            db.execute("CREATE DATABASE bootrules")
-            db.execute("CREATE DATABASE readonly")
-            db.execute("ALTER DATABASE readonly SET default_transaction_read_only = on")
-        yield f"postgresql://postgres@127.0.0.1:{port}"
-    finally:
-        stopped = subprocess.run([*as_postgres, pg_ctl, "-D", str(data), "-m", "fast", "-w", "stop"],
-                                 capture_output=True)
-        if stopped.returncode != 0 and (data / "postmaster.pid").exists():
-            os.kill(int((data / "postmaster.pid").read_text().split()[0]), signal.SIGKILL)
-        shutil.rmtree(work, ignore_errors=True)
 
 
 def boot(server: BootrulesServer, mac: str) -> tuple[str, str | None]:

@@ -1,0 +1,307 @@
+"""The machines seen: what bootrules keeps of each machine that asked, and how it is read.
+
+One row per machine (its identity as `once:` names it: the SMBIOS UUID when real, else the
+MAC; a request with neither is kept under its client address). A row holds the facts of
+the machine's last request, first and last seen, how many decisions, the last rule and
+action, whether that answer came from a catch-all or from no rule ("unknown"), and its
+recent decisions. Rows are written in batches by bootrules.recorder, never by a request.
+
+A row's recent decisions are kept as text, newest first, one JSON array a line, cut at
+RECENT_CHARS: the database appends a batch's lines in the same statement that updates the
+row, so two workers (or two servers) recording one machine never lose each other's lines.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from .model import Facts
+from .state import OnceRow, Store
+
+RECENT_CHARS = 1200  # about 20 decisions a machine
+MINUTES_KEPT = 24 * 60  # rows of the decisions-per-minute chart
+PAGE_SIZE = 50
+MAX_PAGE_SIZE = 500
+NO_RULE = "(none)"  # the rule name recorded when no rule matched (as X-Bootrules-Rule says)
+
+_COLUMNS = ("machine, mac, serial, facts, client, first_seen, last_seen, decisions, last_rule, last_action, "
+            "unknown, recent")
+
+
+def identity(facts: Facts, client: str) -> str:
+    """The name a machine is kept under: uuid:…, mac:…, or ip:… when it sent neither."""
+    if facts.get("uuid"):
+        return f"uuid:{facts['uuid']}"
+    if facts.get("mac"):
+        return f"mac:{facts['mac']}"
+    return f"ip:{client}"
+
+
+@dataclass
+class Sighting:
+    """What one worker saw of one machine since its last batch was written (coalesced)."""
+
+    facts: Facts
+    client: str
+    first_seen: float
+    last_seen: float
+    decisions: int
+    rule: str
+    action: str
+    unknown: bool
+    recent: list[str] = field(default_factory=list)  # newest last, at most RECENT_LINES
+
+    RECENT_LINES = 20
+
+    def add(self, facts: Facts, client: str, when: float, rule: str, action: str, unknown: bool) -> None:
+        self.facts, self.client, self.last_seen = facts, client, when
+        self.decisions += 1
+        self.rule, self.action, self.unknown = rule, action, unknown
+        self.recent.append(recent_line(when, rule, action, client))
+        if len(self.recent) > self.RECENT_LINES:
+            del self.recent[0]
+
+
+def recent_line(when: float, rule: str, action: str, client: str) -> str:
+    return json.dumps([round(when, 3), rule, action, client]) + "\n"
+
+
+@dataclass(frozen=True)
+class Decision:
+    at: float
+    rule: str
+    action: str
+    client: str
+
+
+@dataclass(frozen=True)
+class Machine:
+    """One machine as the status page and the API show it."""
+
+    machine: str
+    facts: Mapping[str, str]
+    client: str | None
+    first_seen: float
+    last_seen: float
+    decisions: int
+    last_rule: str | None
+    last_action: str | None
+    unknown: bool
+    recent: tuple[Decision, ...]
+    once: tuple[OnceRow, ...] = ()
+
+    @classmethod
+    def from_record(cls, record: Sequence[Any]) -> Machine:
+        (machine, _mac, _serial, facts, client, first_seen, last_seen, decisions, last_rule, last_action, unknown,
+         recent) = record
+        return cls(machine, json.loads(facts), client, first_seen, last_seen, int(decisions), last_rule, last_action,
+                   bool(unknown), tuple(_parse_recent(recent)))
+
+    def public(self) -> dict[str, Any]:
+        """As JSON for the API and `machines --json` (no token: it is a credential)."""
+        return {
+            "machine": self.machine, "facts": dict(self.facts), "client": self.client,
+            "first_seen": utc(self.first_seen), "last_seen": utc(self.last_seen), "decisions": self.decisions,
+            "last_rule": self.last_rule, "last_action": self.last_action, "unknown": self.unknown,
+            "once": [once_public(row) for row in self.once],
+        }
+
+
+def once_public(row: OnceRow) -> dict[str, Any]:
+    return {"rule": row.rule, "label": row.label, "state": row.state, "issued_at": utc(row.issued_at),
+            "expires_at": utc(row.expires_at), "done_at": utc(row.done_at) if row.done_at else None,
+            "done_from": row.done_from}
+
+
+def _parse_recent(text: str) -> Iterable[Decision]:
+    for line in text.splitlines():
+        try:
+            at, rule, action, client = json.loads(line)
+        except (ValueError, TypeError):
+            continue  # the line cut at RECENT_CHARS
+        yield Decision(float(at), str(rule), str(action), str(client))
+
+
+def utc(seconds: float | None) -> str | None:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(seconds)) if seconds else None
+
+
+# --------------------------------------------------------------------------- writing (bootrules.recorder)
+
+
+def write(store: Store, batch: Mapping[str, Sighting], minutes: Mapping[tuple[int, str], int]) -> None:
+    """Write one batch of sightings and per-minute counts, in one transaction."""
+    rows = []
+    for machine, seen in batch.items():
+        facts = {key: value for key, value in seen.facts.items() if key != "client"}
+        rows.append((machine, facts.get("mac"), facts.get("serial"), json.dumps(facts, sort_keys=True), seen.client,
+                     seen.first_seen, seen.last_seen, seen.decisions, seen.rule, seen.action, int(seen.unknown),
+                     "".join(reversed(seen.recent))[:RECENT_CHARS]))
+    upsert = store.sql(
+        f"INSERT INTO bootrules_machines ({_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) "
+        "ON CONFLICT (machine) DO UPDATE SET mac = excluded.mac, serial = excluded.serial, facts = excluded.facts, "
+        "client = excluded.client, last_seen = excluded.last_seen, "
+        "decisions = bootrules_machines.decisions + excluded.decisions, last_rule = excluded.last_rule, "
+        f"last_action = excluded.last_action, unknown = excluded.unknown, "
+        f"recent = substr(excluded.recent || bootrules_machines.recent, 1, {RECENT_CHARS})")
+    count = store.sql("INSERT INTO bootrules_minutes (minute, action, decisions) VALUES (?, ?, ?) "
+                      "ON CONFLICT (minute, action) DO UPDATE SET "
+                      "decisions = bootrules_minutes.decisions + excluded.decisions")
+
+    def work(cursor: Any) -> None:
+        if rows:
+            cursor.executemany(upsert, rows)
+        if minutes:
+            cursor.executemany(count, [(minute, action, n) for (minute, action), n in minutes.items()])
+
+    store.transaction(work, write=True)
+
+
+def prune(store: Store, keep_seconds: float, max_machines: int, now: float) -> int:
+    """Forget machines not seen for `keep_seconds`, then the oldest beyond `max_machines`."""
+
+    def work(cursor: Any) -> int:
+        cursor.execute(store.sql("DELETE FROM bootrules_machines WHERE last_seen < ?"), (now - keep_seconds,))
+        removed = max(cursor.rowcount, 0)
+        cursor.execute("SELECT COUNT(*) FROM bootrules_machines")
+        excess = cursor.fetchone()[0] - max_machines
+        if excess > 0:
+            cursor.execute(store.sql(
+                "DELETE FROM bootrules_machines WHERE machine IN "
+                "(SELECT machine FROM bootrules_machines ORDER BY last_seen LIMIT ?)"), (excess,))
+            removed += max(cursor.rowcount, 0)
+        cursor.execute(store.sql("DELETE FROM bootrules_minutes WHERE minute < ?"), (int(now // 60) - MINUTES_KEPT,))
+        return removed
+
+    return store.transaction(work, write=True)
+
+
+# --------------------------------------------------------------------------- reading
+
+
+@dataclass(frozen=True)
+class Filter:
+    """Which machines a list shows: `unknown` only, answered last by `rule`, or whose MAC,
+    serial or identity contains `text`."""
+
+    unknown: bool = False
+    rule: str | None = None
+    text: str = ""
+
+    def where(self) -> tuple[str, list[Any]]:
+        clauses, parameters = [], []
+        if self.unknown:
+            clauses.append("unknown = 1")
+        if self.rule:
+            clauses.append("last_rule = ?")
+            parameters.append(self.rule)
+        text = self.text.strip().casefold()
+        if text:
+            like = "%" + text.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%"
+            clauses.append("(mac LIKE ? ESCAPE '\\' OR serial LIKE ? ESCAPE '\\' OR machine LIKE ? ESCAPE '\\')")
+            parameters += [like, like, like]
+        return (" WHERE " + " AND ".join(clauses)) if clauses else "", parameters
+
+
+@dataclass(frozen=True)
+class Page:
+    machines: tuple[Machine, ...]
+    total: int
+    page: int
+    per_page: int
+
+    @property
+    def pages(self) -> int:
+        return max(1, -(-self.total // self.per_page))
+
+
+def page(store: Store, wanted: Filter, number: int = 1, per_page: int = PAGE_SIZE) -> Page:
+    """One page of machines, newest first, each with its `once:` state."""
+    number, per_page = max(1, number), max(1, min(per_page, MAX_PAGE_SIZE))
+    where, parameters = wanted.where()
+
+    def work(cursor: Any) -> Page:
+        cursor.execute(store.sql(f"SELECT COUNT(*) FROM bootrules_machines{where}"), parameters)
+        total = cursor.fetchone()[0]
+        cursor.execute(store.sql(f"SELECT {_COLUMNS} FROM bootrules_machines{where} "
+                                 "ORDER BY last_seen DESC, machine LIMIT ? OFFSET ?"),
+                       [*parameters, per_page, (number - 1) * per_page])
+        found = [Machine.from_record(record) for record in cursor.fetchall()]
+        return Page(tuple(_with_once(cursor, store, found)), total, number, per_page)
+
+    return store.transaction(work)
+
+
+def one(store: Store, machine: str) -> Machine | None:
+    def work(cursor: Any) -> Machine | None:
+        cursor.execute(store.sql(f"SELECT {_COLUMNS} FROM bootrules_machines WHERE machine = ?"), (machine,))
+        record = cursor.fetchone()
+        if record is None:
+            return None
+        return _with_once(cursor, store, [Machine.from_record(record)])[0]
+
+    return store.transaction(work)
+
+
+def _with_once(cursor: Any, store: Store, found: list[Machine]) -> list[Machine]:
+    """The machines, each with the `once:` rows kept under its UUID or its MAC."""
+    from dataclasses import replace
+
+    names: dict[str, list[int]] = {}
+    for position, machine in enumerate(found):
+        for name in _once_names(machine):
+            names.setdefault(name, []).append(position)
+    if not names:
+        return found
+    marks = ", ".join("?" * len(names))
+    cursor.execute(store.sql(f"SELECT machine, rule, label, state, token, issued_at, expires_at, done_at, done_from, "
+                             f"identities FROM bootrules_once WHERE machine IN ({marks}) ORDER BY rule, label"),
+                   list(names))
+    rows: dict[int, dict[tuple[str, str], OnceRow]] = {}
+    for record in cursor.fetchall():
+        row = OnceRow.from_record(record)
+        for position in names[row.machine]:
+            mine = rows.setdefault(position, {})
+            # One machine may have a row under each name; `done` under either is what counts.
+            if (row.rule, row.label) not in mine or row.state == "done":
+                mine[(row.rule, row.label)] = row
+    return [replace(machine, once=tuple(rows.get(position, {}).values())) for position, machine in enumerate(found)]
+
+
+def _once_names(machine: Machine) -> list[str]:
+    names = []
+    if machine.facts.get("uuid"):
+        names.append(f"uuid:{machine.facts['uuid']}")
+    if machine.facts.get("mac"):
+        names.append(f"mac:{machine.facts['mac']}")
+    return names
+
+
+@dataclass(frozen=True)
+class Totals:
+    machines: int
+    unknown: int
+
+
+def totals(store: Store) -> Totals:
+    def work(cursor: Any) -> Totals:
+        cursor.execute("SELECT COUNT(*), COALESCE(SUM(unknown), 0) FROM bootrules_machines")
+        machines, unknown = cursor.fetchone()
+        return Totals(int(machines), int(unknown))
+
+    return store.transaction(work)
+
+
+def per_minute(store: Store, since_minute: int) -> dict[tuple[int, str], int]:
+    """Decisions per (minute since the epoch, action) from `since_minute` on."""
+
+    def work(cursor: Any) -> dict[tuple[int, str], int]:
+        cursor.execute(store.sql("SELECT minute, action, decisions FROM bootrules_minutes WHERE minute >= ?"),
+                       (since_minute,))
+        return {(int(minute), action): int(count) for minute, action, count in cursor.fetchall()}
+
+    return store.transaction(work)
