@@ -129,7 +129,7 @@ def preview_url(base: str, facts: Mapping[str, str]) -> str:
             parameters.append((f"{key}_hex", value.encode("utf-8").hex()))
         else:
             parameters.append((key, value))
-    return f"{base}/ipxe?{urllib.parse.urlencode(parameters)}"
+    return f"{base}/ipxe?{urllib.parse.urlencode(parameters, safe=':')}"
 
 
 def public_base() -> str:
@@ -247,7 +247,8 @@ def overview() -> str:
     return render_template(
         "ui/overview.html", page="overview", snapshot=snapshot, rules_path=reloader.path, rules=rules,
         unmatched=int(hits.get(machines.NO_RULE, 0)), reload_error=error, reload_error_at=error_at, totals=totals,
-        store_error=store_error, bars=bars, tallest=tallest, actions=ACTIONS, chart_minutes=CHART_MINUTES,
+        store_error=store_error, bars=bars, tallest=tallest, chart_minutes=CHART_MINUTES,
+        actions=[action for action in ACTIONS if action in {row.action for row in rules} | {"exit"}],
         recording=_settings().machines_keep > 0, state_location=_shown_location(), now=time.time())
 
 

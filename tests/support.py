@@ -47,6 +47,7 @@ class BootrulesServer:
     host: str = "127.0.0.1"
     connect_host: str | None = None  # where clients connect, if not `host`
     netns: str | None = None
+    cwd: Path | None = None  # where the server runs (relative paths in `rules` and `args` are from here)
     process: subprocess.Popen | None = field(default=None, init=False)
 
     @property
@@ -60,7 +61,8 @@ class BootrulesServer:
             command = ["ip", "netns", "exec", self.netns, *command]
         self._log = open(self.log_path, "ab")
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-        self.process = subprocess.Popen(command, stdout=self._log, stderr=subprocess.STDOUT, cwd=ROOT, env=env)
+        self.process = subprocess.Popen(command, stdout=self._log, stderr=subprocess.STDOUT, cwd=self.cwd or ROOT,
+                                        env=env)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.process.poll() is not None:

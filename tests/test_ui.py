@@ -1,0 +1,199 @@
+"""The status page and the API (bootrules/ui.py): who may see them, what they show, and that
+nothing a machine sent can run or leak a secret."""
+
+from __future__ import annotations
+
+import json
+import re
+import socket
+import time
+import urllib.parse
+
+import pytest
+
+from app import create_app
+from conftest import free_port
+from support import BootrulesServer, http_get
+
+RULES = """
+rules:
+  - name: db01-iscsi
+    match: {mac: "00:11:22:33:44:55"}
+    set:
+      username: db01
+      password: {secret: true, value: "S3cret-CHAP-pass"}
+    sanboot: iscsi:10.0.0.5::::iqn.2026-01.com.example:db01
+  - name: install-debian
+    match: {mac: "52:54:00:12:34:*"}
+    once: true
+    boot:
+      kernel: http://mirror.example.com/linux
+      args: bootrules.done=${bootrules-done}
+  - name: never-asked
+    match: {serial: "nobody"}
+    exit: true
+  - name: everyone-else
+    exit: true
+"""
+HOSTILE = "<script>alert(1)</script>"
+ADMIN = {"REMOTE_ADDR": "127.0.0.1"}
+
+
+def hexed(text: str) -> str:
+    return text.encode().hex()
+
+
+@pytest.fixture
+def lab(write_rules, tmp_path, monkeypatch):
+    def make(**environment: str):
+        for name, value in environment.items():
+            monkeypatch.setenv(name, value)
+        app = create_app(str(write_rules(RULES)), poll_interval=0)
+        made.append(app)
+        return app, app.test_client()
+
+    made: list = []
+    yield make
+    for app in made:
+        app.extensions["bootrules"].stop()
+
+
+def get(client, path: str, peer: str) -> tuple[int, str]:
+    with client.get(path, environ_base={"REMOTE_ADDR": peer}) as response:
+        return response.status_code, response.get_data(as_text=True)
+
+
+def booted(app, client, *queries: str) -> None:
+    for query in queries:
+        assert client.get("/ipxe?" + query).status_code == 200
+    app.extensions["bootrules.recorder"].flush()
+
+
+def test_pages_answer_this_host_and_admin_networks_only(lab):
+    app, client = lab(BOOTRULES_ADMIN_ALLOW="10.9.0.0/16")
+    booted(app, client, "mac=52:54:00:99:00:01&serial_hex=" + hexed("SN-SECRET-SIGHTING"))
+    for path in ("/ui/", "/ui/machines", "/ui/machines/mac:52:54:00:99:00:01", "/api/machines",
+                 "/api/machines/mac:52:54:00:99:00:01", "/ui/static/ui.css"):
+        for outsider in ("10.0.0.1", "127.0.0.2", "::ffff:10.8.0.1"):
+            status, body = get(client, path, outsider)
+            assert status == 403 and "sn-secret-sighting" not in body, (path, outsider)
+        for insider in ("127.0.0.1", "10.9.3.4", "::1"):
+            assert get(client, path, insider)[0] == 200, (path, insider)
+    # The boot endpoints stay open to everyone.
+    assert client.get("/ipxe?mac=52:54:00:99:00:02", environ_base={"REMOTE_ADDR": "10.0.0.1"}).status_code == 200
+
+
+def test_behind_a_proxy_the_real_client_is_judged(lab):
+    app, client = lab(BOOTRULES_TRUSTED_PROXIES="127.0.0.1")
+    through = {"REMOTE_ADDR": "127.0.0.1"}
+    assert client.get("/ui/", environ_base=through, headers={"X-Forwarded-For": "10.0.0.7"}).status_code == 403
+    app2, client2 = lab(BOOTRULES_TRUSTED_PROXIES="127.0.0.1", BOOTRULES_ADMIN_ALLOW="10.0.0.0/24")
+    assert client2.get("/ui/", environ_base=through, headers={"X-Forwarded-For": "10.0.0.7"}).status_code == 200
+
+
+def test_a_proxy_bootrules_does_not_trust_gets_nothing(lab):
+    """nginx on the same host, but no --trusted-proxy: every request would look local."""
+    _app, client = lab()
+    refused = client.get("/api/machines", environ_base=ADMIN, headers={"X-Forwarded-For": "203.0.113.9"})
+    assert refused.status_code == 403 and "--trusted-proxy" in refused.get_data(as_text=True)
+
+
+def test_a_hostile_serial_is_text_everywhere_and_no_page_may_run_a_script(lab):
+    app, client = lab()
+    product = hexed('a"b<i>x</i>')
+    booted(app, client, f"mac=52:54:00:66:00:01&serial_hex={hexed(HOSTILE)}&product_hex={product}")
+    for path in ("/ui/", "/ui/machines", "/ui/machines?q=%3Cscript", "/ui/machines/mac:52:54:00:66:00:01"):
+        response = client.get(path, environ_base=ADMIN)
+        body = response.get_data(as_text=True)
+        assert "<script" not in body.lower() and "<i>" not in body, path
+        assert "script-src" not in response.headers["Content-Security-Policy"]  # default-src 'none': no script
+        assert response.headers["X-Content-Type-Options"] == "nosniff"
+    page = client.get("/ui/machines/mac:52:54:00:66:00:01", environ_base=ADMIN).get_data(as_text=True)
+    assert "&lt;script&gt;alert(1)&lt;/script&gt;" in page
+    assert not re.search(r'href="[^"]*(script|alert)', page)  # never a link target
+    api = client.get("/api/machines/mac:52:54:00:66:00:01", environ_base=ADMIN)
+    assert api.content_type == "application/json" and api.json["facts"]["serial"] == HOSTILE
+
+
+def test_no_secret_appears_on_any_page_or_in_the_api(lab):
+    app, client = lab()
+    answer = client.get("/ipxe?mac=52:54:00:12:34:56").get_data(as_text=True)
+    token = re.search(r"/done/([A-Za-z0-9_-]{32})", answer).group(1)
+    booted(app, client, "mac=00:11:22:33:44:55")
+    shown = "".join(client.get(path, environ_base=ADMIN).get_data(as_text=True) for path in (
+        "/ui/", "/ui/machines", "/ui/machines/mac:52:54:00:12:34:56", "/ui/machines/mac:00:11:22:33:44:55",
+        "/api/machines", "/api/machines/mac:52:54:00:12:34:56"))
+    assert token not in shown and token[:6] not in shown
+    assert "S3cret-CHAP-pass" not in shown
+    assert "install-debian: armed" in shown  # the once: state is shown, without its token
+
+
+def test_the_overview_shows_rules_hits_never_hit_rules_and_the_reload_error(lab, write_rules):
+    app, client = lab()
+    booted(app, client, "mac=00:11:22:33:44:55", "mac=00:11:22:33:44:55", "mac=aa:bb:cc:00:00:01")
+    page = client.get("/ui/", environ_base=ADMIN).get_data(as_text=True)
+    rows = {name: row for name, row in re.findall(r'<tr[^>]*>\s*<td class="num">\d+</td>\s*<td><a [^>]*>([^<]+)</a>'
+                                                  r'(.*?)</tr>', page, re.S)}
+    assert '<td class="num">2</td>' in rows["db01-iscsi"] and "never hit" in rows["never-asked"]
+    assert '<td class="num">1</td>' in rows["everyone-else"]
+    assert len(re.findall(r'<rect class="a-', page)) >= 2  # this minute's bar: sanboot and exit
+    write_rules(RULES.replace("match: {serial: \"nobody\"}", "match: {serail: nobody}"))
+    assert not app.extensions["bootrules"].reload()
+    page = client.get("/ui/", environ_base=ADMIN).get_data(as_text=True)
+    assert "The rules file does not load" in page and re.search(r"rules\.yaml:\d+: rule &#39;never-asked&#39;", page)
+
+
+def test_the_api_pages_and_filters(lab):
+    app, client = lab()
+    booted(app, client, *[f"mac=aa:bb:cc:00:00:{n:02x}" for n in range(30)], "mac=00:11:22:33:44:55")
+    first = client.get("/api/machines?per_page=20", environ_base=ADMIN).json
+    assert (first["total"], first["pages"], len(first["machines"])) == (31, 2, 20)
+    second = client.get("/api/machines?per_page=20&page=2", environ_base=ADMIN).json
+    assert len(second["machines"]) == 11
+    assert client.get("/api/machines?unknown=1", environ_base=ADMIN).json["total"] == 30
+    assert client.get("/api/machines?rule=db01-iscsi", environ_base=ADMIN).json["total"] == 1
+    assert client.get("/api/machines?q=aa:bb:cc:00:00:1", environ_base=ADMIN).json["total"] == 14  # :10 to :1d
+    assert client.get("/api/machines?page=x&per_page=-3", environ_base=ADMIN).status_code == 200  # defaults
+    assert client.get("/api/machines/mac:00:00:00:00:00:00", environ_base=ADMIN).status_code == 404
+    machines_page = client.get("/ui/machines?unknown=1&per_page=10&page=2", environ_base=ADMIN).get_data(as_text=True)
+    assert "page 2 of 3" in machines_page and machines_page.count('class="unknown"') == 10
+
+
+def test_the_preview_url_on_a_machine_page_asks_as_the_machine_did(lab):
+    app, client = lab()
+    booted(app, client, "mac=00:0c:29:00:00:01&serial_hex=" + hexed("Kiosk 7 &+#%") + "&platform=efi")
+    detail = client.get("/api/machines/mac:00:0c:29:00:00:01", environ_base=ADMIN).json
+    url = urllib.parse.urlsplit(detail["preview_url"])
+    again = client.get(f"{url.path}?{url.query}")
+    assert again.headers["X-Bootrules-Rule"] == "everyone-else"
+    app.extensions["bootrules.recorder"].flush()
+    facts = client.get("/api/machines/mac:00:0c:29:00:00:01", environ_base=ADMIN).json["facts"]
+    assert facts == detail["facts"] and facts["serial"] == "kiosk 7 &+#%"
+
+
+def test_a_client_outside_admin_allow_gets_403_on_a_real_socket(write_rules, tmp_path):
+    """The server listens on 127.0.0.1; a client that connects from 127.0.0.2 is not this host's
+    own address: 403 and no data. From 127.0.0.1, or a network given to --admin-allow: the page."""
+    rules = write_rules(RULES)
+    port = free_port()
+    with BootrulesServer(rules, port, tmp_path / "server.log", args=("--admin-allow", "127.0.0.3/32")) as server:
+        http_get(f"{server.url}/ipxe?mac=52:54:00:77:00:01&serial_hex={hexed('REAL-SOCKET-SERIAL')}")
+
+        def get_from(source: str, path: str) -> tuple[int, str]:
+            with socket.create_connection(("127.0.0.1", port), timeout=5, source_address=(source, 0)) as sock:
+                sock.sendall(f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n".encode())
+                data = b""
+                while chunk := sock.recv(65536):
+                    data += chunk
+            head, _, body = data.partition(b"\r\n\r\n")
+            return int(head.split()[1]), body.decode(errors="replace")
+
+        for path in ("/ui/machines", "/api/machines"):
+            status, body = get_from("127.0.0.2", path)
+            assert status == 403 and "real-socket-serial" not in body
+        deadline = time.monotonic() + 10
+        while "real-socket-serial" not in get_from("127.0.0.1", "/api/machines")[1] and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert "real-socket-serial" in get_from("127.0.0.1", "/api/machines")[1]
+        status, body = get_from("127.0.0.3", "/api/machines")
+        assert status == 200 and json.loads(body)["total"] == 1
