@@ -15,6 +15,8 @@ from __future__ import annotations
 import re
 from collections.abc import Collection, Mapping
 
+import yaml
+
 INDENT = "  "
 _NOT_NAME = re.compile(r"[^a-z0-9]+")
 ALTERNATIVES = ("uuid", "serial", "product", "manufacturer", "asset", "hostname")
@@ -57,7 +59,10 @@ def rule_to_paste(facts: Mapping[str, str], client: str | None, taken: Collectio
     else:
         key = "client"
     value = facts.get(key) if key != "client" else client
-    lines = [f"- name: {rule_name(facts, taken)}", "  match:", f"    {key}: {_quoted(value or '')}"]
+    name = rule_name(facts, taken)
+    if yaml.safe_load(name) != name:  # `null`, `yes`, `0x1f`…: YAML would read something else
+        name = _quoted(name)
+    lines = [f"- name: {name}", "  match:", f"    {key}: {_quoted(value or '')}"]
     others = [name for name in ALTERNATIVES if name != key and facts.get(name)]
     if others:
         lines.append("    # also sent (uncomment to match on it too; every key given must fit):")
