@@ -60,7 +60,7 @@ def create_app(
     # Machines seen, written in batches by a thread of the process that answers them.
     recorder = None
     if settings.machines_keep:
-        recorder = Recorder(settings.state_location(), settings.machines_keep, settings.machines_max, metrics)
+        recorder = Recorder(settings.machines_location(), settings.machines_keep, settings.machines_max, metrics)
     app.extensions["bootrules.recorder"] = recorder
 
     app.add_url_rule("/healthz", "healthz", web.healthz)

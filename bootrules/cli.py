@@ -149,9 +149,10 @@ def preview(rules_path: str, show_secrets: bool, explain: bool, **given: str | N
     click.echo(script, nl=False)
 
 
-def _state_store(rules: str | None, state: str | None) -> "Store | None":
-    """The state store the server uses; None if it is a SQLite file that does not exist yet
-    (a command that only looks must not create it)."""
+def _state_store(rules: str | None, state: str | None, machines: bool = False,
+                 quiet: bool = False) -> "Store | None":
+    """The state store the server uses (`machines`: the one for machines seen); None if it is a
+    SQLite file that does not exist yet (a command that only looks must not create it)."""
     import os
 
     from .state import open_store
@@ -160,9 +161,10 @@ def _state_store(rules: str | None, state: str | None) -> "Store | None":
         settings = Settings.load({"rules": rules, "state": state})
     except SettingsError as error:
         raise click.ClickException(str(error)) from None
-    location = settings.state_location()
+    location = settings.machines_location() if machines else settings.state_location()
     if "://" not in location and not os.path.exists(location):
-        click.echo(f"{location}: no state yet (no machine has booted)", err=True)
+        if not quiet:
+            click.echo(f"{location}: no state yet (no machine has booted)", err=True)
         return None
     return open_store(location)
 
@@ -203,14 +205,19 @@ def machines(rules: str | None, state: str | None, unknown: bool, once_rows: boo
     from . import machines as seen
     from .state import StateError
 
-    store = _state_store(rules, state)
-    if store is None:
-        return
     try:
         if once_rows:
-            _list_once_rows(store.rows(limit), as_json)
+            store = _state_store(rules, state)
+            if store is not None:
+                _list_once_rows(store.rows(limit), as_json)
             return
-        found = seen.page(store, seen.Filter(unknown=unknown), 1, limit).machines if limit else ()
+        store = _state_store(rules, state, machines=True)
+        if store is None:
+            return
+        once_store = _state_store(rules, state, quiet=True) if store.kind == "sqlite" else store
+        found = seen.page(store, seen.Filter(unknown=unknown), 1, limit).machines
+        if once_store is not None:
+            found = tuple(seen.with_once(once_store, list(found)))
     except StateError as error:
         raise click.ClickException(f"cannot read the state store: {error}") from None
     if as_json:

@@ -14,9 +14,10 @@ row, so two workers (or two servers) recording one machine never lose each other
 from __future__ import annotations
 
 import json
+import re
 import time
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from .model import Facts
@@ -28,45 +29,50 @@ PAGE_SIZE = 50
 MAX_PAGE_SIZE = 500
 NO_RULE = "(none)"  # the rule name recorded when no rule matched (as X-Bootrules-Rule says)
 
+_encode = json.JSONEncoder(ensure_ascii=True, separators=(",", ":")).encode
 _COLUMNS = ("machine, mac, serial, facts, client, first_seen, last_seen, decisions, last_rule, last_action, "
             "unknown, recent")
 
 
-def identity(facts: Facts, client: str) -> str:
-    """The name a machine is kept under: uuid:…, mac:…, or ip:… when it sent neither."""
-    if facts.get("uuid"):
-        return f"uuid:{facts['uuid']}"
-    if facts.get("mac"):
-        return f"mac:{facts['mac']}"
-    return f"ip:{client}"
-
-
-@dataclass
 class Sighting:
-    """What one worker saw of one machine since its last batch was written (coalesced)."""
+    """What one worker saw of one machine since its last batch was written (coalesced).
 
-    facts: Facts
-    client: str
-    first_seen: float
-    last_seen: float
-    decisions: int
-    rule: str
-    action: str
-    unknown: bool
-    recent: list[str] = field(default_factory=list)  # newest last, at most RECENT_LINES
+    Made and updated on the request path, so it only keeps references; formatting waits
+    for the batch to be written.
+    """
 
-    RECENT_LINES = 20
+    __slots__ = ("facts", "client", "first_seen", "last_seen", "decisions", "rule", "action", "unknown", "recent")
+    RECENT_KEPT = 20
+
+    def __init__(self, facts: Facts, client: str, when: float, rule: str, action: str, unknown: bool) -> None:
+        self.facts, self.client, self.first_seen, self.last_seen = facts, client, when, when
+        self.decisions = 1
+        self.rule, self.action, self.unknown = rule, action, unknown
+        self.recent = [(when, rule, action, client)]  # oldest first
 
     def add(self, facts: Facts, client: str, when: float, rule: str, action: str, unknown: bool) -> None:
         self.facts, self.client, self.last_seen = facts, client, when
         self.decisions += 1
         self.rule, self.action, self.unknown = rule, action, unknown
-        self.recent.append(recent_line(when, rule, action, client))
-        if len(self.recent) > self.RECENT_LINES:
+        self.recent.append((when, rule, action, client))
+        if len(self.recent) > self.RECENT_KEPT:
             del self.recent[0]
+
+    def merge_older(self, older: "Sighting") -> None:
+        """Take in what `older` saw before this (a batch the store refused)."""
+        self.first_seen = older.first_seen
+        self.decisions += older.decisions
+        self.recent[:0] = older.recent
+        del self.recent[:-self.RECENT_KEPT]
+
+
+_PLAIN = re.compile(r"[A-Za-z0-9._:()-]*")  # rule names, actions, addresses: no JSON escaping needed
 
 
 def recent_line(when: float, rule: str, action: str, client: str) -> str:
+    """One decision as a line of the `recent` column (a JSON array)."""
+    if _PLAIN.fullmatch(rule) and _PLAIN.fullmatch(client):
+        return f'[{when:.3f},"{rule}","{action}","{client}"]\n'
     return json.dumps([round(when, 3), rule, action, client]) + "\n"
 
 
@@ -98,7 +104,9 @@ class Machine:
     def from_record(cls, record: Sequence[Any]) -> Machine:
         (machine, _mac, _serial, facts, client, first_seen, last_seen, decisions, last_rule, last_action, unknown,
          recent) = record
-        return cls(machine, json.loads(facts), client, first_seen, last_seen, int(decisions), last_rule, last_action,
+        facts = json.loads(facts)
+        facts.pop("client", None)  # kept beside the facts
+        return cls(machine, facts, client, first_seen, last_seen, int(decisions), last_rule, last_action,
                    bool(unknown), tuple(_parse_recent(recent)))
 
     def public(self) -> dict[str, Any]:
@@ -137,10 +145,10 @@ def write(store: Store, batch: Mapping[str, Sighting], minutes: Mapping[tuple[in
     """Write one batch of sightings and per-minute counts, in one transaction."""
     rows = []
     for machine, seen in batch.items():
-        facts = {key: value for key, value in seen.facts.items() if key != "client"}
-        rows.append((machine, facts.get("mac"), facts.get("serial"), json.dumps(facts, sort_keys=True), seen.client,
-                     seen.first_seen, seen.last_seen, seen.decisions, seen.rule, seen.action, int(seen.unknown),
-                     "".join(reversed(seen.recent))[:RECENT_CHARS]))
+        facts = seen.facts
+        rows.append((machine, facts.get("mac"), facts.get("serial"), _encode(facts), seen.client, seen.first_seen,
+                     seen.last_seen, seen.decisions, seen.rule, seen.action, int(seen.unknown),
+                     "".join(recent_line(*decision) for decision in reversed(seen.recent))[:RECENT_CHARS]))
     upsert = store.sql(
         f"INSERT INTO bootrules_machines ({_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) "
         "ON CONFLICT (machine) DO UPDATE SET mac = excluded.mac, serial = excluded.serial, facts = excluded.facts, "
@@ -219,36 +227,46 @@ class Page:
         return max(1, -(-self.total // self.per_page))
 
 
-def page(store: Store, wanted: Filter, number: int = 1, per_page: int = PAGE_SIZE) -> Page:
-    """One page of machines, newest first, each with its `once:` state."""
+def page(store: Store, wanted: Filter, number: int = 1, per_page: int = PAGE_SIZE,
+         once_store: Store | None = None) -> Page:
+    """One page of machines, newest first, each with its `once:` state (from `once_store`, if
+    that is not `store`)."""
     number, per_page = max(1, number), max(1, min(per_page, MAX_PAGE_SIZE))
     where, parameters = wanted.where()
 
     def work(cursor: Any) -> Page:
         cursor.execute(store.sql(f"SELECT COUNT(*) FROM bootrules_machines{where}"), parameters)
         total = cursor.fetchone()[0]
-        cursor.execute(store.sql(f"SELECT {_COLUMNS} FROM bootrules_machines{where} "
-                                 "ORDER BY last_seen DESC, machine LIMIT ? OFFSET ?"),
+        # The page's names first (from the listing index alone, however deep the page), then
+        # only those rows.
+        cursor.execute(store.sql(f"SELECT machine FROM bootrules_machines{where} "
+                                 "ORDER BY last_seen DESC, machine DESC LIMIT ? OFFSET ?"),
                        [*parameters, per_page, (number - 1) * per_page])
-        found = [Machine.from_record(record) for record in cursor.fetchall()]
-        return Page(tuple(_with_once(cursor, store, found)), total, number, per_page)
+        names = [name for (name,) in cursor.fetchall()]
+        found = []
+        if names:
+            marks = ", ".join("?" * len(names))
+            cursor.execute(store.sql(f"SELECT {_COLUMNS} FROM bootrules_machines WHERE machine IN ({marks})"), names)
+            by_name = {record[0]: Machine.from_record(record) for record in cursor.fetchall()}
+            found = [by_name[name] for name in names if name in by_name]
+        return Page(tuple(found), total, number, per_page)
 
-    return store.transaction(work)
+    found = store.transaction(work)
+    return Page(tuple(with_once(once_store or store, list(found.machines))), found.total, found.page, per_page)
 
 
-def one(store: Store, machine: str) -> Machine | None:
+def one(store: Store, machine: str, once_store: Store | None = None) -> Machine | None:
     def work(cursor: Any) -> Machine | None:
         cursor.execute(store.sql(f"SELECT {_COLUMNS} FROM bootrules_machines WHERE machine = ?"), (machine,))
         record = cursor.fetchone()
-        if record is None:
-            return None
-        return _with_once(cursor, store, [Machine.from_record(record)])[0]
+        return None if record is None else Machine.from_record(record)
 
-    return store.transaction(work)
+    found = store.transaction(work)
+    return None if found is None else with_once(once_store or store, [found])[0]
 
 
-def _with_once(cursor: Any, store: Store, found: list[Machine]) -> list[Machine]:
-    """The machines, each with the `once:` rows kept under its UUID or its MAC."""
+def with_once(store: Store, found: list[Machine]) -> list[Machine]:
+    """The machines, each with the `once:` rows `store` keeps under its UUID or its MAC."""
     from dataclasses import replace
 
     names: dict[str, list[int]] = {}
@@ -258,12 +276,15 @@ def _with_once(cursor: Any, store: Store, found: list[Machine]) -> list[Machine]
     if not names:
         return found
     marks = ", ".join("?" * len(names))
-    cursor.execute(store.sql(f"SELECT machine, rule, label, state, token, issued_at, expires_at, done_at, done_from, "
-                             f"identities FROM bootrules_once WHERE machine IN ({marks}) ORDER BY rule, label"),
-                   list(names))
+
+    def work(cursor: Any) -> list[OnceRow]:
+        cursor.execute(store.sql(f"SELECT machine, rule, label, state, token, issued_at, expires_at, done_at, "
+                                 f"done_from, identities FROM bootrules_once WHERE machine IN ({marks}) "
+                                 "ORDER BY rule, label"), list(names))
+        return [OnceRow.from_record(record) for record in cursor.fetchall()]
+
     rows: dict[int, dict[tuple[str, str], OnceRow]] = {}
-    for record in cursor.fetchall():
-        row = OnceRow.from_record(record)
+    for row in store.transaction(work):
         for position in names[row.machine]:
             mine = rows.setdefault(position, {})
             # One machine may have a row under each name; `done` under either is what counts.

@@ -58,31 +58,36 @@ class Recorder:
 
     def store(self) -> Store:
         if self._store is None:  # its own connection: a batch never waits behind a decision's
-            self._store = open_store(self.location)
+            self._store = open_store(self.location, patient=True)
         return self._store
 
     # ------------------------------------------------------------ the request path
 
     def saw(self, facts: Facts, client: str, rule: str, action: str, unknown: bool) -> None:
-        """Note one decision. Never raises, never waits for the store."""
+        """Note one decision. Never raises, never waits for the store; a few dict operations."""
         when = self.clock()
-        machine = machines.identity(facts, client)
         minute = (int(when // 60), action)
+        # The machine's name: its UUID when real, else its MAC (as once: names it), else
+        # the address it asked from.
+        uuid = facts.get("uuid")
+        if uuid:
+            machine = "uuid:" + uuid
+        else:
+            mac = facts.get("mac")
+            machine = "mac:" + mac if mac else "ip:" + client
         with self._lock:
             if self._thread_pid != os.getpid():
                 self._start()
-            self._minutes[minute] = self._minutes.get(minute, 0) + 1
+            minutes = self._minutes
+            minutes[minute] = minutes.get(minute, 0) + 1
             seen = self._pending.get(machine)
             if seen is not None:
                 seen.add(facts, client, when, rule, action, unknown)
                 return
-            if len(self._pending) >= self.max_pending:
-                dropped = True
-            else:
-                dropped = False
-                self._pending[machine] = Sighting(facts, client, when, when, 1, rule, action, unknown,
-                                                  [machines.recent_line(when, rule, action, client)])
-        if dropped and self.metrics is not None:
+            if len(self._pending) < self.max_pending:
+                self._pending[machine] = Sighting(facts, client, when, rule, action, unknown)
+                return
+        if self.metrics is not None:
             self.metrics.machine_records_dropped.inc()
 
     # ------------------------------------------------------------ writing
@@ -141,10 +146,7 @@ class Recorder:
             for machine, older in unsent.items():
                 newer = self._pending.get(machine)
                 if newer is not None:
-                    newer.first_seen = older.first_seen
-                    newer.decisions += older.decisions
-                    newer.recent[:0] = older.recent
-                    del newer.recent[:-Sighting.RECENT_LINES]
+                    newer.merge_older(older)
                 elif len(self._pending) < self.max_pending:
                     self._pending[machine] = older
                 else:

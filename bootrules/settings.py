@@ -260,6 +260,17 @@ class Settings:
         """Where machine state lives: as set, or `bootrules-state.db` beside the rules file."""
         return self.state or os.path.join(os.path.dirname(os.path.abspath(self.rules)), "bootrules-state.db")
 
+    def machines_location(self) -> str:
+        """Where the machines seen are kept: the same PostgreSQL, or a SQLite file of their own
+        beside the state file (`state.db` -> `state-machines.db`). SQLite lets one process write a
+        file at a time: in a file of their own, the batches of machines seen never keep a
+        `once:` decision waiting for the lock."""
+        location = self.state_location()
+        if "://" in location:
+            return location
+        root, extension = os.path.splitext(location)
+        return f"{root}-machines{extension or '.db'}"
+
     def resolved_workers(self) -> int:
         """The number of worker processes: as set, or one per CPU core."""
         return self.workers or os.cpu_count() or 1

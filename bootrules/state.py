@@ -53,7 +53,10 @@ _SCHEMA = (
         last_action TEXT,
         unknown SMALLINT NOT NULL,
         recent TEXT NOT NULL)""",
-    "CREATE INDEX IF NOT EXISTS bootrules_machines_last_seen ON bootrules_machines (last_seen)",
+    # Everything the machines page filters and sorts on: a page, its count and a filter
+    # (even a substring of MAC or serial) read this index alone, never the wide rows.
+    "CREATE INDEX IF NOT EXISTS bootrules_machines_listing ON bootrules_machines "
+    "(last_seen, machine, unknown, last_rule, mac, serial)",
     """CREATE TABLE IF NOT EXISTS bootrules_minutes (
         minute BIGINT NOT NULL,
         action TEXT NOT NULL,
@@ -338,16 +341,22 @@ class Store:
         return self._run(work)
 
 
+_CHECKPOINTING: set[tuple[int, str]] = set()
+_CHECKPOINTING_LOCK = threading.Lock()
+
+
 class SqliteStore(Store):
     kind = "sqlite"
     # The rows live in the primary key's own tree: one tree to write per armed machine, not two.
     table_options = " WITHOUT ROWID"
 
-    def __init__(self, path: str) -> None:
+    def __init__(self, path: str, patient: bool = False) -> None:
         super().__init__()
         self.path = path
+        # A store used off the request path (the recorder's thread) lets SQLite wait for the
+        # write lock, sleeping without the GIL, rather than trying again every 50 µs.
+        self.patient = patient
         self._full = False  # the connection's synchronous mode: NORMAL until a FULL commit
-        self._checkpointer_pid = 0
 
     def _errors(self) -> tuple[type[BaseException], ...]:
         return (sqlite3.Error, OSError)
@@ -359,7 +368,8 @@ class SqliteStore(Store):
             # SQLite's own busy handler sleeps 1, 2, 5, 10… ms, and it sleeps on the
             # worker's only loop thread: in a boot storm on a `once:` rule, two workers
             # writing at once made every machine on the loser wait milliseconds.
-            connection = sqlite3.connect(self.path, timeout=0, isolation_level=None, check_same_thread=False)
+            connection = sqlite3.connect(self.path, timeout=LOCK_TIMEOUT if self.patient else 0,
+                                         isolation_level=None, check_same_thread=False)
         finally:
             os.umask(previous)
         try:
@@ -379,9 +389,11 @@ class SqliteStore(Store):
         return connection
 
     def _start_checkpoints(self) -> None:
-        if self._checkpointer_pid == os.getpid():
-            return
-        self._checkpointer_pid = os.getpid()
+        key = (os.getpid(), os.path.abspath(self.path))
+        with _CHECKPOINTING_LOCK:  # one thread per file and process, however many stores use it
+            if key in _CHECKPOINTING:
+                return
+            _CHECKPOINTING.add(key)
         threading.Thread(target=self._checkpoint_now_and_then, args=(os.getpid(),), daemon=True,
                          name="bootrules-state-checkpoint").start()
 
@@ -433,11 +445,12 @@ class PostgresStore(Store):
         pass  # psycopg opens a transaction with the first statement
 
 
-def open_store(location: str) -> Store:
-    """The store at `location`: a postgresql:// URL, or a SQLite file path."""
+def open_store(location: str, patient: bool = False) -> Store:
+    """The store at `location`: a postgresql:// URL, or a SQLite file path. `patient`: for
+    work off the request path, which may wait its turn to write."""
     if location.startswith(("postgresql://", "postgres://")):
         return PostgresStore(location)
-    return SqliteStore(location)
+    return SqliteStore(location, patient)
 
 
 def _one_line(error: BaseException) -> str:

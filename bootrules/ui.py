@@ -94,16 +94,29 @@ def _settings() -> Settings:
     return current_app.config["BOOTRULES_SETTINGS"]
 
 
-def reader() -> Store | None:
-    """The state store, opened for this app's reads; None while there is none yet (a page
-    never creates the file)."""
-    store = current_app.extensions.get("bootrules.reader")
-    if store is None:
-        location = _settings().state_location()
+@dataclass(frozen=True)
+class Stores:
+    """The stores a page reads: the machines seen, and the `once:` state (the same PostgreSQL,
+    or two SQLite files)."""
+
+    machines: Store
+    once: Store
+
+
+def reader() -> Stores | None:
+    """The stores, opened for this app's reads; None while there are none yet (a page never
+    creates a file)."""
+    stores = current_app.extensions.get("bootrules.reader")
+    if stores is None:
+        settings = _settings()
+        location = settings.machines_location()
         if "://" not in location and not os.path.exists(location):
             return None
-        store = current_app.extensions["bootrules.reader"] = open_store(location)
-    return store
+        once = settings.state_location()
+        machines_store = open_store(location)
+        stores = Stores(machines_store, machines_store if once == location else open_store(once))
+        current_app.extensions["bootrules.reader"] = stores
+    return stores
 
 
 def wanted_machines(arguments: Mapping[str, str]) -> tuple[Filter, int, int]:
@@ -236,11 +249,11 @@ def overview() -> str:
              for rule in (snapshot.ruleset.rules if snapshot else ())]
     now_minute = int(time.time() // 60)
     totals, counts, store_error = None, {}, None
-    store = reader()
+    stores = reader()
     try:
-        if store is not None:
-            totals = machines.totals(store)
-            counts = machines.per_minute(store, now_minute - CHART_MINUTES + 1)
+        if stores is not None:
+            totals = machines.totals(stores.machines)
+            counts = machines.per_minute(stores.machines, now_minute - CHART_MINUTES + 1)
     except StateError as failure:
         store_error = str(failure)
     bars, tallest = decision_chart(counts, now_minute)
@@ -253,7 +266,7 @@ def overview() -> str:
 
 
 def _shown_location() -> str:
-    location = _settings().state_location()
+    location = _settings().machines_location()
     if "://" in location:  # a URL may carry a password
         parts = urllib.parse.urlsplit(location)
         return f"{parts.scheme}://{parts.hostname or ''}{':' + str(parts.port) if parts.port else ''}{parts.path}"
@@ -266,10 +279,10 @@ def _shown_location() -> str:
 @ui.get("/machines")
 def machine_list() -> str | tuple[str, int]:
     wanted, number, per_page = wanted_machines(request.args)
-    store, found, store_error = reader(), None, None
+    stores, found, store_error = reader(), None, None
     try:
-        if store is not None:
-            found = machines.page(store, wanted, number, per_page)
+        if stores is not None:
+            found = machines.page(stores.machines, wanted, number, per_page, stores.once)
     except StateError as failure:
         store_error = str(failure)
     snapshot = current_reloader().snapshot
@@ -281,9 +294,9 @@ def machine_list() -> str | tuple[str, int]:
 
 @ui.get("/machines/<machine>")
 def machine_page(machine: str) -> str | tuple[str, int]:
-    store = reader()
+    stores = reader()
     try:
-        found = machines.one(store, machine) if store is not None else None
+        found = machines.one(stores.machines, machine, stores.once) if stores is not None else None
     except StateError as failure:
         return render_template("ui/machine.html", page="machines", machine=None, store_error=str(failure)), 503
     if found is None:
@@ -316,9 +329,9 @@ def _ago_filter(seconds: float | None, now: float) -> str:
 @api.get("/machines")
 def api_machines() -> Response | tuple[Response, int]:
     wanted, number, per_page = wanted_machines(request.args)
-    store = reader()
+    stores = reader()
     try:
-        found = machines.page(store, wanted, number, per_page) if store is not None else None
+        found = machines.page(stores.machines, wanted, number, per_page, stores.once) if stores is not None else None
     except StateError as failure:
         return jsonify({"error": f"the state store is unavailable: {failure}"}), 503
     listed = [machine.public() for machine in found.machines] if found else []
@@ -328,9 +341,9 @@ def api_machines() -> Response | tuple[Response, int]:
 
 @api.get("/machines/<machine>")
 def api_machine(machine: str) -> Response | tuple[Response, int]:
-    store = reader()
+    stores = reader()
     try:
-        found = machines.one(store, machine) if store is not None else None
+        found = machines.one(stores.machines, machine, stores.once) if stores is not None else None
     except StateError as failure:
         return jsonify({"error": f"the state store is unavailable: {failure}"}), 503
     if found is None:

@@ -43,7 +43,7 @@ def hexed(text: str) -> str:
 @pytest.fixture
 def lab(write_rules, tmp_path):
     app = create_app(str(write_rules(RULES)), poll_interval=0)
-    yield app, app.test_client(), open_store(str(tmp_path / "bootrules-state.db"))
+    yield app, app.test_client(), open_store(str(tmp_path / "bootrules-state-machines.db"))
     app.extensions["bootrules"].stop()
 
 
@@ -93,7 +93,7 @@ def test_unknown_means_answered_by_a_catch_all_or_by_no_rule(write_rules, tmp_pa
     client.get("/ipxe?mac=52:54:00:00:00:09")
     client.get("/ipxe")  # neither MAC nor UUID: kept under its address
     flush(app)
-    store = open_store(str(tmp_path / "bootrules-state.db"))
+    store = open_store(str(tmp_path / "bootrules-state-machines.db"))
     unknown = machines.page(store, machines.Filter(unknown=True)).machines
     assert {(m.machine, m.last_rule) for m in unknown} == {("mac:52:54:00:00:00:09", "(none)"),
                                                           ("ip:127.0.0.1", "(none)")}
@@ -160,7 +160,7 @@ def test_recording_off_writes_nothing(write_rules, tmp_path, monkeypatch):
     app = create_app(str(write_rules(RULES)), poll_interval=0)
     assert app.test_client().get("/ipxe?mac=52:54:00:00:00:01").status_code == 200
     assert app.extensions["bootrules.recorder"] is None
-    assert not (tmp_path / "bootrules-state.db").exists()
+    assert not list(tmp_path.glob("bootrules-state*"))
     app.extensions["bootrules"].stop()
 
 
@@ -173,7 +173,7 @@ def test_a_stopping_server_writes_what_it_saw_before_it_exits(write_rules, tmp_p
             assert http_get(f"{server.url}/ipxe?mac=52:54:00:00:0{workers}:01")[0] == 200
             server.signal(signal.SIGTERM)
             assert server.process.wait(timeout=20) == 0
-        found = machines.one(open_store(str(tmp_path / "bootrules-state.db")), f"mac:52:54:00:00:0{workers}:01")
+        found = machines.one(open_store(str(tmp_path / "bootrules-state-machines.db")), f"mac:52:54:00:00:0{workers}:01")
         assert found is not None and found.last_rule == "everyone-else", server.log()
 
 
