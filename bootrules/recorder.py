@@ -2,8 +2,9 @@
 
 A decision only puts what it saw into this process's in-memory batch, coalesced by
 machine (a machine that asks ten times in a second is one row to write). A thread writes
-the batch every FLUSH_EVERY seconds, in transactions of at most CHUNK machines, so the
-state store's write lock is never held long enough to keep a `once:` decision waiting.
+the batch every FLUSH_EVERY seconds, in transactions of at most CHUNK machines, giving the
+GIL back between them, so the worker's loop thread never waits long for it. (The batches
+go to a SQLite file of their own: see Settings.machines_location.)
 When the batch is full (the store is slow or down), a machine not in it yet is dropped
 and counted (bootrules_machine_records_dropped_total): the machine is answered as ever.
 A batch the store refused is put back, as far as there is room, and tried again.
@@ -27,10 +28,11 @@ from .state import StateError, Store, open_store
 log = logging.getLogger("bootrules")
 
 FLUSH_EVERY = 1.0  # seconds
-CHUNK = 256  # machines written per transaction
+CHUNK = 64  # machines written per transaction
 MAX_PENDING = 20000  # machines waiting to be written, per process
 PRUNE_EVERY = 60.0  # seconds between two passes of the retention limits
 WARN_EVERY = 60.0  # seconds between two warnings that recording fails
+RECORDER_NICENESS = 10  # the writer thread's nice value (Linux schedules threads one by one)
 
 
 class Recorder:
@@ -101,6 +103,13 @@ class Recorder:
         atexit.register(self.flush)
 
     def _write_now_and_then(self, pid: int) -> None:
+        # Below the loop thread in the CPU scheduler: on a busy box the machines come first,
+        # and the batches catch up in the quiet after a storm. (This thread holds the GIL
+        # only in short slices, so it cannot hold up the loop thread while it waits.)
+        try:
+            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), RECORDER_NICENESS)
+        except OSError:
+            pass
         while os.getpid() == pid:
             self._wakeup.wait(FLUSH_EVERY)
             self._wakeup.clear()
@@ -113,23 +122,27 @@ class Recorder:
                 batch, self._pending = self._pending, {}
                 minutes, self._minutes = self._minutes, {}
             written = 0
-            items = list(batch.items())
+            chunk: dict[str, Sighting] = {}
             try:
-                store = self.store() if items or minutes else None
-                for start in range(0, max(len(items), 1), CHUNK):
-                    chunk = dict(items[start:start + CHUNK])
-                    if not chunk and not minutes:
-                        break
+                store = self.store() if batch or minutes else None
+                while batch or minutes:
+                    # Taken out of the batch a chunk at a time, so that each chunk is also
+                    # freed on its own: freeing thousands of objects at once holds the GIL.
+                    chunk = dict(batch.popitem() for _ in range(min(CHUNK, len(batch))))
                     machines.write(store, chunk, minutes)  # type: ignore[arg-type]
                     minutes = {}
                     written += len(chunk)
+                    chunk = {}
+                    # Hand the GIL back between chunks: the loop thread answering machines
+                    # must never wait long for this thread's Python work.
+                    time.sleep(0)
                 now = self.clock()
                 if now - self._pruned_at >= PRUNE_EVERY and store is not None:
                     self._pruned_at = now
                     machines.prune(store, self.keep_seconds, self.max_machines, now)
                 self.last_error = None
             except StateError as error:
-                self._failed(str(error), dict(items[written:]), minutes)
+                self._failed(str(error), {**chunk, **batch}, minutes)
             if self.metrics is not None and written:
                 self.metrics.machine_records_written.inc(written)
             return written

@@ -381,6 +381,9 @@ class SqliteStore(Store):
             # pages, fsync included, on the worker's loop thread: a stall for every few
             # hundred machines a storm arms. A thread of this process does it instead.
             connection.execute("PRAGMA wal_autocheckpoint=0")
+            if self.patient:
+                # Its batches touch pages all over the listing index: keep more of them.
+                connection.execute("PRAGMA cache_size=-8192")
             self._full = False
             self._start_checkpoints()
         except BaseException:
