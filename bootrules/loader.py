@@ -22,6 +22,7 @@ import yaml
 
 from .model import Action, Once, Rule, RuleSet, Selector, Setting
 from .rule_actions import ACTION_READERS
+from .rule_menu import read_menu
 from .rule_match import compile_pattern, read_match
 from .rule_once import read_once
 from .rule_settings import read_settings
@@ -36,7 +37,9 @@ except ImportError:  # pragma: no cover - depends on how PyYAML was built
 __all__ = ["RulesError", "load_rules", "parse_rules", "compile_pattern", "RULE_KEYS", "ACTION_KEYS"]
 
 MAX_FILE_BYTES = 64 * 1024 * 1024
-ACTION_KEYS = tuple(ACTION_READERS)
+# A rule's actions: an item of a menu takes any of them but a menu.
+RULE_ACTION_READERS = {**ACTION_READERS, "menu": read_menu}
+ACTION_KEYS = tuple(RULE_ACTION_READERS)
 RULE_KEYS = ("name", "match", "set", "once", *ACTION_KEYS)
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 _FILE_KINDS = {stat.S_IFIFO: "a FIFO", stat.S_IFSOCK: "a socket", stat.S_IFCHR: "a character device",
@@ -202,8 +205,8 @@ class DocumentReader(NodeReader):
                 settings = read_settings(self, value_node)
             elif key == "once":
                 once = read_once(self, value_node)
-            elif key in ACTION_READERS:
-                actions.append((key, key_node, ACTION_READERS[key](self, value_node)))
+            elif key in RULE_ACTION_READERS:
+                actions.append((key, key_node, RULE_ACTION_READERS[key](self, value_node)))
         if not actions:
             self.problem(node, f"no action (expected exactly one of: {', '.join(ACTION_KEYS)})")
         elif len(actions) > 1:

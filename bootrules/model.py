@@ -123,7 +123,32 @@ class Exit:
     status: int = 1
 
 
-Action = Union[Chain, Sanboot, Boot, Exit]
+@dataclass(frozen=True, slots=True)
+class MenuItem:
+    """One choice of a `menu:`: its own settings and exactly one action (not a menu)."""
+
+    key: str
+    label: str
+    action: Union[Chain, Sanboot, Boot, Exit]
+    settings: tuple["Setting", ...] = ()
+    line: int = 0
+
+    @property
+    def action_name(self) -> str:
+        return type(self.action).__name__.lower()
+
+
+@dataclass(frozen=True, slots=True)
+class Menu:
+    """Let a person at the console choose; the default runs after `timeout` ms (0: waits)."""
+
+    title: str
+    items: tuple[MenuItem, ...]
+    default: str
+    timeout: int
+
+
+Action = Union[Chain, Sanboot, Boot, Exit, Menu]
 
 
 @dataclass(frozen=True, slots=True)
@@ -169,7 +194,7 @@ class Rule:
 
     @property
     def action_name(self) -> str:
-        """The rules.yaml key of this rule's action (`chain`, `sanboot`, `boot`, `exit`)."""
+        """The rules.yaml key of this rule's action (`chain`, `sanboot`, `boot`, `exit`, `menu`)."""
         return type(self.action).__name__.lower()
 
 

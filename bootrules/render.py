@@ -8,7 +8,7 @@ goes on to its next boot device.
 
 from __future__ import annotations
 
-from .model import Boot, Chain, Exit, Rule, Sanboot, Setting
+from .model import Boot, Chain, Exit, Menu, MenuItem, Rule, Sanboot, Setting
 
 FAILED_LABEL = "bootrules_failed"
 OR_FAIL = f" || goto {FAILED_LABEL}"
@@ -72,15 +72,21 @@ def render_rule(rule: Rule, reveal_secrets: bool = True, done_url: str | None = 
         head += f"set {DONE_SETTING} {done_url}\n"
     settings = "".join(_render_setting(setting, reveal_secrets) for setting in rule.settings)
     action = rule.action
+    if isinstance(action, Menu):
+        return head + settings + _render_menu(rule.name, action, reveal_secrets)
     if isinstance(action, Exit):
-        return head + settings + _render_exit(rule.name, action)
+        # A failed `set` jumps to the failure label, which must exist.
+        tail = _failure_label(rule.name, "set") if settings else ""
+        return head + settings + _render_exit(rule.name, action) + tail
+    return head + settings + _render_action(action) + "exit 0\n" + _failure_label(rule.name, rule.action_name)
+
+
+def _render_action(action: Chain | Sanboot | Boot) -> str:
     if isinstance(action, Chain):
-        body = _render_chain(action)
-    elif isinstance(action, Sanboot):
-        body = _render_sanboot(action)
-    else:
-        body = _render_boot(action)
-    return head + settings + body + _failure_tail(rule.name, rule.action_name)
+        return _render_chain(action)
+    if isinstance(action, Sanboot):
+        return _render_sanboot(action)
+    return _render_boot(action)
 
 
 def _render_setting(setting: Setting, reveal: bool) -> str:
@@ -118,11 +124,36 @@ def _render_boot(action: Boot) -> str:
     return "".join(f"{line}{OR_FAIL}\n" for line in lines)
 
 
-def _failure_tail(name: str, action_name: str) -> str:
-    # Reached only if the action returned; a successful boot never comes back.
+def _failure_label(name: str, what: str) -> str:
+    # Reached only by a jump: an action that returns success goes on to `exit 0` before it.
     return (
-        "exit 0\n"
         f":{FAILED_LABEL}\n"
-        f"echo bootrules: rule '{name}': {action_name} failed; falling back to the next boot device\n"
+        f"echo bootrules: rule '{name}': {what} failed; falling back to the next boot device\n"
         "exit 1\n"
     )
+
+
+MENU_CHOICE = "bootrules-choice"  # the iPXE setting `choose` stores the item in
+ITEM_LABEL = "bootrules-item-"
+
+
+def _render_menu(name: str, menu: Menu, reveal: bool) -> str:
+    """iPXE's menu, item and choose; each item's section ends in its action, and any failure
+    (Esc at the menu included) falls back to the next boot device like a rule's."""
+    lines = [f"menu {menu.title}{OR_FAIL}\n"]
+    lines += [f"item {ITEM_LABEL}{item.key} {item.label}{OR_FAIL}\n" for item in menu.items]
+    timeout = f"--timeout {menu.timeout} " if menu.timeout else ""
+    lines.append(f"choose {timeout}--default {ITEM_LABEL}{menu.default} {MENU_CHOICE}{OR_FAIL}\n")
+    lines.append(f"goto ${{{MENU_CHOICE}}}{OR_FAIL}\n")
+    for item in menu.items:
+        lines.append(f":{ITEM_LABEL}{item.key}\n")
+        lines += [_render_setting(setting, reveal) for setting in item.settings]
+        lines.append(_render_item_action(name, item))
+    return "".join(lines) + _failure_label(name, f"menu item ${{{MENU_CHOICE}}}")
+
+
+def _render_item_action(name: str, item: MenuItem) -> str:
+    if isinstance(item.action, Exit):
+        return (f"echo bootrules: rule '{name}', item '{item.key}': booting from the next boot device\n"
+                f"exit {item.action.status}\n")
+    return _render_action(item.action) + "exit 0\n"

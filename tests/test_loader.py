@@ -112,8 +112,8 @@ BAD_DOCUMENTS = [
             chian: http://x/
         """,
         [
-            "rules.yaml:4: rule 'lab': rule: unknown key 'chian' (did you mean 'chain'? expected one of: name, match, set, once, chain, sanboot, boot, exit)",
-            "rules.yaml:2: rule 'lab': no action (expected exactly one of: chain, sanboot, boot, exit)",
+            "rules.yaml:4: rule 'lab': rule: unknown key 'chian' (did you mean 'chain'? expected one of: name, match, set, once, chain, sanboot, boot, exit, menu)",
+            "rules.yaml:2: rule 'lab': no action (expected exactly one of: chain, sanboot, boot, exit, menu)",
         ],
         id="unknown-rule-key-and-no-action",
     ),
@@ -236,6 +236,38 @@ BAD_DOCUMENTS = [
         "rules:\n  - name: a\n    exit: true\n---\nrules: []\n",
         ["rules.yaml:4: a second YAML document ('---'); put every rule in one"],
         id="second-document",
+    ),
+]
+
+
+BAD_DOCUMENTS += [
+    pytest.param(
+        """rules:
+  - name: lab-menu
+    menu:
+      title: Lab
+      timeout: 10 parsecs
+      default: nowhere
+      colour: blue
+      items:
+        - {key: local, label: Local, exit: true, chain: "http://x/y"}
+        - {key: local, label: Again, exit: true}
+        - {label: No key, exit: true}
+        - {key: c, label: C, exit: true, exit: 1}
+  - name: m2
+    menu:
+      items:
+        - {key: a, label: A, exit: true}
+""",
+        ["rules.yaml:5: rule 'lab-menu': menu timeout '10 parsecs' is not a duration (10s, 1500ms, 2m; 0 waits for a choice)",
+         "rules.yaml:7: rule 'lab-menu': menu: unknown key 'colour' (expected one of: title, timeout, default, items)",
+         "rules.yaml:9: rule 'lab-menu': menu item #1: two actions (exit and chain); an item has exactly one",
+         "rules.yaml:10: rule 'lab-menu': menu item key 'local' already used by the item at line 9",
+         "rules.yaml:11: rule 'lab-menu': menu item #3 has no 'key:'",
+         "rules.yaml:12: rule 'lab-menu': menu item: key 'exit' given twice (first at line 12)",
+         "rules.yaml:6: rule 'lab-menu': menu default 'nowhere' is not one of the items (local, c)",
+         "rules.yaml:15: rule 'm2': menu needs 'default:' (the key of the item that runs when nobody chooses)"],
+        id="menu-problems",
     ),
 ]
 

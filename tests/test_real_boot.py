@@ -386,3 +386,37 @@ def test_a_once_rule_installs_then_boots_from_disk_until_its_label_changes(lab):
     again = re.fullmatch(rf"{KERNEL} initrd=0000003c cmdline=auto=true bootrules.done=(\S+)", third.marker() or "")
     assert again and again.group(1) != done_url, third.describe()
     assert lab.decisions(expected=3) == ["install action=boot", "local-disk action=exit", "install action=boot"]
+
+
+MENU_RULES = """
+    rules:
+      - name: lab-menu
+        match: {mac: "52:54:00:12:34:56"}
+        menu:
+          title: Lab machines
+          timeout: TIMEOUT
+          default: disk
+          items:
+            - {key: disk, label: Boot from local disk, exit: true}
+            - {key: image, label: Boot the test image, sanboot: FILES/disk.img}
+    """
+
+
+def test_a_menu_runs_its_default_item_when_nobody_chooses(lab):
+    """`menu:` with a 2 s timeout and no key pressed: the default item (the local disk) runs."""
+    lab.files.files["/disk.img"] = disk_image(SAN_DISK, 0x11)
+    lab.serve(MENU_RULES.replace("TIMEOUT", "2s"))
+    result = lab.boot()
+    assert result.marker() == LOCAL_DISK, result.describe()
+    assert "bootrules: rule 'lab-menu', item 'disk': booting from the next boot device" in result.screen_text()
+    assert lab.files.paths() == [] and lab.decisions() == ["lab-menu action=menu"]
+
+
+def test_a_key_typed_at_the_menu_picks_another_item(lab):
+    """The same menu, waiting 60 s: the arrow key down and Enter, typed through QEMU's
+    monitor once the menu is on screen, pick the second item (sanboot of the test image)."""
+    lab.files.files["/disk.img"] = disk_image(SAN_DISK, 0x11)
+    server = lab.serve(MENU_RULES.replace("TIMEOUT", "60s"))
+    result = lab.boot(keys=("down", "ret"), keys_when=lambda: " rule=lab-menu " in server.log(), timeout=60)
+    assert result.marker() == SAN_DISK, result.describe()
+    assert result.elapsed < 50  # chosen, not timed out into the default

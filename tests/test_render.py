@@ -131,6 +131,68 @@ CASES = [
         """,
         id="exit-status",
     ),
+    pytest.param(
+        """
+        - name: exit-after-set
+          set: {hostname: lab1}
+          exit: true
+        """,
+        """
+        #!ipxe
+        # bootrules: rule 'exit-after-set' (line 2)
+        set hostname lab1 || goto bootrules_failed
+        echo bootrules: rule 'exit-after-set': booting from the next boot device
+        exit 1
+        :bootrules_failed
+        echo bootrules: rule 'exit-after-set': set failed; falling back to the next boot device
+        exit 1
+        """,
+        id="exit-with-set",  # a failed set has a label to jump to
+    ),
+    pytest.param(
+        """
+        - name: lab-menu
+          set: {user-class: lab}
+          menu:
+            title: Lab machines
+            timeout: 10s
+            default: local
+            items:
+              - {key: local, label: Boot from local disk, exit: true}
+              - key: debian
+                label: Install Debian 13
+                set: {hostname: lab1}
+                boot: {kernel: "http://m/linux", initrd: "http://m/initrd.gz", args: "auto=true url=http://${next-server}/p"}
+              - {key: rescue, label: Rescue (netboot.xyz), chain: "https://boot.netboot.xyz"}
+        """,
+        """
+        #!ipxe
+        # bootrules: rule 'lab-menu' (line 2)
+        set user-class lab || goto bootrules_failed
+        menu Lab machines || goto bootrules_failed
+        item bootrules-item-local Boot from local disk || goto bootrules_failed
+        item bootrules-item-debian Install Debian 13 || goto bootrules_failed
+        item bootrules-item-rescue Rescue (netboot.xyz) || goto bootrules_failed
+        choose --timeout 10000 --default bootrules-item-local bootrules-choice || goto bootrules_failed
+        goto ${bootrules-choice} || goto bootrules_failed
+        :bootrules-item-local
+        echo bootrules: rule 'lab-menu', item 'local': booting from the next boot device
+        exit 1
+        :bootrules-item-debian
+        set hostname lab1 || goto bootrules_failed
+        kernel http://m/linux auto=true url=http://${next-server}/p || goto bootrules_failed
+        initrd http://m/initrd.gz || goto bootrules_failed
+        boot || goto bootrules_failed
+        exit 0
+        :bootrules-item-rescue
+        chain --replace --autofree https://boot.netboot.xyz || goto bootrules_failed
+        exit 0
+        :bootrules_failed
+        echo bootrules: rule 'lab-menu': menu item ${bootrules-choice} failed; falling back to the next boot device
+        exit 1
+        """,
+        id="menu",
+    ),
 ]
 
 
@@ -165,3 +227,11 @@ def test_entry_script_reports_every_fact_with_free_text_in_hex():
         exit 1
         """
     )
+
+
+def test_a_once_rule_with_a_menu_sets_the_done_url_before_the_menu():
+    ruleset = parse_rules("rules:\n  - name: m\n    once: true\n    menu:\n      default: a\n"
+                          "      timeout: 0\n      items: [{key: a, label: A, exit: true}]\n")
+    lines = render_rule(ruleset.rules[0], done_url="http://b/done/T").splitlines()
+    assert lines[2:4] == ["set bootrules-done http://b/done/T", "menu Boot menu || goto bootrules_failed"]
+    assert "choose --default bootrules-item-a bootrules-choice || goto bootrules_failed" in lines  # 0: no timeout

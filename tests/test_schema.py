@@ -62,6 +62,11 @@ WRONG_DOCUMENTS = [
     pytest.param("rules:\n  - name: a\n    boot: {initrd: http://x/i}\n", id="boot-without-kernel"),
     pytest.param("rules:\n  - name: a\n    sanboot: nbd://x/disk\n", id="bad-san-uri"),
     pytest.param("rule:\n  - name: a\n    exit: true\n", id="top-level-typo"),
+    pytest.param("rules:\n  - name: a\n    menu: {items: [{key: x, label: X, exit: true}]}\n", id="menu-without-default"),
+    pytest.param("rules:\n  - name: a\n    menu: {default: x, items: [{key: x, label: X, exit: true, chain: 'http://x/'}]}\n",
+                 id="menu-item-with-two-actions"),
+    pytest.param("rules:\n  - name: a\n    menu: {default: x, items: [{key: x, label: X, menu: {}}]}\n",
+                 id="menu-in-a-menu"),
 ]
 
 

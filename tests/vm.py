@@ -11,6 +11,7 @@ import http.server
 import os
 import re
 import shutil
+import socket
 import socketserver
 import subprocess
 import threading
@@ -186,6 +187,8 @@ def boot(
     timeout: float = BOOT_TIMEOUT,
     tap: tuple[str, str] | None = None,
     tftp_root: Path | None = None,
+    keys: tuple[str, ...] = (),
+    keys_when: Callable[[], bool] | None = None,
 ) -> BootResult:
     """Power on a VM that network-boots `boot_url` first, then its disk; wait for it to finish.
 
@@ -195,18 +198,23 @@ def boot(
     network (QEMU then runs in that namespace, and `boot_url` is unused: DHCP decides).
     With `tftp_root`, QEMU's own TFTP server serves that directory and `boot_url` may be
     a file name in it.
+    `keys` (QEMU key names: `down`, `ret`, `a`…) are typed at the console through QEMU's
+    monitor, KEY_DELAY seconds after `keys_when()` first turns true (say, once the server
+    answered with a menu), so that iPXE has drawn what they answer.
     """
     qemu = shutil.which("qemu-system-x86_64") or "qemu-system-x86_64"
     debugcon = workdir / f"debugcon-{time.monotonic_ns()}.txt"
     nic = f"virtio-net-pci,netdev=n0,mac={machine.mac}"
     command = [
         qemu, "-machine", "pc", "-m", "256", "-display", "none", "-vga", "std",
-        "-no-reboot", "-monitor", "none", "-serial", "none", "-parallel", "none",
+        "-no-reboot", "-serial", "none", "-parallel", "none",
         "-netdev", f"tap,id=n0,ifname={tap[1]},script=no,downscript=no" if tap
         else f"user,id=n0,bootfile={boot_url}" + (f",tftp={tftp_root}" if tftp_root else ""),
         "-debugcon", f"file:{debugcon}", "-global", "isa-debugcon.iobase=0x402",
         "-device", "isa-debug-exit,iobase=0xf4,iosize=0x04",
     ]
+    monitor = workdir / f"monitor-{time.monotonic_ns()}.sock"
+    command += ["-monitor", f"unix:{monitor},server=on,wait=off" if keys else "none"]
     if kvm_requested():
         command += ["-enable-kvm"]
     if uefi:
@@ -237,11 +245,17 @@ def boot(
     started = time.monotonic()
     process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     status: int | None = None
+    keys_due: float | None = None
     try:
         while True:
             status = process.poll()
             if status is not None:
                 break
+            if keys and keys_due is None and (keys_when is None or keys_when()):
+                keys_due = time.monotonic() + KEY_DELAY
+            if keys and keys_due is not None and time.monotonic() >= keys_due:
+                _type_keys(monitor, keys)
+                keys = ()
             if stop_when is not None and stop_when():
                 break
             if time.monotonic() - started > timeout:
@@ -260,6 +274,22 @@ def boot(
         raise RuntimeError(f"QEMU failed with status {status}: {stderr}")
     markers, screen = parse_debugcon(text)
     return BootResult(status=status, debugcon=text, elapsed=elapsed, markers=markers, screen=screen)
+
+
+KEY_DELAY = 2.0  # seconds from keys_when() to the first key
+
+
+def _type_keys(monitor: Path, keys: tuple[str, ...]) -> None:
+    """Type `keys` at the VM's console through QEMU's human monitor."""
+    with socket.socket(socket.AF_UNIX) as sock:
+        sock.connect(str(monitor))
+        sock.settimeout(5)
+        try:
+            for key in keys:
+                sock.sendall(f"sendkey {key}\n".encode())
+                time.sleep(0.3)
+        except BrokenPipeError:
+            pass  # the last key ended the VM (a marker program powers it off at once)
 
 
 # --------------------------------------------------------------------------- iSCSI target
