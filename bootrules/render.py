@@ -8,6 +8,8 @@ goes on to its next boot device.
 
 from __future__ import annotations
 
+import re
+
 from .model import Boot, Chain, Exit, Menu, MenuItem, Rule, Sanboot, Setting
 
 FAILED_LABEL = "bootrules_failed"
@@ -119,9 +121,29 @@ def _render_sanboot(action: Sanboot) -> str:
 
 
 def _render_boot(action: Boot) -> str:
-    kernel = f"kernel {action.kernel} {action.args}".rstrip()
-    lines = [kernel] + [f"initrd {initrd}" for initrd in action.initrds] + ["boot"]
-    return "".join(f"{line}{OR_FAIL}\n" for line in lines)
+    # Under UEFI the kernel's EFI stub loads its initrds itself, by the names given as
+    # `initrd=` on its command line (iPXE builds before LoadFile2 support have no other
+    # way): each initrd is fetched under a name and named there. A BIOS kernel is handed
+    # the initrds by iPXE and ignores the argument. Args that name an initrd are left as written.
+    names = [] if "initrd=" in action.args else _initrd_names(action.initrds)
+    kernel = " ".join(["kernel", action.kernel, *(f"initrd={name}" for name in names), action.args]).rstrip()
+    initrds = [f"initrd --name {name} {url}" for name, url in zip(names, action.initrds)] if names else [
+        f"initrd {url}" for url in action.initrds]
+    return "".join(f"{line}{OR_FAIL}\n" for line in [kernel, *initrds, "boot"])
+
+
+_PLAIN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+
+
+def _initrd_names(urls: tuple[str, ...]) -> list[str]:
+    """A distinct, plain name for each initrd: the URL's file name where it is one."""
+    names: list[str] = []
+    for number, url in enumerate(urls):
+        name = url.split("?", 1)[0].rstrip("/").rsplit("/", 1)[-1]
+        if not _PLAIN_NAME.fullmatch(name) or name in names:
+            name = f"initrd{number}"
+        names.append(name)
+    return names
 
 
 def _failure_label(name: str, what: str) -> str:

@@ -21,7 +21,9 @@ from pathlib import Path
 import pytest
 
 from bootrules.render import render_entry
-from conftest import ROOT, free_port, require_tool
+from conftest import IN_CI, ROOT, free_port, require_tool
+from ipxe_builds import IpxeBuild, debian_build, host_build
+import linux_guest
 from markers import disk_image, marker_kernel
 from support import BootrulesServer, http_get
 from vm import HOST_FROM_GUEST, OVMF_CODE, OVMF_VARS, VIRTIO_ROM, FileServer, IscsiTarget, Machine, boot
@@ -39,11 +41,13 @@ def require_file(path: Path, package: str) -> None:
 
 
 class Lab:
-    """One test's servers and VM: bootrules, a file server, and a local disk."""
+    """One test's servers and VM: bootrules, a file server, a local disk, and the iPXE build
+    the VM's NIC runs."""
 
-    def __init__(self, tmp_path: Path, files: FileServer) -> None:
+    def __init__(self, tmp_path: Path, files: FileServer, ipxe: IpxeBuild | None = None) -> None:
         self.tmp = tmp_path
         self.files = files
+        self.ipxe = ipxe
         self.rules = tmp_path / "rules.yaml"
         self.server: BootrulesServer | None = None
         self.disk = tmp_path / "local.img"
@@ -62,8 +66,17 @@ class Lab:
         return f"http://{HOST_FROM_GUEST}:{self.server.port}/boot.ipxe"
 
     def boot(self, machine: Machine | None = None, **options):
-        result = boot(self.tmp, options.pop("boot_url", None) or self.boot_url(), machine or Machine(), disk=self.disk, **options)
-        return result
+        ipxe = self.ipxe
+        boot_url = options.pop("boot_url", None) or self.boot_url()
+        if ipxe is not None and ipxe.efi_binary is not None and options.get("uefi"):
+            # The firmware fetches this build's ipxe.efi by TFTP; it runs autoexec.ipxe from there.
+            tftp = self.tmp / f"tftp-{ipxe.name}"
+            tftp.mkdir(exist_ok=True)
+            shutil.copyfile(ipxe.efi_binary, tftp / "ipxe.efi")
+            (tftp / "autoexec.ipxe").write_text(f"#!ipxe\ndhcp\nchain {boot_url}\n")
+            options["tftp_root"], boot_url = tftp, "ipxe.efi"
+        return boot(self.tmp, boot_url, machine or Machine(), disk=self.disk,
+                    rom_dir=ipxe.rom_dir if ipxe is not None else None, **options)
 
     def decisions(self, mac: str = Machine.mac, expected: int = 1) -> list[str]:
         """The `rule=… action=…` part of each decision bootrules logged for the VM's MAC.
@@ -84,12 +97,43 @@ class Lab:
             self.server.stop()
 
 
+# Two generations of iPXE: the host's (bookworm: built January 2019) and trixie's (May 2025),
+# which changed what `:uristring` escapes and how EFI boots a local disk. Test ids and
+# markers name the generation: `tests/run -m ipxe_trixie`.
+GENERATIONS = [
+    pytest.param("host", marks=pytest.mark.ipxe_host, id="ipxe-host"),
+    pytest.param("trixie", marks=pytest.mark.ipxe_trixie, id="ipxe-trixie"),
+]
+
+
+@pytest.fixture(scope="session")
+def trixie_ipxe():
+    try:
+        return debian_build("trixie")
+    except OSError as error:  # no network to Debian's mirror, and nothing in the cache
+        if IN_CI:
+            raise
+        pytest.skip(f"cannot fetch trixie's ipxe-qemu: {error}")
+
+
+@pytest.fixture(params=GENERATIONS)
+def lab(request, tmp_path):
+    """A lab whose VM runs each generation of iPXE in turn."""
+    ipxe = request.getfixturevalue("trixie_ipxe") if request.param == "trixie" else host_build()
+    yield from _lab(tmp_path, ipxe)
+
+
 @pytest.fixture
-def lab(tmp_path):
+def host_lab(tmp_path):
+    """A lab on the host's iPXE only: for what does not depend on iPXE's generation."""
+    yield from _lab(tmp_path, None)
+
+
+def _lab(tmp_path: Path, ipxe: IpxeBuild | None):
     require_tool("qemu-system-x86_64", "from Debian's qemu-system-x86 package")
     require_file(VIRTIO_ROM, "ipxe-qemu")
     with FileServer() as files:
-        lab = Lab(tmp_path, files)
+        lab = Lab(tmp_path, files, ipxe)
         yield lab
         lab.close()
 
@@ -192,6 +236,8 @@ def test_exit_hands_over_to_the_local_disk(lab):
     result = lab.boot()
     assert result.marker() == LOCAL_DISK, result.describe()
     assert "bootrules: rule 'go-local': booting from the next boot device" in result.screen_text()
+    if lab.ipxe is not None:  # and it was this generation of iPXE that ran
+        assert f"iPXE {lab.ipxe.version} -- Open Source Network Boot Firmware" in result.screen_text()
 
 
 def test_boot_fetches_kernel_and_initrd_and_runs_the_kernel_with_its_args(lab):
@@ -209,7 +255,8 @@ def test_boot_fetches_kernel_and_initrd_and_runs_the_kernel_with_its_args(lab):
         """)
     result = lab.boot()
     assert lab.files.paths() == ["/vmlinuz", "/initrd.img"]
-    assert result.marker() == f"{KERNEL} initrd={len(initrd):08x} cmdline=quiet bootrules=yes", result.describe()
+    assert result.marker() == f"{KERNEL} initrd={len(initrd):08x} cmdline=initrd=initrd.img quiet bootrules=yes", \
+        result.describe()
 
 
 def test_no_matching_rule_runs_the_explicit_default(lab):
@@ -281,8 +328,9 @@ def test_uefi_firmware_reports_efi_and_a_platform_rule_answers(lab, tmp_path):
     assert lab.decisions() == ["uefi-x64 action=chain"]
 
 
-def test_an_edit_made_while_the_machine_is_off_applies_at_its_next_boot(lab):
+def test_an_edit_made_while_the_machine_is_off_applies_at_its_next_boot(host_lab):
     """Edit rules.yaml between two boots: the second boot follows the new rule, no restart."""
+    lab = host_lab
     lab.files.files["/after-edit.ipxe"] = b"#!ipxe\nexit 1\n"
     server = lab.serve("""
         rules:
@@ -306,9 +354,10 @@ def test_an_edit_made_while_the_machine_is_off_applies_at_its_next_boot(lab):
     assert server.process.poll() is None  # the same server process answered both boots
 
 
-def test_the_contrib_pxelinux_entry_chainloads_ipxe_which_reaches_bootrules(lab, tmp_path):
+def test_the_contrib_pxelinux_entry_chainloads_ipxe_which_reaches_bootrules(host_lab, tmp_path):
     """contrib/pxelinux.cfg in a real pxelinux: its entry loads undionly.0, that iPXE (told
     apart by its `undionly` NIC driver) reaches bootrules, and the rule's sanboot runs."""
+    lab = host_lab
     pxelinux = Path("/usr/lib/PXELINUX/pxelinux.0")
     ldlinux = Path("/usr/lib/syslinux/modules/bios/ldlinux.c32")
     undionly = Path("/usr/lib/ipxe/undionly.kpxe")
@@ -363,7 +412,7 @@ def test_a_once_rule_installs_then_boots_from_disk_until_its_label_changes(lab):
         """
     server = lab.serve(rules.replace("LABEL", "debian13-2026-11"))
     first = lab.boot()
-    found = re.fullmatch(rf"{KERNEL} initrd=0000003c cmdline=auto=true bootrules.done=(\S+)", first.marker() or "")
+    found = re.fullmatch(rf"{KERNEL} initrd=0000003c cmdline=initrd=initrd.img auto=true bootrules.done=(\S+)", first.marker() or "")
     assert found, first.describe()
     done_url = found.group(1)
     assert done_url.startswith(f"http://{HOST_FROM_GUEST}:{server.port}/done/")
@@ -383,7 +432,7 @@ def test_a_once_rule_installs_then_boots_from_disk_until_its_label_changes(lab):
         assert time.monotonic() < deadline, server.log()
         time.sleep(0.1)
     third = lab.boot()
-    again = re.fullmatch(rf"{KERNEL} initrd=0000003c cmdline=auto=true bootrules.done=(\S+)", third.marker() or "")
+    again = re.fullmatch(rf"{KERNEL} initrd=0000003c cmdline=initrd=initrd.img auto=true bootrules.done=(\S+)", third.marker() or "")
     assert again and again.group(1) != done_url, third.describe()
     assert lab.decisions(expected=3) == ["install action=boot", "local-disk action=exit", "install action=boot"]
 
@@ -420,3 +469,41 @@ def test_a_key_typed_at_the_menu_picks_another_item(lab):
     result = lab.boot(keys=("down", "ret"), keys_when=lambda: " rule=lab-menu " in server.log(), timeout=60)
     assert result.marker() == SAN_DISK, result.describe()
     assert result.elapsed < 50  # chosen, not timed out into the default
+
+
+@pytest.mark.parametrize("firmware", ["seabios", "ovmf"])
+def test_boot_starts_debian_s_own_linux_with_its_arguments_intact(lab, firmware):
+    """`boot` of Debian's real kernel (EFI stub and all) with an initramfs built here: its
+    /init prints /proc/cmdline to the serial console. Args with `=`, `,` and an iPXE
+    expansion (${netX/mac}) arrive as written, and expanded."""
+    if firmware == "ovmf":
+        require_file(OVMF_CODE, "ovmf")
+    try:
+        kernel = linux_guest.kernel()
+        initrd = linux_guest.initramfs()
+    except OSError as error:  # no network to Debian's mirror, and nothing in the cache
+        if IN_CI:
+            raise
+        pytest.skip(f"cannot fetch Debian's kernel or busybox: {error}")
+    lab.files.files["/vmlinuz"] = kernel.read_bytes()
+    lab.files.files["/initrd.img"] = initrd
+    lab.serve("""
+        rules:
+          - name: linux
+            boot:
+              kernel: FILES/vmlinuz
+              initrd: FILES/initrd.img
+              args: console=ttyS0 quiet panic=-1 bootrules.list=a=b,c=d bootrules.mac=${netX/mac}
+        """)
+    serial = lab.tmp / f"serial-{firmware}.txt"
+
+    def printed() -> str:
+        return serial.read_text(errors="replace") if serial.exists() else ""
+
+    result = lab.boot(uefi=firmware == "ovmf", serial=serial, stop_when=lambda: "\n" in printed().split(
+        linux_guest.MARKER, 1)[-1] if linux_guest.MARKER in printed() else False, timeout=240)
+    line = next((text for text in printed().splitlines() if text.startswith(linux_guest.MARKER)), None)
+    assert line is not None, result.describe() + "\n" + printed()[-2000:]
+    arguments = line.split("cmdline=", 1)[1].split()
+    assert "bootrules.list=a=b,c=d" in arguments and "bootrules.mac=52:54:00:12:34:56" in arguments, line
+    assert lab.files.paths() == ["/vmlinuz", "/initrd.img"]

@@ -98,12 +98,31 @@ CASES = [
         """
         #!ipxe
         # bootrules: rule 'installer' (line 2)
-        kernel http://mirror.example.com/linux auto=true priority=critical || goto bootrules_failed
-        initrd http://mirror.example.com/initrd.gz || goto bootrules_failed
-        initrd http://mirror.example.com/firmware.cpio.gz || goto bootrules_failed
+        kernel http://mirror.example.com/linux initrd=initrd.gz initrd=firmware.cpio.gz auto=true priority=critical || goto bootrules_failed
+        initrd --name initrd.gz http://mirror.example.com/initrd.gz || goto bootrules_failed
+        initrd --name firmware.cpio.gz http://mirror.example.com/firmware.cpio.gz || goto bootrules_failed
         boot || goto bootrules_failed
         """ + FAIL_TAIL.format(name="installer", action="boot"),
-        id="boot",
+        id="boot",  # the initrds named on the command line, for a UEFI kernel's EFI stub
+    ),
+    pytest.param(
+        """
+        - name: named-by-hand
+          boot:
+            kernel: http://m/linux
+            initrd: [http://m/a/initrd, http://m/b/initrd, "http://m/c?v=${serial}"]
+            args: initrd=initrd.magic quiet
+        """,
+        """
+        #!ipxe
+        # bootrules: rule 'named-by-hand' (line 2)
+        kernel http://m/linux initrd=initrd.magic quiet || goto bootrules_failed
+        initrd http://m/a/initrd || goto bootrules_failed
+        initrd http://m/b/initrd || goto bootrules_failed
+        initrd http://m/c?v=${serial} || goto bootrules_failed
+        boot || goto bootrules_failed
+        """ + FAIL_TAIL.format(name="named-by-hand", action="boot"),
+        id="boot-initrd-named-in-args",  # what the rule says is left alone
     ),
     pytest.param(
         """
@@ -180,8 +199,8 @@ CASES = [
         exit 1
         :bootrules-item-debian
         set hostname lab1 || goto bootrules_failed
-        kernel http://m/linux auto=true url=http://${next-server}/p || goto bootrules_failed
-        initrd http://m/initrd.gz || goto bootrules_failed
+        kernel http://m/linux initrd=initrd.gz auto=true url=http://${next-server}/p || goto bootrules_failed
+        initrd --name initrd.gz http://m/initrd.gz || goto bootrules_failed
         boot || goto bootrules_failed
         exit 0
         :bootrules-item-rescue

@@ -189,6 +189,8 @@ def boot(
     tftp_root: Path | None = None,
     keys: tuple[str, ...] = (),
     keys_when: Callable[[], bool] | None = None,
+    rom_dir: Path | None = None,
+    serial: Path | None = None,
 ) -> BootResult:
     """Power on a VM that network-boots `boot_url` first, then its disk; wait for it to finish.
 
@@ -198,6 +200,9 @@ def boot(
     network (QEMU then runs in that namespace, and `boot_url` is unused: DHCP decides).
     With `tftp_root`, QEMU's own TFTP server serves that directory and `boot_url` may be
     a file name in it.
+    `serial`: a file that receives the VM's first serial port (a Linux guest's console).
+    `rom_dir`: a directory whose efi-virtio.rom the NIC runs instead of the host's (an iPXE
+    build of another generation: tests/ipxe_builds.py).
     `keys` (QEMU key names: `down`, `ret`, `a`…) are typed at the console through QEMU's
     monitor, KEY_DELAY seconds after `keys_when()` first turns true (say, once the server
     answered with a menu), so that iPXE has drawn what they answer.
@@ -207,12 +212,14 @@ def boot(
     nic = f"virtio-net-pci,netdev=n0,mac={machine.mac}"
     command = [
         qemu, "-machine", "pc", "-m", "256", "-display", "none", "-vga", "std",
-        "-no-reboot", "-serial", "none", "-parallel", "none",
+        "-no-reboot", "-serial", f"file:{serial}" if serial else "none", "-parallel", "none",
         "-netdev", f"tap,id=n0,ifname={tap[1]},script=no,downscript=no" if tap
         else f"user,id=n0,bootfile={boot_url}" + (f",tftp={tftp_root}" if tftp_root else ""),
         "-debugcon", f"file:{debugcon}", "-global", "isa-debugcon.iobase=0x402",
         "-device", "isa-debug-exit,iobase=0xf4,iosize=0x04",
     ]
+    if rom_dir is not None:
+        command += ["-L", str(rom_dir)]  # searched before QEMU's own directories
     monitor = workdir / f"monitor-{time.monotonic_ns()}.sock"
     command += ["-monitor", f"unix:{monitor},server=on,wait=off" if keys else "none"]
     if kvm_requested():
@@ -270,7 +277,7 @@ def boot(
             process.stderr.close()
     elapsed = time.monotonic() - started
     text = debugcon.read_bytes().decode("latin-1") if debugcon.exists() else ""
-    if status is not None and not text:
+    if status is not None and not text and not (serial is not None and serial.exists() and serial.stat().st_size):
         raise RuntimeError(f"QEMU failed with status {status}: {stderr}")
     markers, screen = parse_debugcon(text)
     return BootResult(status=status, debugcon=text, elapsed=elapsed, markers=markers, screen=screen)
