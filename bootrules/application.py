@@ -69,7 +69,7 @@ def create_app(
 
     app.register_blueprint(ui)
     app.register_blueprint(api)
-    app.add_url_rule("/ui", "ui_root", lambda: redirect("/ui/"))
+    app.add_url_rule("/ui", "ui_root", lambda: redirect("ui/"))  # relative: kept under a proxy's prefix
     app.register_error_handler(HTTPException, web.plain_http_error)
     app.register_error_handler(Exception, web.internal_error)
     # Outermost first: proxy headers are settled before /ipxe or Flask see the request.

@@ -246,6 +246,9 @@ def healthz() -> Response:
         body["state"] = once.health(probe=in_use)
         if once.last_error and body["status"] == "ok":
             body["status"] = "degraded"
+    recorder = current_app.extensions.get("bootrules.recorder")
+    if recorder is not None and recorder.last_error:  # boots are answered as ever: not "degraded"
+        body["machines_seen"] = {"status": "error", "error": recorder.last_error}
     response = current_app.json.response(body)
     response.status_code = 200 if snapshot else 503
     response.headers["Cache-Control"] = "no-store"

@@ -149,6 +149,8 @@ def test_a_store_that_fails_never_fails_a_boot_and_what_was_seen_waits_for_it(wr
     metrics = client.get("/metrics").get_data(as_text=True)
     assert "bootrules_machine_records_dropped_total 2.0" in metrics  # 3 kept for the next try
     assert "bootrules_state_errors_total 1.0" in metrics
+    health = client.get("/healthz").get_json()
+    assert health["status"] == "ok" and health["machines_seen"]["status"] == "error"
     state.parent.mkdir()
     assert flush(app) == 3
     assert machines.totals(open_store(str(state))).machines == 3

@@ -143,6 +143,12 @@ def test_the_overview_shows_rules_hits_never_hit_rules_and_the_reload_error(lab,
     assert "The rules file does not load" in page and re.search(r"rules\.yaml:\d+: rule &#39;never-asked&#39;", page)
 
 
+def test_ui_without_its_slash_is_sent_to_the_page(lab):
+    _app, client = lab()
+    response = client.get("/ui", environ_base=ADMIN)
+    assert response.status_code in (301, 302, 308) and response.headers["Location"].endswith("ui/")
+
+
 def test_the_api_pages_and_filters(lab):
     app, client = lab()
     booted(app, client, *[f"mac=aa:bb:cc:00:00:{n:02x}" for n in range(30)], "mac=00:11:22:33:44:55")
