@@ -96,3 +96,30 @@ def test_the_bootrules_command_is_installed_with_the_project(tmp_path):
     rules.write_text("rules:\n  - name: everyone\n    exit: true\n")
     result = subprocess.run([command, "check", str(rules)], capture_output=True, text=True, timeout=60, cwd=tmp_path)
     assert result.returncode == 0 and result.stdout == f"{rules}: 1 rules, no errors, 0 warnings\n"
+
+
+def test_check_and_preview_show_a_menu(runner, write_rules):
+    path = write_rules(
+        """
+        rules:
+          - name: lab-menu
+            match: {mac: "52:54:00:*"}
+            once: true
+            menu:
+              title: Lab machines
+              timeout: 10s
+              default: local
+              items:
+                - {key: local, label: Boot from local disk, exit: true}
+                - {key: rescue, label: Rescue, chain: "https://boot.netboot.xyz"}
+          - name: local
+            exit: true
+        """
+    )
+    checked = runner.invoke(cli, ["check", "--strict", str(path)])
+    assert checked.exit_code == 0 and checked.output == f"{path}: 2 rules, no errors, 0 warnings\n", checked.output
+    shown = runner.invoke(cli, ["preview", "--rules", str(path), "--mac", "52:54:00:00:00:01"])
+    assert shown.exit_code == 0
+    assert "item bootrules-item-rescue Rescue || goto bootrules_failed" in shown.stdout
+    assert "choose --timeout 10000 --default bootrules-item-local bootrules-choice" in shown.stdout
+    assert f"# answered by rule 'lab-menu' ({path}:2), action menu" in shown.stderr
