@@ -119,6 +119,18 @@ def reader() -> Stores | None:
     return stores
 
 
+def find_page(wanted: Filter, number: int, per_page: int) -> machines.Page | None:
+    """One page of machines seen (None: no store yet); StateError if the store fails."""
+    stores = reader()
+    return None if stores is None else machines.page(stores.machines, wanted, number, per_page, stores.once)
+
+
+def find_machine(name: str) -> Machine | None:
+    """One machine seen, with its once: state (None: not seen); StateError if the store fails."""
+    stores = reader()
+    return None if stores is None else machines.one(stores.machines, name, stores.once)
+
+
 def wanted_machines(arguments: Mapping[str, str]) -> tuple[Filter, int, int]:
     """The filter, page number and page size a list request asks for (bad values: defaults)."""
     def number(name: str, default: int) -> int:
@@ -279,10 +291,9 @@ def _shown_location() -> str:
 @ui.get("/machines")
 def machine_list() -> str | tuple[str, int]:
     wanted, number, per_page = wanted_machines(request.args)
-    stores, found, store_error = reader(), None, None
+    found, store_error = None, None
     try:
-        if stores is not None:
-            found = machines.page(stores.machines, wanted, number, per_page, stores.once)
+        found = find_page(wanted, number, per_page)
     except StateError as failure:
         store_error = str(failure)
     snapshot = current_reloader().snapshot
@@ -294,9 +305,8 @@ def machine_list() -> str | tuple[str, int]:
 
 @ui.get("/machines/<machine>")
 def machine_page(machine: str) -> str | tuple[str, int]:
-    stores = reader()
     try:
-        found = machines.one(stores.machines, machine, stores.once) if stores is not None else None
+        found = find_machine(machine)
     except StateError as failure:
         return render_template("ui/machine.html", page="machines", machine=None, store_error=str(failure)), 503
     if found is None:
@@ -329,9 +339,8 @@ def _ago_filter(seconds: float | None, now: float) -> str:
 @api.get("/machines")
 def api_machines() -> Response | tuple[Response, int]:
     wanted, number, per_page = wanted_machines(request.args)
-    stores = reader()
     try:
-        found = machines.page(stores.machines, wanted, number, per_page, stores.once) if stores is not None else None
+        found = find_page(wanted, number, per_page)
     except StateError as failure:
         return jsonify({"error": f"the state store is unavailable: {failure}"}), 503
     listed = [machine.public() for machine in found.machines] if found else []
@@ -341,9 +350,8 @@ def api_machines() -> Response | tuple[Response, int]:
 
 @api.get("/machines/<machine>")
 def api_machine(machine: str) -> Response | tuple[Response, int]:
-    stores = reader()
     try:
-        found = machines.one(stores.machines, machine, stores.once) if stores is not None else None
+        found = find_machine(machine)
     except StateError as failure:
         return jsonify({"error": f"the state store is unavailable: {failure}"}), 503
     if found is None:
