@@ -113,7 +113,9 @@ class OnceGate:
         self.last_error = None
         if done:
             return None
-        assert row is not None and row.token is not None
+        if row is None or row.token is None:  # re-armed between its write and its read
+            self._skip(rule, names[0], "its state changed while it was being read; it is answered at its next boot")
+            return None
         if issued:
             log_fields("once: armed machine=%s rule=%s label=%s token=%s client=%s expires=%s",
                        (names[0], rule.name, rule.once.label, shown(row.token), client, _utc(row.expires_at)),

@@ -261,6 +261,18 @@ def test_a_store_locked_past_the_timeout_falls_through_and_the_callback_asks_to_
     assert client.get("/healthz").get_json()["status"] == "ok"
 
 
+def test_a_machine_re_armed_while_its_state_is_read_falls_through_without_an_error(lab, monkeypatch, caplog):
+    # The race: another server re-arms (deletes) the machine's row between arm's write, which
+    # found a live row, and its read, which then finds none. The store says: not done, no row.
+    app, client, _rules, _state = lab
+    ask(client, MAC_A)
+    store = app.extensions["bootrules.once"].store()
+    monkeypatch.setattr(store, "arm", lambda *args, **kwargs: (False, None, False))
+    with caplog.at_level(logging.INFO, logger="bootrules"):
+        assert ask(client, MAC_A) == ("local-disk", None)
+    assert any("its state changed while it was being read" in record.getMessage() for record in caplog.records)
+
+
 def test_machines_and_rearm_do_not_create_a_state_file(runner, tmp_path):
     rules = write(tmp_path / "rules.yaml")
     result = runner.invoke(cli, ["machines", "--rules", str(rules)])
