@@ -61,6 +61,12 @@ def serve(settings: Settings) -> int:
         reloader = Reloader(settings.rules, settings.poll_interval, metrics=metrics,
                             on_loaded=supervisor.request_replace if runtime else None,
                             status_path=os.path.join(runtime, "status.json") if runtime else None)
+        if settings.server == "granian":
+            from .granian_server import missing
+
+            reason = missing()
+            if reason:
+                raise StartError(reason)
         if not reloader.reload():
             problems = reloader.last_error or "cannot load the rules"
             raise StartError(f"{settings.rules} is not valid, not starting:\n{problems}")
@@ -69,8 +75,9 @@ def serve(settings: Settings) -> int:
             sock = listening_socket(settings.host, settings.port)
         except OSError as error:
             raise StartError(f"cannot listen on {settings.host}:{settings.port}: {error.strerror or error}") from None
-        log.info("serving %d rules from %s on http://%s:%d/ with %d worker(s)",
-                 len(reloader.snapshot.ruleset), settings.rules, settings.host, sock.getsockname()[1], workers)
+        log.info("serving %d rules from %s on http://%s:%d/ with %d %s worker(s)",
+                 len(reloader.snapshot.ruleset), settings.rules, settings.host, sock.getsockname()[1], workers,
+                 settings.server)
         plan = WorkerPlan(settings, reloader, metrics, sock)
         if workers == 1:
             return plan.serve_alone()
@@ -120,8 +127,12 @@ class WorkerPlan:
                 "asyncore_use_poll": True, "cleanup_interval": min(30, settings.channel_timeout),
                 "slow_paths": SLOW_PATHS}
 
-    def build(self, shutdown: server.Shutdown) -> server.LoopServer | server.ThreadedServer:
+    def build(self, shutdown: server.Shutdown) -> Any:
         self.app = create_app(settings=self.settings, reloader=self.reloader, metrics=self.metrics)
+        if self.settings.server == "granian":
+            from .granian_server import GranianServer
+
+            return GranianServer(self.app, self.sock, shutdown, self.server_options())
         return server.create(self.app, self.sock, shutdown, **self.server_options())
 
     def run(self, shutdown: server.Shutdown) -> None:

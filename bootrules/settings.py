@@ -17,6 +17,7 @@ from typing import Any, Callable, Iterable, Mapping
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 LOG_FORMATS = ("text", "json")
+SERVERS = ("waitress", "granian")
 # The peer names itself in the Host header; only this alphabet reaches the entry script.
 HOST_PATTERN = re.compile(
     r"(?:[A-Za-z0-9](?:[A-Za-z0-9-]{0,62})(?:\.[A-Za-z0-9-]{1,63})*\.?|\[[0-9A-Fa-f:.]+\])(?::[0-9]{1,5})?"
@@ -177,6 +178,8 @@ SETTINGS: tuple[Setting, ...] = (
             "proxies whose `X-Forwarded-*` is believed (comma-separated)", (), "none", parse_networks, many=True),
     Setting("workers", "--workers", "worker processes sharing the port (0: one per CPU core)", 0,
             "one per CPU core", integer(0, 64)),
+    Setting("server", "--server", "HTTP server in each worker: `waitress`, or `granian` (an extra install)",
+            "waitress", "`waitress`", choice(SERVERS)),
     Setting("connection_limit", "--connection-limit", "open connections per worker", 1000, "`1000`",
             integer(10, 100000)),
     Setting("channel_timeout", "--channel-timeout", "seconds an idle or stalled connection is kept", 30, "`30`",
@@ -211,6 +214,7 @@ class Settings:
     base_url: str | None = None
     trusted_proxies: tuple[Network, ...] = ()
     workers: int = 0
+    server: str = "waitress"
     connection_limit: int = 1000
     channel_timeout: int = 30
     log_format: str = "text"

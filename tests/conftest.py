@@ -35,6 +35,30 @@ def require_tool(name: str, why: str = "") -> str:
     pytest.skip(message)
 
 
+SERVERS = ("waitress", "granian")
+
+
+def require_server(name: str) -> None:
+    """Skip (laptop) or fail (CI) a test of `--server granian` where granian cannot serve."""
+    if name == "waitress":
+        return
+    from bootrules.granian_server import missing
+
+    reason = missing()
+    if reason is None:
+        return
+    if IN_CI:
+        pytest.fail(reason)
+    pytest.skip(reason)
+
+
+@pytest.fixture(params=SERVERS)
+def http_server(request) -> tuple[str, ...]:
+    """`serve`'s arguments for each HTTP server: waitress (the default) and granian (the extra)."""
+    require_server(request.param)
+    return ("--server", request.param)
+
+
 def require_root(why: str) -> None:
     """Skip (laptop) or fail (CI) unless running as root, which namespaces and daemons need."""
     if os.geteuid() == 0:

@@ -193,12 +193,12 @@ class LoadClients:
         return seen
 
 
-def test_reloads_fail_no_request_on_keep_alive_or_new_connections(tmp_path):
+def test_reloads_fail_no_request_on_keep_alive_or_new_connections(tmp_path, http_server):
     """rules.yaml is replaced 24 times (every fourth edit broken) under keep-alive and
     new-connection clients: not one request fails, and every answer is one good version."""
     rules = tmp_path / "rules.yaml"
     rules.write_text(VERSION_RULES.format(n=0))
-    args = ("--workers", "2", "--poll-interval", "0.1")
+    args = (*http_server, "--workers", "2", "--poll-interval", "0.1")
     with BootrulesServer(rules, free_port(), tmp_path / "server.log", args=args) as server:
         with LoadClients(server.port) as clients:
             for swap in range(1, 25):

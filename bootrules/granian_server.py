@@ -1,0 +1,184 @@
+"""granian (Rust, hyper) answering in a worker bootrules forked: every use of granian's internals is here.
+
+`serve --server granian` keeps bootrules' own supervision: the parent loads the rules,
+forks the workers onto the one listening socket, replaces them when the rules change, and
+sums their metrics. Only the HTTP server inside each worker changes: granian's Rust
+worker, started on the inherited socket, calls the same WSGI app on a few Python threads.
+
+granian's public API (`Granian(...).serve()`) would bring its own supervisor, in which
+every worker loads the rules itself (no shared pages) and a reload restarts workers on
+sockets of their own, dropping the connections queued on them. So this module starts
+granian's worker class directly, as granian's own `_spawn_wsgi_worker` does: those names
+are not granian's public API. `missing()` checks that they are all there; without them,
+or without granian, `serve --server granian` refuses to start with one line that says why.
+
+Retiring (new rules, SIGTERM): every answer from then on carries `Connection: close`, so
+a client using a kept-alive connection moves to the new workers after its next answer.
+CLOSING_FOR seconds later (sooner if it is quiet) granian is told to stop: it stops
+accepting, finishes the requests in hand, and closes what is left.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import threading
+import time
+from typing import Any, Callable, Iterable
+
+log = logging.getLogger("bootrules")
+
+INSTALL = "pip install -r requirements-granian.txt (or: pip install '.[granian]')"
+# How long a retiring worker answers with `Connection: close` before granian stops it
+# (sooner if it has answered nothing for a tenth of that). granian's worker cannot stop
+# accepting without stopping, so this is also how long the old rules may still answer a
+# new connection: long enough for clients on kept-alive connections to make their next
+# request and move on; an idle pool's connection is closed, as its idle timeout would.
+CLOSING_FOR = 0.3
+WATCH_EVERY = 0.05  # seconds between two looks at the stop request
+# Python threads granian runs the app on, per worker. A decision holds the GIL from start
+# to end, so more threads only contend for it; two let a slow page (/metrics, /ui/) and
+# a decision run side by side.
+PYTHON_THREADS = int(os.environ.get("PT", "2"))
+
+
+def missing() -> str | None:
+    """Why granian cannot serve here (not installed, or its internals moved); None if it can."""
+    try:
+        import granian  # noqa: F401
+    except ImportError:
+        return f"--server granian needs granian, which is not installed: {INSTALL}"
+    try:
+        _internals()
+    except (ImportError, AttributeError) as error:
+        return (f"--server granian: the installed granian {_version()} lacks what bootrules uses ({error}); "
+                f"{INSTALL} installs a version it was tested with")
+    return None
+
+
+def _internals() -> dict[str, Any]:
+    from granian._futures import _new_cbscheduler
+    from granian._granian import SocketHolder, WorkerSignal, WSGIWorker
+    from granian._loops import loops
+    from granian.http import HTTP1Settings
+    from granian.wsgi import _callback_wrapper
+
+    for cls, method in ((WSGIWorker, "serve_mtr"), (WorkerSignal, "add_cb"), (WorkerSignal, "set")):
+        getattr(cls, method)
+    return {"scheduler": _new_cbscheduler, "SocketHolder": SocketHolder, "WorkerSignal": WorkerSignal,
+            "WSGIWorker": WSGIWorker, "loops": loops, "HTTP1Settings": HTTP1Settings, "wrap": _callback_wrapper}
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("granian")
+    except PackageNotFoundError:  # pragma: no cover
+        return "(unknown version)"
+
+
+class ClosingWhenRetiring:
+    """The app, with `Connection: close` on every answer once the worker is retiring."""
+
+    def __init__(self, app: Callable[..., Any]) -> None:
+        self.app = app
+        self.retiring = False
+        self.last_answer = time.monotonic()
+
+    def __call__(self, environ: dict, start_response: Callable[..., Any]) -> Iterable[bytes]:
+        self.last_answer = time.monotonic()
+        if not self.retiring:
+            return self.app(environ, start_response)
+
+        def closing(status: str, headers: list[tuple[str, str]], exc_info: Any = None) -> Any:
+            headers = [(name, value) for name, value in headers if name.lower() != "connection"]
+            return start_response(status, headers + [("Connection", "close")], exc_info)
+
+        return self.app(environ, closing)
+
+
+class GranianServer:
+    """granian's Rust WSGI worker on the listening socket `sock`, until `shutdown` is requested."""
+
+    def __init__(self, app: Any, sock: socket.socket, shutdown: Any, options: dict[str, Any]) -> None:
+        self.parts = _internals()
+        self.app = ClosingWhenRetiring(app)
+        self.sock = sock
+        self.shutdown = shutdown
+        self.options = options
+        self._listening = -1
+
+    def run(self) -> None:
+        parts = self.parts
+        options = self.options
+        stopped = threading.Event()
+        signal = parts["WorkerSignal"]()
+        signal.add_cb(stopped.set)
+        loop = parts["loops"].get("auto")
+        # granian's own descriptor of the socket: a duplicate, so that what it closes is its
+        # own, and so that _stop_accepting can point it elsewhere.
+        self._listening = os.dup(self.sock.fileno())
+        holder = parts["SocketHolder"](self._listening, False, 1024)
+        # hyper's header read timeout covers a kept-alive connection waiting for its next
+        # request as well as a slow one: the closest to waitress's channel timeout.
+        http1 = parts["HTTP1Settings"](header_read_timeout=int(options["channel_timeout"] * 1000))
+        worker = parts["WSGIWorker"](
+            1, (None, holder), None,  # worker id, socket, no IPC (granian's metrics are not used)
+            1, 512,  # Rust runtime threads, blocking threads of that runtime
+            PYTHON_THREADS, 30,  # Python threads for the app, and their idle timeout
+            options["connection_limit"],  # backpressure: requests in hand at most, per worker
+            "1", http1, None,  # HTTP/1.1 only (iPXE speaks nothing else), no HTTP/2
+            None,  # no static files
+            False, None, None, None, "tls1.3", None, [], False,  # no TLS (a proxy's job)
+            (None, None),  # granian's metrics: off
+        )
+        scheduler = parts["scheduler"](loop, parts["wrap"](self.app, {}, None), impl_asyncio=True)
+        worker.serve_mtr(scheduler, loop, signal)
+        try:
+            self._until_stopped(signal, stopped)
+        finally:
+            signal.set()
+            stopped.wait(5.0)
+
+    def _until_stopped(self, signal: Any, stopped: threading.Event) -> None:
+        shutdown = self.shutdown
+        while not shutdown.requested:
+            if stopped.wait(WATCH_EVERY):
+                log.error("granian stopped on its own")
+                return
+        log.info("stopping: answering with Connection: close, then closing (at most %.0f s)", shutdown.grace)
+        self.app.retiring = True
+        self._stop_accepting()
+        closing_ends = time.monotonic() + CLOSING_FOR
+        deadline = time.monotonic() + (shutdown.grace or 0.0)
+        while True:
+            now = time.monotonic()
+            deadline = min(deadline, now + (shutdown.grace or 0.0))  # a second SIGTERM: at once
+            if now >= min(deadline, closing_ends) or now - self.app.last_answer >= CLOSING_FOR / 10:
+                break
+            time.sleep(WATCH_EVERY)
+        signal.set()  # granian stops accepting, finishes what it has in hand, closes the rest
+        stopped.wait(max(0.0, deadline - time.monotonic()) + 2.0)
+
+    def _stop_accepting(self) -> None:
+        """Leave new connections to the other workers, answering those accepted already.
+
+        granian's worker has no way to stop accepting but stopping, and stopping closes at
+        once each connection accepted whose request it has not read yet: a failed request
+        for every machine that connected in that instant. So its listening descriptor is
+        made to name a listening socket no client knows (dup2): its poller still wakes for
+        the shared socket, finds nothing to accept on the decoy, and the other workers take
+        the connection.
+        """
+        decoy = socket.socket(self.sock.family, socket.SOCK_STREAM)
+        try:
+            decoy.bind(("::1" if self.sock.family == socket.AF_INET6 else "127.0.0.1", 0))
+            decoy.listen(1)
+            decoy.setblocking(False)
+            os.dup2(decoy.fileno(), self._listening)
+        except OSError as error:
+            log.warning("granian: could not stop accepting before stopping (%s)", error)
+        finally:
+            decoy.close()
