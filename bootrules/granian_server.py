@@ -12,10 +12,10 @@ granian's worker class directly, as granian's own `_spawn_wsgi_worker` does: tho
 are not granian's public API. `missing()` checks that they are all there; without them,
 or without granian, `serve --server granian` refuses to start with one line that says why.
 
-Retiring (new rules, SIGTERM): every answer from then on carries `Connection: close`, so
-a client using a kept-alive connection moves to the new workers after its next answer.
-CLOSING_FOR seconds later (sooner if it is quiet) granian is told to stop: it stops
-accepting, finishes the requests in hand, and closes what is left.
+Retiring (new rules, SIGTERM): the worker stops accepting (the other workers take the new
+connections), and every answer from then on carries `Connection: close`, so a client on
+a kept-alive connection moves on after its next answer. CLOSING_FOR seconds later granian
+is told to stop: it finishes the requests in hand and closes what is left.
 """
 
 from __future__ import annotations
@@ -30,12 +30,12 @@ from typing import Any, Callable, Iterable
 log = logging.getLogger("bootrules")
 
 INSTALL = "pip install -r requirements-granian.txt (or: pip install '.[granian]')"
-# How long a retiring worker answers with `Connection: close` before granian stops it
-# (sooner if it has answered nothing for a tenth of that). granian's worker cannot stop
-# accepting without stopping, so this is also how long the old rules may still answer a
-# new connection: long enough for clients on kept-alive connections to make their next
-# request and move on; an idle pool's connection is closed, as its idle timeout would.
-CLOSING_FOR = 0.3
+# How long a retiring worker, no longer accepting, answers its connections with
+# `Connection: close` before granian stops it: long enough for clients on kept-alive
+# connections to make their next request and move on, and for a request half sent to
+# arrive. granian then closes every connection without a whole request in hand (an idle
+# pool's connection, as its idle timeout would).
+CLOSING_FOR = 0.5
 WATCH_EVERY = 0.05  # seconds between two looks at the stop request
 # Python threads granian runs the app on, per worker. A decision holds the GIL from start
 # to end, so more threads only contend for it; two let a slow page (/metrics, /ui/) and
@@ -85,10 +85,8 @@ class ClosingWhenRetiring:
     def __init__(self, app: Callable[..., Any]) -> None:
         self.app = app
         self.retiring = False
-        self.last_answer = time.monotonic()
 
     def __call__(self, environ: dict, start_response: Callable[..., Any]) -> Iterable[bytes]:
-        self.last_answer = time.monotonic()
         if not self.retiring:
             return self.app(environ, start_response)
 
@@ -156,10 +154,10 @@ class GranianServer:
         while True:
             now = time.monotonic()
             deadline = min(deadline, now + (shutdown.grace or 0.0))  # a second SIGTERM: at once
-            if now >= min(deadline, closing_ends) or now - self.app.last_answer >= CLOSING_FOR / 10:
+            if now >= min(deadline, closing_ends):
                 break
             time.sleep(WATCH_EVERY)
-        signal.set()  # granian stops accepting, finishes what it has in hand, closes the rest
+        signal.set()  # granian finishes what it has in hand and closes the rest
         stopped.wait(max(0.0, deadline - time.monotonic()) + 2.0)
 
     def _stop_accepting(self) -> None:

@@ -15,13 +15,30 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def http_get(url: str, timeout: float = 5.0) -> tuple[int, dict[str, str], str]:
+class Headers(dict):
+    """Response headers by name, whatever its case (waitress sends `X-Bootrules-Rule`, granian
+    `x-bootrules-rule`: HTTP names are case-insensitive)."""
+
+    def __init__(self, items) -> None:
+        super().__init__((name.lower(), value) for name, value in items)
+
+    def __getitem__(self, name: str) -> str:
+        return super().__getitem__(name.lower())
+
+    def __contains__(self, name: object) -> bool:
+        return isinstance(name, str) and super().__contains__(name.lower())
+
+    def get(self, name: str, default=None):
+        return super().get(name.lower(), default)
+
+
+def http_get(url: str, timeout: float = 5.0) -> tuple[int, Headers, str]:
     """GET `url`; return status, headers and body text, for any status."""
     try:
         with urllib.request.urlopen(url, timeout=timeout) as response:
-            return response.status, dict(response.headers), response.read().decode()
+            return response.status, Headers(response.headers.items()), response.read().decode()
     except urllib.error.HTTPError as error:
-        return error.code, dict(error.headers), error.read().decode()
+        return error.code, Headers(error.headers.items()), error.read().decode()
 
 
 def first_answer(url: str, timeout: float = 15.0) -> tuple[int, dict[str, str], str]:
