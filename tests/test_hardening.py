@@ -367,11 +367,11 @@ def test_the_connection_limit_holds_when_connections_arrive_together(rules_path,
         server.stop()
 
 
-def test_idle_and_slow_clients_do_not_lock_machines_out(rules_path, tmp_path):
+def test_idle_and_slow_clients_do_not_lock_machines_out(rules_path, tmp_path, http_server):
     """300 silent connections and 50 that send a header a byte a second: other machines
     still get their scripts promptly, and silent connections are closed after the timeout."""
     server = BootrulesServer(rules_path, free_port(), tmp_path / "server.log",
-                             args=("--workers", "1", "--channel-timeout", "3")).start()
+                             args=(*http_server, "--workers", "1", "--channel-timeout", "3")).start()
     idle: list[socket.socket] = []
     slow: list[socket.socket] = []
     stop = threading.Event()
@@ -441,7 +441,7 @@ def test_a_fifo_as_the_rules_file_is_an_error_not_a_hang(tmp_path):
     assert reloader.reload() and names(reloader)[0] == "after-fifo"
 
 
-def test_ipv4_peers_on_an_ipv6_socket_match_ipv4_rules_and_proxies(write_rules, tmp_path):
+def test_ipv4_peers_on_an_ipv6_socket_match_ipv4_rules_and_proxies(write_rules, tmp_path, http_server):
     """Listening on an IPv6 socket, an IPv4 peer arrives as ::ffff:127.0.0.1: `client:
     127.0.0.0/8` still matches it, and `--trusted-proxy 127.0.0.1` still trusts it."""
     path = write_rules("""
@@ -457,7 +457,7 @@ def test_ipv4_peers_on_an_ipv6_socket_match_ipv4_rules_and_proxies(write_rules, 
     """)
     args = ("--workers", "1", "--trusted-proxy", "127.0.0.1")
     # Bound to the mapped loopback address: an IPv6 socket that only loopback can reach.
-    server = BootrulesServer(path, free_port(), tmp_path / "server.log", args=args, host="::ffff:127.0.0.1",
+    server = BootrulesServer(path, free_port(), tmp_path / "server.log", args=(*http_server, *args), host="::ffff:127.0.0.1",
                              connect_host="127.0.0.1")
     with server:
         url = f"http://127.0.0.1:{server.port}/ipxe?mac=00:11:22:33:44:55"
@@ -559,9 +559,9 @@ def test_check_compares_each_rule_with_few_earlier_ones(monkeypatch):
         "rule 's00007-shadowed' can never match: rule 'g7' (line 44) matches its machines first"]
 
 
-def test_an_entry_script_request_without_host_is_refused_with_the_reason(rules_path, tmp_path):
+def test_an_entry_script_request_without_host_is_refused_with_the_reason(rules_path, tmp_path, http_server):
     """HTTP/1.0 without Host: the entry script would name an address no machine can reach."""
-    with BootrulesServer(rules_path, free_port(), tmp_path / "server.log") as server:
+    with BootrulesServer(rules_path, free_port(), tmp_path / "server.log", args=http_server) as server:
         with socket.create_connection(("127.0.0.1", server.port), timeout=5) as sock:
             sock.sendall(b"GET /boot.ipxe HTTP/1.0\r\n\r\n")
             answer = b""

@@ -14,9 +14,9 @@ from support import BootrulesServer, http_get
 
 
 
-def test_json_logs_carry_one_object_per_line_with_the_decision_fields(rules_path, tmp_path):
+def test_json_logs_carry_one_object_per_line_with_the_decision_fields(rules_path, tmp_path, http_server):
     """--log-format json: every line is a JSON object; a decision has client, mac, rule, action."""
-    with BootrulesServer(rules_path, free_port(), tmp_path / "server.log", args=("--log-format", "json")) as server:
+    with BootrulesServer(rules_path, free_port(), tmp_path / "server.log", args=(*http_server, "--log-format", "json")) as server:
         http_get(server.url + "/ipxe?mac=00-12-34-56-78-90")
     lines = [json.loads(line) for line in server.log().splitlines()]
     assert any(line["message"].startswith("serving 3 rules from") for line in lines)

@@ -166,11 +166,11 @@ def test_recording_off_writes_nothing(write_rules, tmp_path, monkeypatch):
     app.extensions["bootrules"].stop()
 
 
-def test_a_stopping_server_writes_what_it_saw_before_it_exits(write_rules, tmp_path):
+def test_a_stopping_server_writes_what_it_saw_before_it_exits(write_rules, tmp_path, http_server):
     """SIGTERM right after an answer: the machine is in the store once the process has exited."""
     rules = write_rules(RULES)
     for workers in ("1", "2"):
-        server = BootrulesServer(rules, free_port(), tmp_path / f"server{workers}.log", args=("--workers", workers))
+        server = BootrulesServer(rules, free_port(), tmp_path / f"server{workers}.log", args=(*http_server, "--workers", workers))
         with server:
             assert http_get(f"{server.url}/ipxe?mac=52:54:00:00:0{workers}:01")[0] == 200
             server.signal(signal.SIGTERM)

@@ -45,14 +45,14 @@ def test_metrics_count_decisions_bad_requests_and_reloads(client, app, rules_pat
     assert metric(text, "bootrules_last_reload_timestamp_seconds") > time.time() - 60
 
 
-def test_metrics_add_up_across_worker_processes(rules_path, tmp_path, monkeypatch):
+def test_metrics_add_up_across_worker_processes(rules_path, tmp_path, monkeypatch, http_server):
     """With two workers, one /metrics answer counts the decisions of both workers."""
     from prometheus_client.mmap_dict import MmapedDict
 
     shared = tmp_path / "metrics"
     shared.mkdir()
     monkeypatch.setenv("PROMETHEUS_MULTIPROC_DIR", str(shared))
-    with BootrulesServer(rules_path, free_port(), tmp_path / "server.log", args=("--workers", "2")) as server:
+    with BootrulesServer(rules_path, free_port(), tmp_path / "server.log", args=(*http_server, "--workers", "2")) as server:
         for _ in range(60):  # a new connection each: the kernel hands them to either worker
             http_get(server.url + "/ipxe?mac=00:12:34:56:78:90")
         text = http_get(server.url + "/metrics")[2]

@@ -75,12 +75,12 @@ def post(url: str) -> tuple[int, str]:
         return error.code, error.read().decode()
 
 
-def test_two_servers_share_state_through_postgresql(postgres, tmp_path):
+def test_two_servers_share_state_through_postgresql(postgres, tmp_path, http_server):
     """Armed through server A, reported done through server B: A's next answer is the disk."""
     rules = write(tmp_path / "rules.yaml")
     url = postgres + "/bootrules"
-    with BootrulesServer(rules, free_port(), tmp_path / "a.log", args=("--state", url)) as a, \
-            BootrulesServer(rules, free_port(), tmp_path / "b.log", args=("--state", url)) as b:
+    with BootrulesServer(rules, free_port(), tmp_path / "a.log", args=(*http_server, "--state", url)) as a, \
+            BootrulesServer(rules, free_port(), tmp_path / "b.log", args=(*http_server, "--state", url)) as b:
         rule, token = boot(a, MAC_A)
         assert rule == "install-debian" and token
         assert boot(a, MAC_A) == ("install-debian", token) == boot(b, MAC_A)  # one row, one live token
