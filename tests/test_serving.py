@@ -333,3 +333,27 @@ def test_dead_workers_metrics_are_folded_so_files_do_not_pile_up(tmp_path):
 
 def _children_pids_in(files: list[str]) -> list[str]:
     return sorted({re.search(r"(\d+)", name).group(1) for name in files if re.search(r"\d+", name)})
+
+
+# --------------------------------------------------------------------------- the server
+
+
+def test_granian_not_installed_is_one_line_naming_the_install_and_waitress_stays_the_default(rules_path, tmp_path):
+    """`--server granian` where granian cannot be imported: exit 1, one line that says how to
+    install it, no traceback. Without the flag nothing asks for granian."""
+    shim = tmp_path / "shim"
+    shim.mkdir()
+    (shim / "granian.py").write_text("raise ImportError('No module named granian')\n")
+    env = {**os.environ, "PYTHONPATH": str(shim)}
+    command = [sys.executable, str(ROOT / "app.py"), "serve", "--rules", str(rules_path), "--port", str(free_port())]
+    result = subprocess.run([*command, "--server", "granian"], capture_output=True, text=True, timeout=30, env=env)
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines() == [
+        "Error: --server granian needs granian, which is not installed: pip install -r requirements-granian.txt "
+        "(or: pip install '.[granian]')"]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=30,
+                            env={**env, "BOOTRULES_SERVER": "nginx"})
+    assert result.returncode == 1 and "BOOTRULES_SERVER: 'nginx' is not one of: waitress, granian" in result.stderr
+    with BootrulesServer(rules_path, free_port(), tmp_path / "server.log") as server:  # the shim is not on its path
+        assert http_get(server.url + "/healthz")[1]["Server"] == "bootrules"  # waitress's `ident`; granian's is its own
+    assert re.search(r"with \d+ waitress worker\(s\)", server.log()), server.log()
