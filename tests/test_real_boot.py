@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 
 from bootrules.render import render_entry
-from conftest import IN_CI, ROOT, free_port, require_tool
+from conftest import IN_CI, ROOT, free_port, require_server, require_tool
 from ipxe_builds import IpxeBuild, debian_build, host_build
 import linux_guest
 from markers import disk_image, marker_kernel
@@ -44,8 +44,10 @@ class Lab:
     """One test's servers and VM: bootrules, a file server, a local disk, and the iPXE build
     the VM's NIC runs."""
 
-    def __init__(self, tmp_path: Path, files: FileServer, ipxe: IpxeBuild | None = None) -> None:
+    def __init__(self, tmp_path: Path, files: FileServer, ipxe: IpxeBuild | None = None,
+                 server_args: tuple[str, ...] = ()) -> None:
         self.tmp = tmp_path
+        self.server_args = server_args
         self.files = files
         self.ipxe = ipxe
         self.rules = tmp_path / "rules.yaml"
@@ -58,7 +60,7 @@ class Lab:
 
     def serve(self, text: str) -> BootrulesServer:
         self.write_rules(text)
-        self.server = BootrulesServer(self.rules, free_port(), self.tmp / "bootrules.log").start()
+        self.server = BootrulesServer(self.rules, free_port(), self.tmp / "bootrules.log", args=self.server_args).start()
         return self.server
 
     def boot_url(self) -> str:
@@ -129,11 +131,18 @@ def host_lab(tmp_path):
     yield from _lab(tmp_path, None)
 
 
-def _lab(tmp_path: Path, ipxe: IpxeBuild | None):
+@pytest.fixture
+def granian_lab(tmp_path):
+    """A lab on the host's iPXE whose bootrules runs `--server granian`."""
+    require_server("granian")
+    yield from _lab(tmp_path, None, ("--server", "granian"))
+
+
+def _lab(tmp_path: Path, ipxe: IpxeBuild | None, server_args: tuple[str, ...] = ()):
     require_tool("qemu-system-x86_64", "from Debian's qemu-system-x86 package")
     require_file(VIRTIO_ROM, "ipxe-qemu")
     with FileServer() as files:
-        lab = Lab(tmp_path, files, ipxe)
+        lab = Lab(tmp_path, files, ipxe, server_args)
         yield lab
         lab.close()
 
@@ -396,6 +405,17 @@ def test_the_contrib_pxelinux_entry_chainloads_ipxe_which_reaches_bootrules(host
 def test_a_once_rule_installs_then_boots_from_disk_until_its_label_changes(lab):
     """Boot 1: the installer (the marker kernel) gets the done URL in its arguments; the test
     POSTs it as an installer would. Boot 2: the local disk. A new label: boot 3 installs again."""
+    install_once_cycle(lab)
+
+
+def test_under_granian_a_machine_installs_once_then_boots_from_disk(granian_lab):
+    """The same cycle with bootrules served by granian: entry script, decision, done callback,
+    SIGHUP (new workers) and the next boots, all through granian."""
+    install_once_cycle(granian_lab)
+    assert "granian worker(s)" in granian_lab.server.log()
+
+
+def install_once_cycle(lab: Lab) -> None:
     lab.files.files["/vmlinuz"] = marker_kernel(KERNEL, 0x12)
     lab.files.files["/initrd.img"] = b"INITRD" * 10
     rules = """
