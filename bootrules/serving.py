@@ -300,6 +300,7 @@ class Supervisor:
         old = [pid for pid, (generation, _number) in self.workers.items() if generation == self.generation]
         self.generation += 1
         self._restarts.clear()
+        release_free_memory()
         self.start_generation()
         for pid in old:
             _signal(pid, signal.SIGUSR1)
@@ -330,6 +331,24 @@ def _run_worker(serve: Callable[[server.Shutdown], None], number: int, mask: set
     finally:
         logging.shutdown()
         os._exit(code)
+
+
+def release_free_memory() -> None:
+    """Give the memory the last load freed back to the system before forking workers.
+
+    Loading rules leaves the parent's heap full of freed pages (the old rules, the parser's
+    temporaries). Workers forked on top of them would share them, and count them in their
+    PSS. (Keeping the old rules until the old workers exit was tried: freeing them then
+    copies their pages in the parent, and the new workers, forked while they were alive,
+    keep the originals for ever: 280 MB at rest after one reload instead of 204.)
+    """
+    gc.collect()
+    try:
+        import ctypes
+
+        ctypes.CDLL(None).malloc_trim(0)  # glibc; elsewhere the attribute is missing
+    except (OSError, AttributeError):
+        pass
 
 
 def _signal(pid: int, signum: int) -> None:

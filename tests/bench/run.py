@@ -84,9 +84,10 @@ def wait_http(url: str, timeout: float = 120) -> None:
             time.sleep(0.2)
 
 
-def start_bootrules(rules: Path, port: int, workdir: Path, workers: int) -> Server:
+def start_bootrules(rules: Path, port: int, workdir: Path, workers: int, extra: tuple[str, ...] = ()) -> Server:
     log = workdir / f"bootrules-{port}.log"
-    command = [PYTHON, str(ROOT / "app.py"), "serve", "--rules", str(rules), "--port", str(port), "--workers", str(workers)]
+    command = [PYTHON, str(ROOT / "app.py"), "serve", "--rules", str(rules), "--port", str(port), "--workers", str(workers),
+               *extra]
     process = subprocess.Popen(command, stdout=open(log, "wb"), stderr=subprocess.STDOUT, cwd=ROOT)
     wait_http(f"http://127.0.0.1:{port}/healthz")
     return Server("bootrules", process, port, log)
@@ -180,10 +181,12 @@ DocumentRoot {www}
 # --------------------------------------------------------------------------- load
 
 
-def wrk(url: str, seconds: int, connections: int = 32) -> float:
-    """Requests per second that wrk -t2 -cN measures against `url` (keep-alive)."""
-    out = subprocess.run(["wrk", "-t2", f"-c{connections}", f"-d{seconds}s", url], capture_output=True, text=True,
-                         check=True).stdout
+def wrk(url: str, seconds: int, connections: int = 32, new_connections: bool = False) -> float:
+    """Requests per second that wrk -t2 -cN measures against `url`: keep-alive, or a new
+    connection for each request (`Connection: close`, as iPXE does)."""
+    headers = ["-H", "Connection: close"] if new_connections else []
+    out = subprocess.run(["wrk", "-t2", f"-c{connections}", f"-d{seconds}s", *headers, url], capture_output=True,
+                         text=True, check=True).stdout
     rate = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))
     bad = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
     if bad:
