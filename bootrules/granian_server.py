@@ -40,7 +40,7 @@ WATCH_EVERY = 0.05  # seconds between two looks at the stop request
 # Python threads granian runs the app on, per worker. A decision holds the GIL from start
 # to end, so more threads only contend for it; two let a slow page (/metrics, /ui/) and
 # a decision run side by side.
-PYTHON_THREADS = int(os.environ.get("PT", "2"))
+PYTHON_THREADS = 2
 
 
 def missing() -> str | None:
