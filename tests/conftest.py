@@ -161,6 +161,19 @@ def pg_tool(name: str) -> str:
     return found[-1] if found else require_tool(name, "from Debian's postgresql package")
 
 
+def new_database(postgres: str) -> str:
+    """The URL of a database of its own in the session's PostgreSQL: tests share the server,
+    never each other's rows."""
+    import uuid
+
+    import psycopg
+
+    name = f"test_{uuid.uuid4().hex[:12]}"
+    with psycopg.connect(f"{postgres}/postgres", autocommit=True) as db:
+        db.execute(f"CREATE DATABASE {name}")
+    return f"{postgres}/{name}"
+
+
 @pytest.fixture(scope="session")
 def postgres():
     """A PostgreSQL of the test's own: its own data directory, listening on 127.0.0.1 only."""
@@ -183,7 +196,6 @@ def postgres():
         import psycopg
 
         with psycopg.connect(f"postgresql://postgres@127.0.0.1:{port}/postgres", autocommit=True) as db:
-            db.execute("CREATE DATABASE bootrules")
             db.execute("CREATE DATABASE readonly")
             db.execute("ALTER DATABASE readonly SET default_transaction_read_only = on")
         yield f"postgresql://postgres@127.0.0.1:{port}"

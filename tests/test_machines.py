@@ -19,7 +19,7 @@ from bootrules.matching import first_match_linear as first_match
 from bootrules.recorder import Recorder
 from bootrules.snippet import PLACEHOLDER, rule_to_paste
 from bootrules.state import open_store
-from conftest import free_port, wait_until
+from conftest import free_port, new_database, wait_until
 from support import BootrulesServer, http_get
 
 RULES = """
@@ -221,7 +221,7 @@ def test_two_servers_record_into_one_postgresql(postgres, write_rules, tmp_path)
     """Machines seen by either server are listed by both, with their once: state."""
     rules = write_rules(RULES.replace("    chain: http://pxe.example.com/rescue.ipxe",
                                       "    once: true\n    chain: http://pxe.example.com/rescue.ipxe"))
-    url = postgres + "/bootrules"
+    url = new_database(postgres)
     with BootrulesServer(rules, free_port(), tmp_path / "a.log", args=("--state", url)) as a, \
             BootrulesServer(rules, free_port(), tmp_path / "b.log", args=("--state", url)) as b:
         assert http_get(f"{a.url}/ipxe?mac=00:12:34:56:78:90&serial_hex={hexed('PG-1')}")[0] == 200

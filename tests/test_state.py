@@ -10,7 +10,7 @@ import textwrap
 import urllib.request
 
 import pytest
-from conftest import ROOT, free_port
+from conftest import ROOT, free_port, new_database
 from support import BootrulesServer, http_get
 from test_once import DONE_LINE, MAC_A, MAC_B, write
 
@@ -78,7 +78,7 @@ def post(url: str) -> tuple[int, str]:
 def test_two_servers_share_state_through_postgresql(postgres, tmp_path, http_server):
     """Armed through server A, reported done through server B: A's next answer is the disk."""
     rules = write(tmp_path / "rules.yaml")
-    url = postgres + "/bootrules"
+    url = new_database(postgres)
     with BootrulesServer(rules, free_port(), tmp_path / "a.log", args=(*http_server, "--state", url)) as a, \
             BootrulesServer(rules, free_port(), tmp_path / "b.log", args=(*http_server, "--state", url)) as b:
         rule, token = boot(a, MAC_A)
