@@ -8,9 +8,10 @@ worker, started on the inherited socket, calls the same WSGI app on a few Python
 granian's public API (`Granian(...).serve()`) would bring its own supervisor, in which
 every worker loads the rules itself (no shared pages) and a reload restarts workers on
 sockets of their own, dropping the connections queued on them. So this module starts
-granian's worker class directly, as granian's own `_spawn_wsgi_worker` does: those names
-are not granian's public API. `missing()` checks that they are all there; without them,
-or without granian, `serve --server granian` refuses to start with one line that says why.
+granian's worker class directly, as granian's own `_spawn_wsgi_worker` does, with a WSGI
+callback of its own (`wsgi_callback`). The names it uses are not granian's public API:
+`missing()` checks that they are all there. Without them, or without granian,
+`serve --server granian` refuses to start with one line that says why.
 
 Retiring (new rules, SIGTERM): the worker stops accepting (the other workers take the new
 connections), and every answer from then on carries `Connection: close`, so a client on
@@ -23,6 +24,7 @@ from __future__ import annotations
 import logging
 import os
 import socket
+import sys
 import threading
 import time
 from typing import Any, Callable, Iterable
@@ -62,12 +64,41 @@ def _internals() -> dict[str, Any]:
     from granian._granian import SocketHolder, WorkerSignal, WSGIWorker
     from granian._loops import loops
     from granian.http import HTTP1Settings
-    from granian.wsgi import _callback_wrapper
+    from granian.wsgi import ResponseIterWrap
 
     for cls, method in ((WSGIWorker, "serve_mtr"), (WorkerSignal, "add_cb"), (WorkerSignal, "set")):
         getattr(cls, method)
     return {"scheduler": _new_cbscheduler, "SocketHolder": SocketHolder, "WorkerSignal": WorkerSignal,
-            "WSGIWorker": WSGIWorker, "loops": loops, "HTTP1Settings": HTTP1Settings, "wrap": _callback_wrapper}
+            "WSGIWorker": WSGIWorker, "loops": loops, "HTTP1Settings": HTTP1Settings, "IterWrap": ResponseIterWrap}
+
+
+def wsgi_callback(app: Callable[..., Any], iter_wrap: Callable[[Any], Any]) -> Callable[[Any, dict], int]:
+    """What granian's worker calls for each request: `app` under WSGI, its answer handed back.
+
+    granian's own wrapper (granian.wsgi._callback_wrapper) starts every request's environ
+    from a copy of the whole process environment: a `BOOTRULES_STATE` URL with its password
+    would be in every request's environ. This one starts from WSGI's own keys only.
+    """
+    base = {
+        "GATEWAY_INTERFACE": "CGI/1.1", "SCRIPT_NAME": "", "wsgi.errors": sys.stderr,
+        "wsgi.input_terminated": True, "wsgi.multiprocess": True, "wsgi.multithread": True,
+        "wsgi.run_once": False, "wsgi.version": (1, 0),
+    }
+
+    def call(proto: Any, scope: dict) -> int:
+        answer: list[Any] = [500, []]
+
+        def start_response(status: str, headers: list[tuple[str, str]], exc_info: Any = None) -> None:
+            answer[0], answer[1] = int(status.split(" ", 1)[0]), headers
+
+        body = app(base | scope, start_response)
+        if isinstance(body, list):
+            proto.response_bytes(answer[0], answer[1], b"".join(body))
+        else:
+            proto.response_iter(answer[0], answer[1], iter_wrap(body))
+        return answer[0]
+
+    return call
 
 
 def _version() -> str:
@@ -132,7 +163,7 @@ class GranianServer:
             False, None, None, None, "tls1.3", None, [], False,  # no TLS (a proxy's job)
             (None, None),  # granian's metrics: off
         )
-        scheduler = parts["scheduler"](loop, parts["wrap"](self.app, {}, None), impl_asyncio=True)
+        scheduler = parts["scheduler"](loop, wsgi_callback(self.app, parts["IterWrap"]), impl_asyncio=True)
         worker.serve_mtr(scheduler, loop, signal)
         try:
             self._until_stopped(signal, stopped)

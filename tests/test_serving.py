@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import SAMPLE_RULES, free_port, wait_until
+from conftest import SAMPLE_RULES, free_port, require_server, wait_until
 from support import ROOT, BootrulesServer, http_get
 
 
@@ -357,3 +357,44 @@ def test_granian_not_installed_is_one_line_naming_the_install_and_waitress_stays
     with BootrulesServer(rules_path, free_port(), tmp_path / "server.log") as server:  # the shim is not on its path
         assert http_get(server.url + "/healthz")[1]["Server"] == "bootrules"  # waitress's `ident`; granian's is its own
     assert re.search(r"with \d+ waitress worker\(s\)", server.log()), server.log()
+
+
+def test_granian_requests_never_carry_the_process_environment(monkeypatch):
+    """granian's own WSGI wrapper copies the whole process environment into every request's
+    environ; bootrules' callback starts from WSGI's keys only (a password in BOOTRULES_STATE
+    stays out of every request). The protocol object is granian's, so a stand-in records
+    what the callback hands it."""
+    require_server("granian")
+    from bootrules.granian_server import _internals, wsgi_callback
+
+    monkeypatch.setenv("BOOTRULES_STATE", "postgresql://bootrules:hunter2@db/bootrules")
+    seen = {}
+
+    def app(environ, start_response):
+        seen.update(environ)
+        start_response("404 Not Found", [("Content-Type", "text/plain")])
+        return [b"no ", b"such page\n"] if environ["PATH_INFO"] == "/list" else iter([b"streamed\n"])
+
+    class Proto:
+        def response_bytes(self, status, headers, body):
+            self.answer = ("bytes", status, headers, body)
+
+        def response_iter(self, status, headers, body):
+            chunks = []
+            while True:  # as granian does: the wrapper has __next__, and close
+                try:
+                    chunks.append(body.__next__())
+                except StopIteration:
+                    break
+            self.answer = ("iter", status, headers, b"".join(chunks))
+
+    call = wsgi_callback(app, _internals()["IterWrap"])
+    scope = {"REQUEST_METHOD": "GET", "PATH_INFO": "/list", "QUERY_STRING": "", "REMOTE_ADDR": "127.0.0.1"}
+    proto = Proto()
+    assert call(proto, scope) == 404
+    assert proto.answer == ("bytes", 404, [("Content-Type", "text/plain")], b"no such page\n")
+    assert "BOOTRULES_STATE" not in seen and not any("hunter2" in str(value) for value in seen.values())
+    assert seen["wsgi.version"] == (1, 0) and seen["REMOTE_ADDR"] == "127.0.0.1"
+    proto = Proto()
+    call(proto, {**scope, "PATH_INFO": "/stream"})
+    assert proto.answer == ("iter", 404, [("Content-Type", "text/plain")], b"streamed\n")
