@@ -9,7 +9,7 @@ granian's public API (`Granian(...).serve()`) would bring its own supervisor, in
 every worker loads the rules itself (no shared pages) and a reload restarts workers on
 sockets of their own, dropping the connections queued on them. So this module starts
 granian's worker class directly, as granian's own `_spawn_wsgi_worker` does, with a WSGI
-callback of its own (`wsgi_callback`). The names it uses are not granian's public API:
+callback of its own (`WsgiCallback`). The names it uses are not granian's public API:
 `missing()` checks that they are all there. Without them, or without granian,
 `serve --server granian` refuses to start with one line that says why.
 
@@ -27,7 +27,7 @@ import socket
 import sys
 import threading
 import time
-from typing import Any, Callable, Iterable
+from typing import Any, Callable
 
 log = logging.getLogger("bootrules")
 
@@ -72,35 +72,6 @@ def _internals() -> dict[str, Any]:
             "WSGIWorker": WSGIWorker, "loops": loops, "HTTP1Settings": HTTP1Settings, "IterWrap": ResponseIterWrap}
 
 
-def wsgi_callback(app: Callable[..., Any], iter_wrap: Callable[[Any], Any]) -> Callable[[Any, dict], int]:
-    """What granian's worker calls for each request: `app` under WSGI, its answer handed back.
-
-    granian's own wrapper (granian.wsgi._callback_wrapper) starts every request's environ
-    from a copy of the whole process environment: a `BOOTRULES_STATE` URL with its password
-    would be in every request's environ. This one starts from WSGI's own keys only.
-    """
-    base = {
-        "GATEWAY_INTERFACE": "CGI/1.1", "SCRIPT_NAME": "", "wsgi.errors": sys.stderr,
-        "wsgi.input_terminated": True, "wsgi.multiprocess": True, "wsgi.multithread": True,
-        "wsgi.run_once": False, "wsgi.version": (1, 0),
-    }
-
-    def call(proto: Any, scope: dict) -> int:
-        answer: list[Any] = [500, []]
-
-        def start_response(status: str, headers: list[tuple[str, str]], exc_info: Any = None) -> None:
-            answer[0], answer[1] = int(status.split(" ", 1)[0]), headers
-
-        body = app(base | scope, start_response)
-        if isinstance(body, list):
-            proto.response_bytes(answer[0], answer[1], b"".join(body))
-        else:
-            proto.response_iter(answer[0], answer[1], iter_wrap(body))
-        return answer[0]
-
-    return call
-
-
 def _version() -> str:
     from importlib.metadata import PackageNotFoundError, version
 
@@ -110,22 +81,40 @@ def _version() -> str:
         return "(unknown version)"
 
 
-class ClosingWhenRetiring:
-    """The app, with `Connection: close` on every answer once the worker is retiring."""
+class WsgiCallback:
+    """What granian's worker calls for each request: the app under WSGI, its answer handed back.
 
-    def __init__(self, app: Callable[..., Any]) -> None:
+    granian's own wrapper (granian.wsgi._callback_wrapper) starts every request's environ
+    from a copy of the whole process environment: a `BOOTRULES_STATE` URL with its password
+    would be in every request's environ. This one starts from WSGI's own keys only. Once
+    `retiring`, every answer carries `Connection: close`.
+    """
+
+    def __init__(self, app: Callable[..., Any], iter_wrap: Callable[[Any], Any]) -> None:
         self.app = app
+        self.iter_wrap = iter_wrap
         self.retiring = False
+        self.base = {
+            "GATEWAY_INTERFACE": "CGI/1.1", "SCRIPT_NAME": "", "wsgi.errors": sys.stderr,
+            "wsgi.input_terminated": True, "wsgi.multiprocess": True, "wsgi.multithread": True,
+            "wsgi.run_once": False, "wsgi.version": (1, 0),
+        }
 
-    def __call__(self, environ: dict, start_response: Callable[..., Any]) -> Iterable[bytes]:
-        if not self.retiring:
-            return self.app(environ, start_response)
+    def __call__(self, proto: Any, scope: dict) -> int:
+        answer: list[Any] = [500, []]
 
-        def closing(status: str, headers: list[tuple[str, str]], exc_info: Any = None) -> Any:
-            headers = [(name, value) for name, value in headers if name.lower() != "connection"]
-            return start_response(status, headers + [("Connection", "close")], exc_info)
+        def start_response(status: str, headers: list[tuple[str, str]], exc_info: Any = None) -> None:
+            if self.retiring:
+                headers = [(name, value) for name, value in headers if name.lower() != "connection"]
+                headers.append(("Connection", "close"))
+            answer[0], answer[1] = int(status.split(" ", 1)[0]), headers
 
-        return self.app(environ, closing)
+        body = self.app(self.base | scope, start_response)
+        if isinstance(body, list):
+            proto.response_bytes(answer[0], answer[1], b"".join(body))
+        else:
+            proto.response_iter(answer[0], answer[1], self.iter_wrap(body))
+        return answer[0]
 
 
 class GranianServer:
@@ -133,7 +122,7 @@ class GranianServer:
 
     def __init__(self, app: Any, sock: socket.socket, shutdown: Any, options: dict[str, Any]) -> None:
         self.parts = _internals()
-        self.app = ClosingWhenRetiring(app)
+        self.callback = WsgiCallback(app, self.parts["IterWrap"])
         self.sock = sock
         self.shutdown = shutdown
         self.options = options
@@ -163,7 +152,7 @@ class GranianServer:
             False, None, None, None, "tls1.3", None, [], False,  # no TLS (a proxy's job)
             (None, None),  # granian's metrics: off
         )
-        scheduler = parts["scheduler"](loop, wsgi_callback(self.app, parts["IterWrap"]), impl_asyncio=True)
+        scheduler = parts["scheduler"](loop, self.callback, impl_asyncio=True)
         worker.serve_mtr(scheduler, loop, signal)
         try:
             self._until_stopped(signal, stopped)
@@ -178,7 +167,7 @@ class GranianServer:
                 log.error("granian stopped on its own")
                 return
         log.info("stopping: answering with Connection: close, then closing (at most %.0f s)", shutdown.grace)
-        self.app.retiring = True
+        self.callback.retiring = True
         self._stop_accepting()
         closing_ends = time.monotonic() + CLOSING_FOR
         deadline = time.monotonic() + (shutdown.grace or 0.0)

@@ -365,7 +365,7 @@ def test_granian_requests_never_carry_the_process_environment(monkeypatch):
     stays out of every request). The protocol object is granian's, so a stand-in records
     what the callback hands it."""
     require_server("granian")
-    from bootrules.granian_server import _internals, wsgi_callback
+    from bootrules.granian_server import WsgiCallback, _internals
 
     monkeypatch.setenv("BOOTRULES_STATE", "postgresql://bootrules:hunter2@db/bootrules")
     seen = {}
@@ -388,7 +388,7 @@ def test_granian_requests_never_carry_the_process_environment(monkeypatch):
                     break
             self.answer = ("iter", status, headers, b"".join(chunks))
 
-    call = wsgi_callback(app, _internals()["IterWrap"])
+    call = WsgiCallback(app, _internals()["IterWrap"])
     scope = {"REQUEST_METHOD": "GET", "PATH_INFO": "/list", "QUERY_STRING": "", "REMOTE_ADDR": "127.0.0.1"}
     proto = Proto()
     assert call(proto, scope) == 404
@@ -398,3 +398,7 @@ def test_granian_requests_never_carry_the_process_environment(monkeypatch):
     proto = Proto()
     call(proto, {**scope, "PATH_INFO": "/stream"})
     assert proto.answer == ("iter", 404, [("Content-Type", "text/plain")], b"streamed\n")
+    call.retiring = True  # a retiring worker: every answer closes its connection
+    proto = Proto()
+    call(proto, scope)
+    assert proto.answer[2] == [("Content-Type", "text/plain"), ("Connection", "close")]
