@@ -41,18 +41,22 @@ _RETRY = object()  # an attempt that must be repeated whatever the file looks li
 class Reloader:
     """Holds the rules currently served and replaces them when the file changes.
 
-    `metrics` counts loads; `on_loaded` is called after each successful reload, not after
-    the first load (the parent of several workers replaces them); `status_path` is where the last load's outcome is
-    published for the workers' /healthz.
+    `metrics` counts loads; `status_path` is where the last load's outcome is published
+    for the workers' /healthz (several workers).
     """
 
     def __init__(self, path: str, poll_interval: float = 1.0, *, metrics: Metrics | None = None,
-                 on_loaded: Callable[[], None] | None = None, status_path: str | None = None) -> None:
+                 status_path: str | None = None,
+                 on_changed: Callable[[], None] | None = None, counts_as_reload: bool = False) -> None:
         self.path = path
         self.poll_interval = poll_interval
         self.metrics = metrics
-        self.on_loaded = on_loaded
         self.status_path = status_path
+        # Given, the file is only followed here: `on_changed` is called where a load would be,
+        # and someone else loads (the supervisor of several workers starts a new generation).
+        self.on_changed = on_changed
+        # The first load of a process that replaces another's rules (a new generation).
+        self.counts_as_reload = counts_as_reload
         self.snapshot: Snapshot | None = None
         self.last_error: RulesError | None = None
         self.last_error_at: datetime | None = None
@@ -70,6 +74,9 @@ class Reloader:
         """Load the file now; on success serve it, on failure keep the last good rules."""
         before = file_signature(self.path)
         self._attempted = before
+        if self.on_changed is not None:
+            self.on_changed()
+            return True
         started = time.monotonic()
         try:
             ruleset = load_rules(self.path)
@@ -82,9 +89,9 @@ class Reloader:
         after = file_signature(self.path)
         if before != after:
             # Written to while we read it: this may be half a file. The next tick retries.
-            self._attempted = _RETRY
+            self.retry()
             return False
-        first = self.snapshot is None
+        first = self.snapshot is None and not self.counts_as_reload
         self.snapshot = Snapshot(ruleset=ruleset, loaded_at=datetime.now(timezone.utc))
         if self.metrics is not None:  # the load at start-up is not a reload
             self.metrics.loaded(len(ruleset), self.snapshot.loaded_at.timestamp(), reload=not first)
@@ -94,9 +101,11 @@ class Reloader:
         self.last_error_at = None
         log.info("loaded %d rules from %s in %.2f s", len(ruleset), self.path, time.monotonic() - started)
         self._write_status()
-        if self.on_loaded is not None and not first:
-            self.on_loaded()
         return True
+
+    def retry(self) -> None:
+        """Load again at the next tick, even if the file looks the same (it changed while read)."""
+        self._attempted = _RETRY
 
     def _write_status(self) -> None:
         """Publish the last reload's outcome for the workers' /healthz (several workers only)."""
@@ -131,6 +140,8 @@ class Reloader:
                 f"still serving the {len(self.snapshot.ruleset)} rules loaded at "
                 f"{self.snapshot.loaded_at:%Y-%m-%d %H:%M:%S} UTC"
             )
+        elif self.counts_as_reload:
+            keeping = "the workers go on serving the rules loaded before"
         else:
             keeping = "no rules loaded: every machine is told to boot from its next device"
         log.error("cannot load rules (%s):\n%s", keeping, error)

@@ -1,11 +1,12 @@
-"""`serve`: one process, or pre-forked workers on one socket; signals and the supervisor.
+"""`serve`: one process, or pre-forked workers on one socket; signals and the supervisors.
 
 waitress runs in one process, and Python runs one thread at a time, so one process uses
-one core. With several workers the parent binds the socket, loads the rules, and forks the
-workers, which share the parent's copy of the rules (copy-on-write pages). The parent
-follows the rules file; when it changes, the parent loads it once, forks a new generation
-and retires the old one, so no worker ever holds two copies of the rules or spends its
-time loading them. A worker that dies is started again; SIGTERM or SIGINT stops them all.
+one core. With several workers the parent binds the socket and follows the rules file;
+for each version of it, a leader process loads the rules once and forks the workers,
+which share its copy (copy-on-write pages), so no worker ever holds two copies or spends
+its time loading them. A new version's leader retires the old one once its workers run
+(bootrules.generations). A worker that dies is started again by its leader; SIGTERM or
+SIGINT stops them all.
 
 Signal handlers here only set a flag or write a byte to a wake-up pipe (bootrules.wakeup):
 anything more, run inside another handler, can deadlock.
@@ -31,6 +32,7 @@ from .logs import configure_logging
 from .metrics import MULTIPROC_ENV, Metrics, clear_runtime_files, worker_exited
 from .reloader import Reloader
 from .settings import Settings
+from .generations import Generations, report
 from .wakeup import Wakeup
 from .web import SLOW_PATHS
 
@@ -56,41 +58,99 @@ def serve(settings: Settings) -> int:
     runtime = _runtime_directory() if workers > 1 else None
     try:
         metrics = Metrics()  # made after the runtime directory: it decides the metrics mode
-        # With several workers the parent follows the file, and each load replaces the workers.
-        supervisor = Supervisor(workers, retire_grace=float(settings.channel_timeout), exited=worker_exited)
-        reloader = Reloader(settings.rules, settings.poll_interval, metrics=metrics,
-                            on_loaded=supervisor.request_replace if runtime else None,
-                            status_path=os.path.join(runtime, "status.json") if runtime else None)
         if settings.server == "granian":
             from .granian_server import missing
 
             reason = missing()
             if reason:
                 raise StartError(reason)
-        if not reloader.reload():
-            problems = reloader.last_error or "cannot load the rules"
-            raise StartError(f"{settings.rules} is not valid, not starting:\n{problems}")
         _raise_open_files_limit(settings.connection_limit + 100)  # per process: each worker has its own
-        try:
-            sock = listening_socket(settings.host, settings.port)
-        except OSError as error:
-            raise StartError(f"cannot listen on {settings.host}:{settings.port}: {error.strerror or error}") from None
-        log.info("serving %d rules from %s on http://%s:%d/ with %d %s worker(s)",
-                 len(reloader.snapshot.ruleset), settings.rules, settings.host, sock.getsockname()[1], workers,
-                 settings.server)
-        plan = WorkerPlan(settings, reloader, metrics, sock)
-        if workers == 1:
-            return plan.serve_alone()
-        signal.signal(signal.SIGHUP, lambda _signum, _frame: reloader.request_reload())
-        try:
-            # The watcher starts once the first workers are forked: threads and fork do not mix.
-            return supervisor.run(plan.serve_as_worker, started=reloader.start)
-        finally:
-            reloader.stop()
-            sock.close()
+        if runtime is None:
+            return _serve_alone(settings, metrics)
+        return _serve_generations(settings, metrics, workers, os.path.join(runtime, "status.json"))
     finally:
         if runtime and runtime.startswith(tempfile.gettempdir()) and os.path.basename(runtime).startswith("bootrules-"):
             shutil.rmtree(runtime, ignore_errors=True)
+
+
+def _serve_alone(settings: Settings, metrics: Metrics) -> int:
+    """One process: it loads and follows the file itself, and serves."""
+    reloader = Reloader(settings.rules, settings.poll_interval, metrics=metrics)
+    if not reloader.reload():
+        raise StartError(f"{settings.rules} is not valid, not starting:\n{reloader.last_error or 'cannot load the rules'}")
+    sock = _listen(settings)
+    _log_serving(settings, len(reloader.snapshot.ruleset), sock, 1)
+    return WorkerPlan(settings, reloader, metrics, sock).serve_alone()
+
+
+def _serve_generations(settings: Settings, metrics: Metrics, workers: int, status_path: str) -> int:
+    """Several workers: this process follows the file, and a leader per version loads it
+    and forks the workers (bootrules.generations says why)."""
+    sock = _listen(settings)
+
+    def lead(generation: int, report_fd: int, mask: set) -> None:
+        _lead(settings, metrics, sock, workers, status_path, generation, report_fd, mask)
+
+    generations = Generations(lead, exited=worker_exited)
+    reloader = Reloader(settings.rules, settings.poll_interval, on_changed=generations.request_new)
+    generations.retry = reloader.retry
+    generations.install_signal_handlers(on_hup=reloader.request_reload)
+    try:
+        reloader.reload()  # notes the version the first leader loads
+        first = generations.start()
+        if first is None:
+            return 0
+        if isinstance(first, str):
+            raise StartError(f"{settings.rules} is not valid, not starting:\n{first}")
+        _log_serving(settings, first.rules, sock, workers)
+        reloader.start()
+        return generations.run()
+    finally:
+        reloader.stop()
+        sock.close()
+
+
+def _lead(settings: Settings, metrics: Metrics, sock: socket.socket, workers: int, status_path: str,
+          generation: int, report_fd: int, mask: set) -> None:
+    """The body of a generation's leader: load the rules, fork the workers and watch them
+    until retired (SIGUSR1) or stopped (SIGTERM); never returns."""
+    code = 0
+    try:
+        supervisor = Supervisor(workers, retire_grace=float(settings.channel_timeout), exited=worker_exited,
+                                spawned=lambda pid: report(report_fd, "worker", pid=pid))
+        supervisor.install_signal_handlers()  # before the load: a stop then forks nothing
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)  # the parent's
+        signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+        reloader = Reloader(settings.rules, 0, metrics=metrics, status_path=status_path,
+                            counts_as_reload=generation > 1)
+        if not reloader.reload():
+            if reloader.last_error is not None:
+                report(report_fd, "failed", problems=str(reloader.last_error))
+            else:
+                report(report_fd, "retry")
+            return
+        release_free_memory()
+        plan = WorkerPlan(settings, reloader, metrics, sock)
+        supervisor.run(plan.serve_as_worker,
+                       started=lambda: report(report_fd, "ready", rules=len(reloader.snapshot.ruleset)))
+    except BaseException:
+        log.exception("the leader of generation %d failed", generation)
+        code = 1
+    finally:
+        logging.shutdown()
+        os._exit(code)
+
+
+def _listen(settings: Settings) -> socket.socket:
+    try:
+        return listening_socket(settings.host, settings.port)
+    except OSError as error:
+        raise StartError(f"cannot listen on {settings.host}:{settings.port}: {error.strerror or error}") from None
+
+
+def _log_serving(settings: Settings, rules: int, sock: socket.socket, workers: int) -> None:
+    log.info("serving %d rules from %s on http://%s:%d/ with %d %s worker(s)",
+             rules, settings.rules, settings.host, sock.getsockname()[1], workers, settings.server)
 
 
 def listening_socket(host: str, port: int, backlog: int = 1024) -> socket.socket:
@@ -175,70 +235,69 @@ def _stop_on_signals(shutdown: server.Shutdown) -> None:
 
 
 class Supervisor:
-    """Forks and watches the workers; replaces them all when the rules change.
+    """Forks and watches one generation's workers (in its leader, bootrules.generations).
 
-    Everything happens on the main loop of `run`; the signal handlers and `request_replace`
-    only set a flag and wake it. So a worker forked for new rules is always one the stop
-    sees, and a stop that has begun forks nothing more.
+    Everything happens on the main loop of `run`; the signal handlers only set a flag and
+    wake it. SIGTERM or SIGINT stops the workers (they drain within STOP_GRACE), SIGUSR1
+    retires them (new rules elsewhere: they drain within the retire grace); either way
+    `run` returns once every worker has exited. A worker that dies is started again.
     """
 
     def __init__(self, count: int, *, retire_grace: float = 30.0,
-                 exited: Callable[[int], None] = lambda pid: None) -> None:
+                 exited: Callable[[int], None] = lambda pid: None,
+                 spawned: Callable[[int], None] = lambda pid: None) -> None:
         self.count = count
         self.serve: Callable[[server.Shutdown], None] = lambda shutdown: None  # given to run()
         self.retire_grace = retire_grace
         self.exited = exited
-        self.generation = 0
-        self.workers: dict[int, tuple[int, int]] = {}  # pid -> (generation, worker number)
+        self.spawned = spawned
+        self.workers: dict[int, int] = {}  # pid -> worker number
         self.stopping = False
-        self._stop_requested = False
-        self._replace_requested = False
-        self._signalled: set[int] = set()  # workers sent SIGTERM
+        self._stop_signal: int | None = None  # SIGTERM (stop) or SIGUSR1 (retire), once asked
+        self._signalled: set[int] = set()  # workers sent the stop signal
         self._restarts: dict[int, float] = {}  # worker number -> when to start it again
         self._wakeup = Wakeup()
 
-    # ------------------------------------------------------------ requests (any thread, signal handlers)
+    # ------------------------------------------------------------ requests (signal handlers)
 
-    def request_replace(self) -> None:
-        """Ask the main loop to replace the workers (new rules were loaded)."""
-        self._replace_requested = True
-        self._wakeup.notify()
+    def install_signal_handlers(self) -> None:
+        """From here on SIGTERM/SIGINT stop and SIGUSR1 retires, even before `run` (while loading)."""
+        signal.signal(signal.SIGTERM, lambda _s, _f: self.request_stop(signal.SIGTERM))
+        signal.signal(signal.SIGINT, lambda _s, _f: self.request_stop(signal.SIGTERM))
+        signal.signal(signal.SIGUSR1, lambda _s, _f: self.request_stop(signal.SIGUSR1))
+        signal.signal(signal.SIGCHLD, lambda _s, _f: self._wakeup.notify())
 
-    def request_stop(self) -> None:
-        self._stop_requested = True
+    def request_stop(self, signum: int = signal.SIGTERM) -> None:
+        """Stop (SIGTERM) or retire (SIGUSR1) every worker; a stop wins over a retirement."""
+        if self._stop_signal is None or signum == signal.SIGTERM:
+            self._stop_signal = signum
         self._wakeup.notify()
 
     # ------------------------------------------------------------ the main loop
 
     def run(self, serve: Callable[[server.Shutdown], None], started: Callable[[], None] = lambda: None) -> int:
-        """Start workers that run `serve`, call `started`, and supervise them until SIGTERM or
-        SIGINT; return the exit status."""
+        """Start workers that run `serve`, call `started`, and supervise them until asked to
+        stop or retire; return the exit status."""
         self.serve = serve
         status = 0
-        signal.signal(signal.SIGTERM, lambda _s, _f: self.request_stop())
-        signal.signal(signal.SIGINT, lambda _s, _f: self.request_stop())
-        signal.signal(signal.SIGCHLD, lambda _s, _f: self._wakeup.notify())
-        self.start_generation()
-        started()
-        log.info("started %d workers: %s", self.count, " ".join(str(pid) for pid in self.workers))
+        self.install_signal_handlers()
+        if self._stop_signal is None:  # asked to stop while loading: fork nothing
+            self.start_generation()
+            started()
+            log.info("started %d workers: %s", self.count, " ".join(str(pid) for pid in self.workers))
         while True:
-            self._wakeup.wait(0.5)
-            if self._stop_requested:
+            if self._stop_signal is not None:
                 self.stopping = True
-            if self.stopping:
                 for pid in self.workers:
                     if pid not in self._signalled:
                         self._signalled.add(pid)
-                        _signal(pid, signal.SIGTERM)
-            elif self._replace_requested:
-                self._replace_requested = False
-                self.replace_all()
+                        _signal(pid, self._stop_signal)
             status |= self._reap()
             if self.stopping and not self.workers:
                 break
             if not self.stopping:
                 self._restart_due()
-        log.info("all workers stopped")
+            self._wakeup.wait(0.5)
         return 0 if self.stopping else status
 
     def _reap(self) -> int:
@@ -253,11 +312,11 @@ class Supervisor:
                 return status
             if pid not in self.workers:
                 continue
-            generation, number = self.workers.pop(pid)
+            number = self.workers.pop(pid)
             self._signalled.discard(pid)
             self.exited(pid)
-            if self.stopping or generation != self.generation:
-                continue  # stopped, or a retired worker finishing
+            if self.stopping:
+                continue
             log.error("worker %d (pid %d) exited with %s; starting it again", number, pid,
                       os.waitstatus_to_exitcode(wait_status))
             status = 1
@@ -273,7 +332,7 @@ class Supervisor:
     # ------------------------------------------------------------ workers
 
     def spawn(self, number: int) -> None:
-        """Fork worker `number` of the current generation.
+        """Fork worker `number`.
 
         Signals are blocked across the fork, so the child never runs the parent's handlers:
         it installs its own (through `serve`) before anything can reach it.
@@ -283,29 +342,18 @@ class Supervisor:
             pid = os.fork()
             if pid == 0:  # the worker
                 _run_worker(self.serve, number, blocked, self.retire_grace)
-            self.workers[pid] = (self.generation, number)
+            self.workers[pid] = number
         finally:
             signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
+        self.spawned(pid)
 
     def start_generation(self) -> None:
-        """Fork a full set of workers on the rules the parent holds now."""
+        """Fork a full set of workers on the rules this process holds."""
         # Objects made so far (the rules) are never collected: keeping the collector off
         # them keeps their pages shared between the workers.
         gc.freeze()
         for number in range(self.count):
             self.spawn(number)
-
-    def replace_all(self) -> None:
-        """Start a new generation, then retire the old one (the rules have changed)."""
-        old = [pid for pid, (generation, _number) in self.workers.items() if generation == self.generation]
-        self.generation += 1
-        self._restarts.clear()
-        release_free_memory()
-        self.start_generation()
-        for pid in old:
-            _signal(pid, signal.SIGUSR1)
-        new = [pid for pid, (generation, _number) in self.workers.items() if generation == self.generation]
-        log.info("new rules: started workers %s, retiring %s", " ".join(map(str, new)), " ".join(map(str, old)))
 
 
 def _run_worker(serve: Callable[[server.Shutdown], None], number: int, mask: set, retire_grace: float) -> None:

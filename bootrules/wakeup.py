@@ -27,6 +27,17 @@ class Wakeup:
         except (BlockingIOError, OSError):
             pass
 
+    def fileno(self) -> int:
+        """The end to wait on alongside others (select); `clear` it once woken."""
+        return self._read
+
+    def clear(self) -> None:
+        try:
+            while os.read(self._read, 4096):
+                pass
+        except (BlockingIOError, OSError):
+            pass
+
     def wait(self, timeout: float | None) -> bool:
         """Wait up to `timeout` seconds for a notification; tell whether one came (and clear it)."""
         try:
@@ -35,11 +46,7 @@ class Wakeup:
             return False
         if not ready:
             return False
-        try:
-            while os.read(self._read, 4096):
-                pass
-        except (BlockingIOError, OSError):
-            pass
+        self.clear()
         return True
 
     def close(self) -> None:

@@ -243,7 +243,11 @@ def test_two_servers_record_into_one_postgresql(postgres, write_rules, tmp_path)
 
 
 def filled_in(snippet: str, action: str = "chain: http://boot.example.com/new.ipxe") -> str:
-    return snippet.replace(PLACEHOLDER, action, 1)
+    """The snippet with its placeholder action replaced, as an operator would: the action is
+    its last line (a value the machine sent may read like the placeholder itself)."""
+    before, placeholder, after = snippet.rpartition(PLACEHOLDER)
+    assert placeholder, snippet
+    return before + action + after
 
 
 def rules_with(snippet: str) -> str:

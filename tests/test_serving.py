@@ -75,30 +75,35 @@ def _children(pid: int) -> list[int]:
     return [int(child) for child in out.split()]
 
 
+def _workers(pid: int) -> list[int]:
+    """The workers under the parent `pid`: its leaders' children (one leader per generation)."""
+    return [worker for leader in _children(pid) for worker in _children(leader)]
+
+
 def test_workers_share_the_port_follow_edits_and_stop_cleanly(rules_path, tmp_path, http_server):
     """With --workers 2: both workers answer; an edit is loaded once, by the parent, which
     replaces both workers; a killed worker is started again; SIGTERM stops every process."""
     import os
 
     with BootrulesServer(rules_path, free_port(), tmp_path / "server.log", args=(*http_server, "--workers", "2")) as server:
-        first = _children(server.process.pid)
+        first = _workers(server.process.pid)
         assert len(first) == 2, server.log()
 
         rules_path.write_text(SAMPLE_RULES.replace("lab-rescue", "lab-rescue-v2"))
         assert wait_until(lambda: "new rules: started workers" in server.log(), timeout=5), server.log()
         assert server.log().count("loaded 3 rules") == 2  # at start, then the edit: once each
-        assert wait_until(lambda: set(_children(server.process.pid)).isdisjoint(first), timeout=10)
+        assert wait_until(lambda: set(_workers(server.process.pid)).isdisjoint(first), timeout=10)
         answers = {http_get(server.url + "/ipxe?mac=00:12:34:56:78:90")[1]["X-Bootrules-Rule"] for _ in range(40)}
         assert answers == {"lab-rescue-v2"}
 
-        workers = _children(server.process.pid)
+        workers = _workers(server.process.pid)
         os.kill(workers[0], signal.SIGKILL)
-        assert wait_until(lambda: len(_children(server.process.pid)) == 2
-                          and workers[0] not in _children(server.process.pid), timeout=10)
+        assert wait_until(lambda: len(_workers(server.process.pid)) == 2
+                          and workers[0] not in _workers(server.process.pid), timeout=10)
         assert "exited with -9; starting it again" in server.log()
         assert http_get(server.url + "/healthz")[0] == 200
 
-        remaining = _children(server.process.pid)
+        remaining = _workers(server.process.pid)
     assert server.process.returncode == 0
     for pid in remaining:
         assert not os.path.exists(f"/proc/{pid}") or "zombie" in open(f"/proc/{pid}/status").read().lower()
@@ -109,15 +114,35 @@ def test_workers_share_the_port_follow_edits_and_stop_cleanly(rules_path, tmp_pa
 def test_sighup_to_the_parent_reloads_and_replaces_the_workers(rules_path, tmp_path, http_server):
     """SIGHUP to the supervising process reloads at once and hands the rules to new workers."""
     with BootrulesServer(rules_path, free_port(), tmp_path / "server.log", args=(*http_server, "--workers", "2")) as server:
-        before = set(_children(server.process.pid))
+        before = set(_workers(server.process.pid))
         server.signal(signal.SIGHUP)
         assert wait_until(lambda: "new rules: started workers" in server.log(), timeout=5), server.log()
         assert server.log().count("on request") == 1
-        assert wait_until(lambda: set(_children(server.process.pid)).isdisjoint(before), timeout=10)
+        assert wait_until(lambda: set(_workers(server.process.pid)).isdisjoint(before), timeout=10)
+
+
+def test_a_killed_leader_leaves_its_workers_serving_until_a_new_leader_replaces_them(rules_path, tmp_path):
+    """Each version of the rules has a leader process that loaded it and forked the workers.
+    kill -9 of the leader: its workers go on answering, a new leader loads the rules and
+    retires them, and SIGTERM then stops everything."""
+    with BootrulesServer(rules_path, free_port(), tmp_path / "server.log", args=("--workers", "2")) as server:
+        leaders = _children(server.process.pid)
+        assert len(leaders) == 1 and len(_children(leaders[0])) == 2, server.log()
+        orphans = _children(leaders[0])
+        os.kill(leaders[0], signal.SIGKILL)
+        assert wait_until(lambda: "its workers go on serving" in server.log(), timeout=5), server.log()
+        assert http_get(server.url + "/ipxe?mac=00:12:34:56:78:90")[1]["X-Bootrules-Rule"] == "lab-rescue"
+        assert wait_until(lambda: len(_workers(server.process.pid)) == 2
+                          and set(_workers(server.process.pid)).isdisjoint(orphans), timeout=15), server.log()
+        assert wait_until(lambda: not any(os.path.exists(f"/proc/{pid}") for pid in orphans), timeout=15)
+        assert server.log().count("loaded 3 rules") == 2, server.log()
+        assert http_get(server.url + "/healthz")[0] == 200
+    assert server.process.returncode == 0
+    assert "Traceback" not in server.log()
 
 
 def test_a_broken_edit_shows_on_every_workers_healthz(rules_path, tmp_path, http_server):
-    """With several workers the parent loads: a broken edit still shows on /healthz, and the
+    """With several workers a leader process loads: a broken edit still shows on /healthz, and the
     workers keep serving the last good rules."""
     with BootrulesServer(rules_path, free_port(), tmp_path / "server.log", args=(*http_server, "--workers", "2")) as server:
         rules_path.write_text("rules:\n  - name: broken\n")
@@ -316,14 +341,14 @@ def test_dead_workers_metrics_are_folded_so_files_do_not_pile_up(tmp_path):
             rules.write_text(VERSION_RULES.format(n=reload))
             server.signal(signal.SIGHUP)
             assert wait_until(lambda: server.log().count("new rules: started workers") == reload, timeout=10)
-        assert wait_until(lambda: len(_children(server.process.pid)) == 2, timeout=40)
+        assert wait_until(lambda: len(_workers(server.process.pid)) == 2, timeout=40)
         time.sleep(0.5)
         files = sorted(path.name for path in metrics_dir.iterdir() if path.suffix in (".db", ".decisions"))
         metrics = http_get(server.url + "/metrics")[2]
     finally:
         server.stop()
     live = set(_children_pids_in(files))
-    assert len(live) <= 2 + 1, files  # the two live workers (and the parent's own file)
+    assert len(live) <= 2 + 2, files  # the two live workers, their leader, and the parent
     assert len(files) <= 4 * 3 + 3, files
     counted = sum(float(line.rsplit(" ", 1)[1]) for line in metrics.splitlines()
                   if line.startswith("bootrules_decisions_total{"))
