@@ -51,7 +51,7 @@ def main() -> None:
         for name in trees:
             big = servers[f"{name} 100k"]
             print(f"{name:<7} load 100k rules {run.load_seconds(big.log, 100000):.2f} s, "
-                  f"PSS parent + 2 workers {run.pss_mb(big.pids()):.0f} MB")
+                  f"PSS of every process {run.pss_mb(big.pids()):.0f} MB")
         rates: dict[str, list[float]] = {key: [] for key in servers}
         for _ in range(args.rounds):
             for key, server in servers.items():

@@ -59,8 +59,13 @@ class Server:
         return f"http://127.0.0.1:{self.port}"
 
     def pids(self) -> list[int]:
-        children = subprocess.run(["pgrep", "-P", str(self.process.pid)], capture_output=True, text=True).stdout.split()
-        return [self.process.pid, *map(int, children)]
+        """The server's process and all below it (bootrules: the parent, a leader, its workers)."""
+        found, todo = [], [self.process.pid]
+        while todo:
+            pid = todo.pop()
+            found.append(pid)
+            todo += map(int, subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True).stdout.split())
+        return found
 
     def stop(self) -> None:
         if self.process.poll() is None:
@@ -242,6 +247,32 @@ def pss_mb(pids: list[int]) -> float:
     return total / 1024
 
 
+def pss_through_reload(server: Server, rules: Path, log_marker: str) -> tuple[float, float, float]:
+    """PSS at rest, the most seen every 50 ms while the rules are reloaded (a new generation
+    loads while the old one serves, then the old one drains), and PSS once it has settled."""
+    at_rest = pss_mb(server.pids())
+    resting = len(server.pids())
+    most = at_rest
+    before = server.log.read_text().count(log_marker)
+    text = rules.read_text()
+    temp = rules.with_suffix(".new")
+    temp.write_text(text.replace("name: everyone-else", "name: everyone-else-v2", 1)
+                    if "name: everyone-else\n" in text else text + "\n")
+    os.replace(temp, rules)
+    deadline = time.monotonic() + 60
+    settled = 0
+    while time.monotonic() < deadline:
+        most = max(most, pss_mb(server.pids()))
+        reloaded = server.log.read_text().count(log_marker) > before
+        # Reloaded, and the old generation gone (as many processes as before).
+        if reloaded and len(server.pids()) == resting:
+            settled += 1
+            if settled >= 10:
+                break
+        time.sleep(0.05)
+    return at_rest, most, pss_mb(server.pids())
+
+
 def load_seconds(log: Path, count: int) -> float:
     found = re.findall(rf"loaded {count} rules from .* in ([\d.]+) s", log.read_text())
     return float(found[-1])
@@ -301,8 +332,8 @@ def main() -> None:
                 rates[name].append(wrk(url, seconds))
         rate = {name: statistics.median(values) for name, values in rates.items()}
 
-        memory = pss_mb(big.pids())
         load_100k = load_seconds(big.log, 100000)
+        memory, memory_peak, memory_after = pss_through_reload(big, work / "rules-100000.yaml", "loaded 100000 rules")
 
         # Rounds alternate as above. bootrules gets 10,000 new machines each round, so every
         # round is a first boot for it (per-rule caches and metrics start cold). PHP keeps
@@ -322,8 +353,7 @@ def main() -> None:
         ), str(reload_rules)])
         storm_reload = storm(big.url, "/boot.ipxe", "/ipxe", 40000)
         trigger.wait()
-        reloaded = big.log.read_text().count("loaded 100000 rules") - 1
-        memory_after = pss_mb(big.pids())
+        reloaded = big.log.read_text().count("loaded 100000 rules") - 2  # the start, and the memory reload
 
         # Prometheus scrapes while machines boot: the storms so far have counted tens of
         # thousands of rules, one series each. A scrape every second during a storm is far
@@ -360,8 +390,9 @@ def main() -> None:
             ("target 3: load 100,000 rules (< 10 s)", f"{load_100k:.2f} s {'met' if load_100k < 10 else 'MISSED'}"),
             ("check: 100,000 mixed rules (40% MAC, 30% glob pairs, 30% CIDR) (< 10 s)",
              f"{check_seconds:.2f} s, {check_warnings} warnings {'met' if check_seconds < 10 else 'MISSED'}"),
-            (f"target 3: PSS, parent + {workers} workers, 100k rules (< 300 MB)",
-             f"{memory:.0f} MB at start, {memory_after:.0f} MB after a reload {'met' if max(memory, memory_after) < 300 else 'MISSED'}"),
+            (f"target 3: PSS, every process (parent, leader, {workers} workers), 100k rules (< 300 MB)",
+             f"{memory:.0f} MB at start, {memory_peak:.0f} MB at most through a reload, {memory_after:.0f} MB after it "
+             f"{'met' if memory_peak < 300 else 'MISSED'}"),
             ("storm: 10,000 new machines x 2 requests, 256 at a time, new connection each",
              f"{storm_rounds} round(s), median; errors summed"),
             ("  bootrules (100k rules): errors, p50, p99, max, total",
