@@ -49,8 +49,8 @@ def serve(**given: Any) -> None:
 
     The rules file is checked first; bootrules does not start on a broken file. Once
     running, edits are picked up within about a second (SIGHUP: at once), and a broken
-    edit keeps the last good rules serving. With several workers the parent loads an
-    edit once and replaces the workers, which finish what they have in hand first.
+    edit keeps the last good rules serving. With several workers a new process loads an
+    edit once and forks new workers; the old ones finish what they have in hand first.
 
     Example:
 

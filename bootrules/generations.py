@@ -249,7 +249,8 @@ class Generations:
             if leader.state == "loading":
                 leader.state = "failed"
                 leader.problems = f"the process loading the rules exited with {os.waitstatus_to_exitcode(wait_status)}"
-                log.error("%s (generation %d)", leader.problems, leader.generation)
+                if not self.stopping:  # stopped while loading: nothing went wrong
+                    log.error("%s (generation %d)", leader.problems, leader.generation)
             if leader is self.current:
                 self.current = None
                 if not self.stopping:

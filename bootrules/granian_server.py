@@ -1,8 +1,8 @@
 """granian (Rust, hyper) answering in a worker bootrules forked: every use of granian's internals is here.
 
-`serve --server granian` keeps bootrules' own supervision: the parent loads the rules,
-forks the workers onto the one listening socket, replaces them when the rules change, and
-sums their metrics. Only the HTTP server inside each worker changes: granian's Rust
+`serve --server granian` keeps bootrules' own supervision: a leader per version of the
+rules loads them and forks the workers onto the one listening socket, a new generation
+replaces them when the rules change, and their metrics are summed. Only the HTTP server inside each worker changes: granian's Rust
 worker, started on the inherited socket, calls the same WSGI app on a few Python threads.
 
 granian's public API (`Granian(...).serve()`) would bring its own supervisor, in which

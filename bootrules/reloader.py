@@ -121,7 +121,7 @@ class Reloader:
         os.replace(temporary, self.status_path)
 
     def reload_status(self) -> tuple[list[str] | None, str | None]:
-        """The last reload error and its time: this process's own, or the parent's."""
+        """The last reload error and its time: this process's own, or the last leader's."""
         if self.status_path is not None:
             try:
                 with open(self.status_path) as stream:

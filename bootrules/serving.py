@@ -220,7 +220,7 @@ class WorkerPlan:
 
     def serve_as_worker(self, shutdown: server.Shutdown) -> None:
         """In a forked worker (signals set by the supervisor): serve until asked to stop.
-        The parent follows the file and replaces the workers: no watcher here."""
+        The leader's parent follows the file and starts new generations: no watcher here."""
         self.run(shutdown)
 
 
@@ -382,13 +382,10 @@ def _run_worker(serve: Callable[[server.Shutdown], None], number: int, mask: set
 
 
 def release_free_memory() -> None:
-    """Give the memory the last load freed back to the system before forking workers.
+    """Give the memory the load freed back to the system before forking workers.
 
-    Loading rules leaves the parent's heap full of freed pages (the old rules, the parser's
-    temporaries). Workers forked on top of them would share them, and count them in their
-    PSS. (Keeping the old rules until the old workers exit was tried: freeing them then
-    copies their pages in the parent, and the new workers, forked while they were alive,
-    keep the originals for ever: 280 MB at rest after one reload instead of 204.)
+    Loading rules leaves the leader's heap with freed pages (the parser's temporaries).
+    Workers forked on top of them would share them, and count them in their PSS.
     """
     gc.collect()
     try:
