@@ -254,7 +254,7 @@ class Supervisor:
         self.workers: dict[int, int] = {}  # pid -> worker number
         self.stopping = False
         self._stop_signal: int | None = None  # SIGTERM (stop) or SIGUSR1 (retire), once asked
-        self._signalled: set[int] = set()  # workers sent the stop signal
+        self._signalled: dict[int, int] = {}  # worker -> the stop signal it was sent
         self._restarts: dict[int, float] = {}  # worker number -> when to start it again
         self._wakeup = Wakeup()
 
@@ -289,8 +289,9 @@ class Supervisor:
             if self._stop_signal is not None:
                 self.stopping = True
                 for pid in self.workers:
-                    if pid not in self._signalled:
-                        self._signalled.add(pid)
+                    # A stop after a retirement is sent too: it shortens the drain.
+                    if self._signalled.get(pid) != self._stop_signal:
+                        self._signalled[pid] = self._stop_signal
                         _signal(pid, self._stop_signal)
             status |= self._reap()
             if self.stopping and not self.workers:
@@ -313,7 +314,7 @@ class Supervisor:
             if pid not in self.workers:
                 continue
             number = self.workers.pop(pid)
-            self._signalled.discard(pid)
+            self._signalled.pop(pid, None)
             self.exited(pid)
             if self.stopping:
                 continue
