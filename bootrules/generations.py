@@ -142,9 +142,9 @@ class Generations:
     def _stop_all(self) -> None:
         self.stopping = True
         for leader in self.leaders.values():
-            _signal(leader.pid, signal.SIGTERM)
+            send_signal(leader.pid, signal.SIGTERM)
         for pid in self._own(self.orphans):
-            _signal(pid, signal.SIGTERM)
+            send_signal(pid, signal.SIGTERM)
 
     def _wait_all_gone(self) -> None:
         while self.leaders or self.orphans:
@@ -217,10 +217,10 @@ class Generations:
             retired: list[int] = []
             if old is not None:
                 old.state = "retiring"
-                _signal(old.pid, signal.SIGUSR1)
+                send_signal(old.pid, signal.SIGUSR1)
                 retired += sorted(old.workers)
             for pid in self._own(self.orphans):
-                _signal(pid, signal.SIGUSR1)
+                send_signal(pid, signal.SIGUSR1)
                 retired.append(pid)
             if leader.generation > 1:
                 log.info("new rules: started workers %s, retiring %s", " ".join(map(str, sorted(leader.workers))),
@@ -293,7 +293,8 @@ def _become_subreaper() -> None:
         pass
 
 
-def _signal(pid: int, signum: int) -> None:
+def send_signal(pid: int, signum: int) -> None:
+    """Signal `pid`; one that has exited meanwhile needs nothing more."""
     try:
         os.kill(pid, signum)
     except ProcessLookupError:

@@ -28,11 +28,11 @@ from typing import Any, Callable
 
 from . import server
 from .application import create_app
+from .generations import Generations, report, send_signal
 from .logs import configure_logging
 from .metrics import MULTIPROC_ENV, Metrics, clear_runtime_files, worker_exited
 from .reloader import Reloader
 from .settings import Settings
-from .generations import Generations, report
 from .wakeup import Wakeup
 from .web import SLOW_PATHS
 
@@ -114,8 +114,8 @@ def _lead(settings: Settings, metrics: Metrics, sock: socket.socket, workers: in
           generation: int, report_fd: int, mask: set) -> None:
     """The body of a generation's leader: load the rules, fork the workers and watch them
     until retired (SIGUSR1) or stopped (SIGTERM); never returns."""
-    code = 0
-    try:
+
+    def lead() -> None:
         supervisor = Supervisor(workers, retire_grace=float(settings.channel_timeout), exited=worker_exited,
                                 spawned=lambda pid: report(report_fd, "worker", pid=pid))
         supervisor.install_signal_handlers()  # before the load: a stop then forks nothing
@@ -133,12 +133,8 @@ def _lead(settings: Settings, metrics: Metrics, sock: socket.socket, workers: in
         plan = WorkerPlan(settings, reloader, metrics, sock)
         supervisor.run(plan.serve_as_worker,
                        started=lambda: report(report_fd, "ready", rules=len(reloader.snapshot.ruleset)))
-    except BaseException:
-        log.exception("the leader of generation %d failed", generation)
-        code = 1
-    finally:
-        logging.shutdown()
-        os._exit(code)
+
+    _exit_after(lead, f"the leader of generation {generation}")
 
 
 def _listen(settings: Settings) -> socket.socket:
@@ -292,7 +288,7 @@ class Supervisor:
                     # A stop after a retirement is sent too: it shortens the drain.
                     if self._signalled.get(pid) != self._stop_signal:
                         self._signalled[pid] = self._stop_signal
-                        _signal(pid, self._stop_signal)
+                        send_signal(pid, self._stop_signal)
             status |= self._reap()
             if self.stopping and not self.workers:
                 break
@@ -363,8 +359,8 @@ def _run_worker(serve: Callable[[server.Shutdown], None], number: int, mask: set
     SIGUSR1 retires the worker (new rules: drain within `retire_grace`), SIGTERM and
     SIGINT stop it (drain within STOP_GRACE; a second one: at once), SIGHUP is the parent's.
     """
-    code = 0
-    try:
+
+    def work() -> None:
         shutdown = server.Shutdown()
         _stop_on_signals(shutdown)
         signal.signal(signal.SIGUSR1, lambda _s, _f: shutdown.request(retire_grace))
@@ -372,10 +368,20 @@ def _run_worker(serve: Callable[[server.Shutdown], None], number: int, mask: set
         signal.signal(signal.SIGCHLD, signal.SIG_DFL)
         signal.pthread_sigmask(signal.SIG_SETMASK, mask)
         serve(shutdown)
+
+    _exit_after(work, f"worker {number}")
+
+
+def _exit_after(body: Callable[[], None], what: str) -> None:
+    """Run the body of a forked process, then end the process (never returning into the
+    code that forked it): status 0, SystemExit's code, or 1 after logging a failure."""
+    code = 0
+    try:
+        body()
     except SystemExit as done:
         code = done.code if isinstance(done.code, int) else 0
     except BaseException:
-        log.exception("worker %d failed", number)
+        log.exception("%s failed", what)
         code = 1
     finally:
         logging.shutdown()
@@ -394,13 +400,6 @@ def release_free_memory() -> None:
 
         ctypes.CDLL(None).malloc_trim(0)  # glibc; elsewhere the attribute is missing
     except (OSError, AttributeError):
-        pass
-
-
-def _signal(pid: int, signum: int) -> None:
-    try:
-        os.kill(pid, signum)
-    except ProcessLookupError:
         pass
 
 
