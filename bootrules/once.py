@@ -17,21 +17,21 @@ from __future__ import annotations
 
 import logging
 import re
-import secrets
 import threading
 import time
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Iterable
 
+from . import tokens
+from .arming import ArmWriter
 from .logs import log_fields
 from .model import Facts, Rule
-from .state import StateError, Store, open_store
+from .state import OnceRow, StateError, Store, open_store
 
 log = logging.getLogger("bootrules")
 
 DONE_PATH = "/done/"
-TOKEN_BYTES = 24  # 192 random bits
-TOKEN = re.compile(r"[A-Za-z0-9_-]{32}")
+TOKEN = re.compile(r"[A-Za-z0-9_-]{32,128}")  # 32: a random token of bootrules before signed ones
 SHOWN_CHARS = 6  # of a token, in logs: enough to correlate, far too few to use
 WARN_EVERY = 10.0  # seconds between two warnings that the store fails
 ARMED_FIELDS = ("machine", "rule", "label", "token", "client", "expires")
@@ -45,10 +45,6 @@ def identities(facts: Facts) -> tuple[str, ...]:
     if facts.get("mac"):
         names.append(f"mac:{facts['mac']}")
     return tuple(names)
-
-
-def new_token() -> str:
-    return secrets.token_urlsafe(TOKEN_BYTES)
 
 
 def shown(token: str | None) -> str:
@@ -83,6 +79,7 @@ class OnceGate:
         self.last_error_at: float | None = None
         self._warned_at = 0.0
         self._suppressed = 0
+        self.arms = ArmWriter(location, self._failed, self._recovered)
 
     @property
     def kind(self) -> str:
@@ -103,9 +100,21 @@ class OnceGate:
         if not names:
             self._skip(rule, "-", "the machine sent neither a MAC nor a UUID, so its state cannot be kept")
             return None
-        lifetime = rule.once.expires or self.default_lifetime
+        label, now = rule.once.label, self.clock()
         try:
-            done, row, issued = self.store().arm(names, rule.name, rule.once.label, new_token, self.clock(), lifetime)
+            store = self.store()
+            done, row = store.lookup(names, rule.name, label, now)
+            issued = False
+            if not done and row is None:
+                row = self.arms.pending(names[0], rule.name, label, now)
+            if not done and row is None:
+                expires = now + (rule.once.expires or self.default_lifetime)
+                token = tokens.issue(store.token_key(), names, rule.name, label, now, expires)
+                row = OnceRow(names[0], rule.name, label, "armed", token, now, expires, None, None, names)
+                issued = True
+                if not self.arms.add(row):
+                    done, row, issued = store.arm(row)
+                    self.arms.written()
         except StateError as error:
             self._failed(str(error))
             self._skip(rule, names[0], f"state store unavailable ({error}); not risking a reinstall")
@@ -137,18 +146,42 @@ class OnceGate:
         self.last_error_at = self.clock()
         self._count("state_errors")
 
+    def _recovered(self) -> None:
+        self.last_error = None
+
+    def close(self) -> None:
+        """Write the armed rows not written yet (a stopping worker)."""
+        self.arms.close()
+
     def _count(self, name: str) -> None:
         if self.metrics is not None:
             getattr(self.metrics, name).inc()
 
     # ------------------------------------------------------------ the callback
 
-    def redeem(self, token: str, peer: str) -> Callback:
-        """POST /done/<token>: disarm the machine the token was issued to."""
+    def redeem(self, token: str, peer: str, rules: Iterable[Rule] = ()) -> Callback:
+        """POST /done/<token>: disarm the machine the token was issued to.
+
+        `rules`: those in force; a token whose row is not written is checked against their
+        `once:` names and labels.
+        """
         if not TOKEN.fullmatch(token):
             return Callback("404 Not Found", "malformed token")
         try:
-            outcome, row = self.store().redeem(token, peer, self.clock())
+            store = self.store()
+            key = store.token_key()
+
+            def vouch() -> OnceRow | None:
+                claims = tokens.read(token)
+                if claims is None:
+                    return None
+                for rule in rules:
+                    if rule.once is not None and tokens.signed_for(key, claims, rule.name, rule.once.label):
+                        return OnceRow(claims.identities[0], rule.name, rule.once.label, "armed", token,
+                                       claims.issued, claims.expires, None, None, claims.identities)
+                return None
+
+            outcome, row = store.redeem(token, peer, self.clock(), vouch)
         except StateError as error:
             self._failed(str(error))
             log.error("once: callback token=%s from=%s not stored: %s", shown(token), peer, error)
@@ -179,7 +212,8 @@ class OnceGate:
                 self.last_error = None
             except StateError as error:
                 self._failed(str(error))
-        return {"store": self.kind, "status": "error" if self.last_error else "ok", "error": self.last_error}
+        error = self.last_error or self.arms.failing
+        return {"store": self.kind, "status": "error" if error else "ok", "error": error}
 
 
 def _utc(when: float) -> str:

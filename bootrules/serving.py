@@ -192,13 +192,14 @@ class WorkerPlan:
         return server.create(self.app, self.sock, shutdown, **self.server_options())
 
     def run(self, shutdown: server.Shutdown) -> None:
-        """Serve until stopped, then write the machines seen that are not written yet."""
+        """Serve until stopped, then write the armed rows and machines seen not written yet."""
         try:
             self.build(shutdown).run()
         finally:
-            recorder = self.app.extensions.get("bootrules.recorder") if self.app is not None else None
-            if recorder is not None:
-                recorder.close()
+            for name in ("bootrules.once", "bootrules.recorder"):  # what is not written yet
+                writer = self.app.extensions.get(name) if self.app is not None else None
+                if writer is not None:
+                    writer.close()
 
     def serve_alone(self) -> int:
         """One process: it follows the file itself; SIGHUP reloads, SIGTERM drains and stops."""

@@ -1,15 +1,16 @@
 """Where `once:` state is kept: SQLite (one file, the default) or PostgreSQL (shared by servers).
 
-One row per (machine, rule, label): armed with a live token, or done. Both engines run the
-same SQL (SQLite 3.24+ has PostgreSQL's upsert); only placeholders and connecting differ.
+One row per (machine, rule, label): armed with a live token, done, or re-armed (a
+tombstone: tokens issued before it no longer count). Both engines run the same SQL
+(SQLite 3.24+ has PostgreSQL's upsert); only placeholders and connecting differ.
 Every failure (unreachable, locked past LOCK_TIMEOUT, read-only, corrupt, made by a newer
 bootrules) is a StateError with a one-line reason; bootrules.once decides what that means.
 
 SQLite runs in WAL mode: readers never wait for the writer, and a process killed in the
-middle of a write leaves the last committed state intact. A token's issue is committed
-with synchronous=NORMAL (safe against a crash of the process; a power cut may lose the
-last ones, and their machine then simply gets a new token at its next boot); a `done` or
-a re-arm, which must survive anything once answered, with synchronous=FULL.
+middle of a write leaves the last committed state intact. Armed rows are written with
+synchronous=NORMAL, mostly in batches after their machine was answered (bootrules.arming):
+a lost one costs nothing, as its token proves itself (bootrules.tokens). A `done` or a
+re-arm, which must survive anything once answered, is committed with synchronous=FULL.
 """
 
 from __future__ import annotations
@@ -21,7 +22,9 @@ import time
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Sequence
 
-SCHEMA_VERSION = 2
+from . import tokens
+
+SCHEMA_VERSION = 3
 LOCK_TIMEOUT = 2.0  # seconds a write waits for another before the store counts as failing
 CHECKPOINT_EVERY = 2.0  # seconds between two copies of SQLite's WAL into the database
 
@@ -66,8 +69,10 @@ _SCHEMA = (
 # No index on `token`: it would be one more page written for every machine a boot storm
 # arms, and a token is looked up only when an installer reports done (a scan, rare).
 # Later releases add `version: [statements]` here; a store is migrated one step at a time.
-# Version 2 added the machines and minutes tables (made by _SCHEMA's CREATE … IF NOT EXISTS).
-_MIGRATIONS: dict[int, Sequence[str]] = {2: ()}
+# Version 2 added the machines and minutes tables (made by _SCHEMA's CREATE … IF NOT EXISTS);
+# version 3 the token key (a bootrules_meta row, made by _ensure_schema) and re-armed rows,
+# which an older bootrules would misread.
+_MIGRATIONS: dict[int, Sequence[str]] = {2: (), 3: ()}
 _COLUMNS = "machine, rule, label, state, token, issued_at, expires_at, done_at, done_from, identities"
 
 
@@ -82,7 +87,7 @@ class OnceRow:
     machine: str
     rule: str
     label: str
-    state: str  # "armed" or "done"
+    state: str  # "armed", "done" or "rearmed"
     token: str | None
     issued_at: float
     expires_at: float
@@ -108,6 +113,7 @@ class Store:
         self._lock = threading.Lock()
         self._connection: Any = None
         self._pid = 0
+        self._key: str | None = None
 
     # ------------------------------------------------------------ engine specifics
 
@@ -211,6 +217,11 @@ class Store:
                 cursor.execute(self._sql("INSERT INTO bootrules_meta (key, value) VALUES ('schema_version', ?) "
                                          "ON CONFLICT (key) DO UPDATE SET value = excluded.value"),
                                (str(SCHEMA_VERSION),))
+            # The key tokens are signed with: made once; a second server finds the first one's.
+            cursor.execute(self._sql("INSERT INTO bootrules_meta (key, value) VALUES ('token_key', ?) "
+                                     "ON CONFLICT (key) DO NOTHING"), (tokens.new_key(),))
+            cursor.execute("SELECT value FROM bootrules_meta WHERE key = 'token_key'")
+            self._key = cursor.fetchone()[0]
             connection.commit()
         except BaseException:
             try:
@@ -239,38 +250,40 @@ class Store:
         """Open the store (creating or migrating its schema); raise StateError if it cannot be used."""
         self._run(lambda cursor: cursor.execute("SELECT 1 FROM bootrules_once LIMIT 1"))
 
-    def arm(self, identities: Sequence[str], rule: str, label: str, new_token: Callable[[], str], now: float,
-            lifetime: float) -> tuple[bool, OnceRow | None, bool]:
-        """Look a machine up for (rule, label): (done, its armed row, whether a token was issued now).
+    def token_key(self) -> str:
+        """The key every token of this store is signed with (made with the schema)."""
+        if self._key is None or self._pid != os.getpid():
+            self.check()
+        assert self._key is not None
+        return self._key
 
-        A machine done under any of its identities is done. Otherwise its live token is
-        kept; an expired or missing one is replaced by `new_token()`. The write never turns a done
-        row (of this identity) back to armed, nor replaces a live token another server issued.
+    def lookup(self, identities: Sequence[str], rule: str, label: str, now: float) -> tuple[bool, OnceRow | None]:
+        """A machine's state for (rule, label): (done, its armed row with a live token, or None).
+
+        A machine done under any of its identities is done. A read only: the common case (a
+        live token, or done) writes nothing.
         """
-        primary = identities[0]
-        token = ""
+        return self._run(lambda cursor: self._peek(cursor, identities, rule, label, now))
+
+    def arm(self, row: OnceRow) -> tuple[bool, OnceRow | None, bool]:
+        """Write one armed row now: (done, the machine's armed row, whether it is `row`).
+
+        The write never turns a done row back to armed, nor replaces a live token another
+        server issued; then that server's row is read and returned.
+        """
 
         def work(cursor: Any) -> tuple[bool, OnceRow | None, bool]:
-            # One statement, so the write lock is held only for it: a new row, or a new token
-            # in an armed row whose token has expired; a live or done row is left alone.
-            cursor.execute(self._sql(
-                f"INSERT INTO bootrules_once ({_COLUMNS}) VALUES (?, ?, ?, 'armed', ?, ?, ?, NULL, NULL, ?) "
-                "ON CONFLICT (machine, rule, label) DO UPDATE SET token = excluded.token, "
-                "issued_at = excluded.issued_at, expires_at = excluded.expires_at, identities = excluded.identities "
-                "WHERE bootrules_once.state = 'armed' AND bootrules_once.expires_at <= ?"),
-                (primary, rule, label, token, now, now + lifetime, " ".join(identities), now))
+            cursor.execute(self._sql(_ARM), _arm_values(row))  # one statement: the lock is held only for it
             if cursor.rowcount == 1:
-                return False, OnceRow(primary, rule, label, "armed", token, now, now + lifetime, None, None,
-                                      tuple(identities)), True
-            done, row = self._peek(cursor, identities, rule, label, now)  # another server was first
-            return done, row, False
+                return False, row, True
+            done, found = self._peek(cursor, row.identities, row.rule, row.label, row.issued_at)
+            return done, found, False
 
-        # A read first: the common case (a live token, or done) writes nothing.
-        done, row = self._run(lambda cursor: self._peek(cursor, identities, rule, label, now))
-        if done or row is not None:
-            return done, row, False
-        token = new_token()
         return self._run(work, write=True, single=True)
+
+    def write_arms(self, rows: Sequence[OnceRow]) -> None:
+        """Write armed rows issued already (bootrules.arming's batches), under the same rules as arm()."""
+        self._run(lambda cursor: cursor.executemany(self._sql(_ARM), [_arm_values(row) for row in rows]), write=True)
 
     def _peek(self, cursor: Any, identities: Sequence[str], rule: str, label: str,
               now: float) -> tuple[bool, OnceRow | None]:
@@ -281,64 +294,99 @@ class Store:
         if any(row.state == "done" for row in rows):
             return True, None
         mine = next((row for row in rows if row.machine == identities[0]), None)
-        if mine is not None and mine.token and mine.expires_at > now:
+        if mine is not None and mine.state == "armed" and mine.token and mine.expires_at > now:
             return False, mine
         return False, None
 
-    def redeem(self, token: str, peer: str, now: float) -> tuple[str, OnceRow | None]:
-        """Mark done the machine `token` was issued to: ("done" | "already" | "expired" | "unknown", row)."""
+    def redeem(self, token: str, peer: str, now: float,
+               verify: Callable[[], OnceRow | None] = lambda: None) -> tuple[str, OnceRow | None]:
+        """Mark done the machine `token` was issued to: ("done" | "already" | "expired" | "unknown", row).
+
+        The token is looked up in the rows; one that has no row (its batch was lost, or is
+        not written yet) counts if `verify()` vouches for it, with the row it would have
+        had, unless the machine was re-armed since it was issued.
+        """
 
         def work(cursor: Any) -> tuple[str, OnceRow | None]:
             cursor.execute(self._sql(f"SELECT {_COLUMNS} FROM bootrules_once WHERE token = ?"), (token,))
             record = cursor.fetchone()
-            if record is None:
-                return "unknown", None
-            row = OnceRow.from_record(record)
-            if row.state == "done":
-                return "already", row
+            if record is not None:
+                row = OnceRow.from_record(record)
+                if row.state == "done":
+                    return "already", row
+            else:
+                vouched = verify()
+                if vouched is None:
+                    return "unknown", None
+                row = vouched
+                if row.expires_at > now:
+                    marks = ", ".join("?" * len(row.identities))
+                    cursor.execute(self._sql(f"SELECT {_COLUMNS} FROM bootrules_once WHERE rule = ? AND label = ? "
+                                             f"AND machine IN ({marks})"), (row.rule, row.label, *row.identities))
+                    known = [OnceRow.from_record(each) for each in cursor.fetchall()]
+                    # A later token, or a re-arm since, supersedes this one.
+                    if any(each.issued_at > row.issued_at or (each.state == "rearmed" and each.issued_at == row.issued_at)
+                           for each in known if each.state != "done"):
+                        return "unknown", None
+                    if any(each.state == "done" for each in known):
+                        return "already", row
             if row.expires_at <= now:
                 return "expired", row
-            cursor.execute(self._sql("UPDATE bootrules_once SET state = 'done', done_at = ?, done_from = ? "
-                                     "WHERE machine = ? AND rule = ? AND label = ?"),
-                           (now, peer, row.machine, row.rule, row.label))
-            for other in row.identities:  # the machine's other names (its UUID, its MAC) are done too
-                if other == row.machine:
-                    continue
+            for name in row.identities:  # the machine's other names (its UUID, its MAC) are done too
                 cursor.execute(self._sql(
-                    f"INSERT INTO bootrules_once ({_COLUMNS}) VALUES (?, ?, ?, 'done', NULL, ?, ?, ?, ?, ?) "
-                    "ON CONFLICT (machine, rule, label) DO UPDATE SET state = 'done', token = NULL, "
+                    f"INSERT INTO bootrules_once ({_COLUMNS}) VALUES (?, ?, ?, 'done', ?, ?, ?, ?, ?, ?) "
+                    "ON CONFLICT (machine, rule, label) DO UPDATE SET state = 'done', token = excluded.token, "
+                    "issued_at = excluded.issued_at, expires_at = excluded.expires_at, "
                     "done_at = excluded.done_at, done_from = excluded.done_from"),
-                    (other, row.rule, row.label, row.issued_at, row.expires_at, now, peer, " ".join(row.identities)))
+                    (name, row.rule, row.label, token if name == row.machine else None, row.issued_at,
+                     row.expires_at, now, peer, " ".join(row.identities)))
             return "done", row
 
         return self._run(work, write=True, full=True)
 
-    def rearm(self, identities: Iterable[str], rule: str | None = None) -> int:
-        """Forget a machine's state (every rule, or one), under every name it was seen with:
-        its next boot is armed again."""
+    def rearm(self, identities: Iterable[str], rule: str | None = None, now: float | None = None) -> int:
+        """Re-arm a machine (every rule, or one), under every name it was seen with: its next
+        boot gets a new token, and the tokens issued before now no longer count."""
         names = set(identities)
+        when = time.time() if now is None else now
 
         def work(cursor: Any) -> int:
-            query = "SELECT machine, rule, label, identities FROM bootrules_once"
-            cursor.execute(self._sql(query + (" WHERE rule = ?" if rule is not None else "")),
+            query = "SELECT machine, rule, label, identities FROM bootrules_once WHERE state <> 'rearmed'"
+            cursor.execute(self._sql(query + (" AND rule = ?" if rule is not None else "")),
                            (rule,) if rule is not None else ())
             doomed = [(machine, rule_name, label) for machine, rule_name, label, known in cursor.fetchall()
                       if names & ({machine} | set(known.split()))]
             for key in doomed:
-                cursor.execute(self._sql("DELETE FROM bootrules_once WHERE machine = ? AND rule = ? AND label = ?"), key)
+                cursor.execute(self._sql("UPDATE bootrules_once SET state = 'rearmed', token = NULL, issued_at = ?, "
+                                         "done_at = NULL, done_from = NULL "
+                                         "WHERE machine = ? AND rule = ? AND label = ?"), (when, *key))
             return len(doomed)
 
         return self._run(work, write=True, full=True)
 
     def rows(self, limit: int = 100000) -> list[OnceRow]:
-        """Every row, the most recent first."""
+        """Every armed or done row, the most recent first."""
 
         def work(cursor: Any) -> list[OnceRow]:
-            cursor.execute(self._sql(f"SELECT {_COLUMNS} FROM bootrules_once "
+            cursor.execute(self._sql(f"SELECT {_COLUMNS} FROM bootrules_once WHERE state <> 'rearmed' "
                                      "ORDER BY COALESCE(done_at, issued_at) DESC, machine LIMIT ?"), (limit,))
             return [OnceRow.from_record(record) for record in cursor.fetchall()]
 
         return self._run(work)
+
+
+# An armed row, new or replacing an expired token or a re-arm made before it was issued; a
+# live token, a done row and a later re-arm are left alone.
+_ARM = (f"INSERT INTO bootrules_once ({_COLUMNS}) VALUES (?, ?, ?, 'armed', ?, ?, ?, NULL, NULL, ?) "
+        "ON CONFLICT (machine, rule, label) DO UPDATE SET state = 'armed', token = excluded.token, "
+        "issued_at = excluded.issued_at, expires_at = excluded.expires_at, done_at = NULL, done_from = NULL, "
+        "identities = excluded.identities "
+        "WHERE (bootrules_once.state = 'armed' AND bootrules_once.expires_at <= excluded.issued_at) "
+        "OR (bootrules_once.state = 'rearmed' AND bootrules_once.issued_at <= excluded.issued_at)")
+
+
+def _arm_values(row: OnceRow) -> tuple[Any, ...]:
+    return (row.machine, row.rule, row.label, row.token, row.issued_at, row.expires_at, " ".join(row.identities))
 
 
 _CHECKPOINTING: set[tuple[int, str]] = set()

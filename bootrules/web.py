@@ -172,7 +172,9 @@ class BootEndpoints:
                             [("Allow", "POST")], method)
         token = environ.get("PATH_INFO", "")[len(DONE_PATH):]
         try:
-            outcome = self.once.redeem(token, environ.get("REMOTE_ADDR") or "-")
+            snapshot = self.reloader.snapshot
+            rules = snapshot.ruleset.rules if snapshot is not None and snapshot.has_once else ()
+            outcome = self.once.redeem(token, environ.get("REMOTE_ADDR") or "-", rules)
         except Exception:  # never a traceback to the installer; the log has it
             log.exception("unexpected error on the done callback")
             return _respond(start_response, "500 Internal Server Error", INTERNAL_ERROR, (), method)
@@ -244,7 +246,7 @@ def healthz() -> Response:
     in_use = snapshot is not None and snapshot.has_once
     if once is not None and (once.last_error or in_use):
         body["state"] = once.health(probe=in_use)
-        if once.last_error and body["status"] == "ok":
+        if body["state"]["error"] and body["status"] == "ok":
             body["status"] = "degraded"
     recorder = current_app.extensions.get("bootrules.recorder")
     if recorder is not None and recorder.last_error:  # boots are answered as ever: not "degraded"

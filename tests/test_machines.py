@@ -7,6 +7,7 @@ import json
 import signal
 import sqlite3
 import textwrap
+import time
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -18,7 +19,7 @@ from bootrules.loader import parse_rules
 from bootrules.matching import first_match_linear as first_match
 from bootrules.recorder import Recorder
 from bootrules.snippet import PLACEHOLDER, rule_to_paste
-from bootrules.state import open_store
+from bootrules.state import SCHEMA_VERSION, open_store
 from conftest import free_port, new_database, wait_until
 from support import BootrulesServer, http_get
 
@@ -197,7 +198,7 @@ def test_machines_command_lists_unknown_machines_and_json(lab, runner, tmp_path)
     assert record["unknown"] is True and record["last_rule"] == "everyone-else"
 
 
-def test_the_schema_goes_from_version_1_to_2_keeping_once_state(tmp_path):
+def test_an_older_schema_is_migrated_keeping_once_state_and_its_tokens(tmp_path):
     path = tmp_path / "state.db"
     with sqlite3.connect(path) as db:  # a store made by the release before machines were recorded
         db.execute("CREATE TABLE bootrules_meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)")
@@ -208,13 +209,18 @@ def test_the_schema_goes_from_version_1_to_2_keeping_once_state(tmp_path):
                    "PRIMARY KEY (machine, rule, label)) WITHOUT ROWID")
         db.execute("INSERT INTO bootrules_once VALUES ('mac:52:54:00:00:00:01', 'r', 'true', 'done', NULL, 1, 2, 3, "
                    "'10.0.0.1', 'mac:52:54:00:00:00:01')")
+        # A machine installing while bootrules is upgraded: its token is an older release's (random).
+        db.execute("INSERT INTO bootrules_once VALUES ('mac:52:54:00:00:00:02', 'r', 'true', 'armed', ?, ?, ?, "
+                   "NULL, NULL, 'mac:52:54:00:00:00:02')", ("A" * 32, time.time(), time.time() + 3600))
     db.close()
     store = open_store(str(path))
-    assert [row.state for row in store.rows()] == ["done"]
+    assert sorted(row.state for row in store.rows()) == ["armed", "done"]
     assert machines.totals(store).machines == 0
     with sqlite3.connect(path) as db:
-        assert db.execute("SELECT value FROM bootrules_meta WHERE key = 'schema_version'").fetchone() == ("2",)
+        assert db.execute("SELECT value FROM bootrules_meta WHERE key = 'schema_version'").fetchone() == (str(SCHEMA_VERSION),)
+        assert len(db.execute("SELECT value FROM bootrules_meta WHERE key = 'token_key'").fetchone()[0]) == 64
     db.close()
+    assert store.redeem("A" * 32, "10.0.0.2", time.time())[0] == "done"
 
 
 def test_two_servers_record_into_one_postgresql(postgres, write_rules, tmp_path):

@@ -2,21 +2,26 @@
 
 from __future__ import annotations
 
+import base64
 import json
 import logging
 import re
 import sqlite3
+import struct
 import textwrap
+import time
 from pathlib import Path
 
 import pytest
 
 from app import cli, create_app
+from bootrules import state as state_module
+from bootrules import tokens
 from bootrules.loader import RulesError, parse_rules
 from bootrules.model import Once
 from conftest import ROOT
 
-MAC_A, MAC_B = "52:54:00:12:34:56", "52:54:00:12:34:57"
+MAC_A, MAC_B, MAC_C = "52:54:00:12:34:56", "52:54:00:12:34:57", "52:54:00:99:99:99"
 UUID = "4c4c4544-0042-3510-8052-b4c04f4d4e31"
 ONCE_RULES = """
 rules:
@@ -245,32 +250,102 @@ def test_a_store_that_cannot_be_used_never_reinstalls_and_says_so(tmp_path, kind
     app.extensions["bootrules"].stop()
 
 
-def test_a_store_locked_past_the_timeout_falls_through_and_the_callback_asks_to_retry(lab):
-    _app, client, _rules, state = lab
-    _rule, token = ask(client, MAC_A)
+def test_a_store_locked_past_the_timeout_falls_through_and_the_callback_asks_to_retry(lab, monkeypatch):
+    monkeypatch.setattr(state_module, "LOCK_TIMEOUT", 0.3)
+    app, client, _rules, state = lab
+    gate = app.extensions["bootrules.once"]
+    _rule, token = ask(client, MAC_A)  # this process's first arm: written before the answer
     holder = sqlite3.connect(state, isolation_level=None)
     holder.execute("BEGIN IMMEDIATE")  # another writer that does not let go
     try:
         assert ask(client, MAC_A) == ("install-debian", token)  # reads still work (WAL)
-        assert ask(client, MAC_B) == ("local-disk", None)  # a new machine would need a write: falls through
+        # A new machine: the read says it is not done, so it installs; its row waits.
+        rule, token_b = ask(client, MAC_B)
+        assert rule == "install-debian" and token_b
+        assert gate.arms.flush() == -1  # the batch cannot be written: kept, and the store counts as failing
+        assert client.get("/healthz").get_json()["status"] == "degraded"
+        # From then on a new machine's row must be written before its answer, which fails: it falls through.
+        assert ask(client, MAC_C) == ("local-disk", None)
         assert client.post(f"/done/{token}").status_code == 503
     finally:
         holder.execute("ROLLBACK")
         holder.close()
     assert client.post(f"/done/{token}").status_code == 200  # the installer's retry succeeds
+    assert gate.arms.flush() >= 0  # the kept row is written (by this flush, or by the writer's retry)
+    assert rows(state) == [(f"mac:{MAC_A}", "install-debian", "true", "done"),
+                           (f"mac:{MAC_B}", "install-debian", "true", "armed")]
     assert client.get("/healthz").get_json()["status"] == "ok"
+    assert ask(client, MAC_C)[0] == "install-debian"
 
 
 def test_a_machine_re_armed_while_its_state_is_read_falls_through_without_an_error(lab, monkeypatch, caplog):
     # The race: another server re-arms (deletes) the machine's row between arm's write, which
     # found a live row, and its read, which then finds none. The store says: not done, no row.
     app, client, _rules, _state = lab
-    ask(client, MAC_A)
     store = app.extensions["bootrules.once"].store()
-    monkeypatch.setattr(store, "arm", lambda *args, **kwargs: (False, None, False))
+    monkeypatch.setattr(store, "arm", lambda row: (False, None, False))
     with caplog.at_level(logging.INFO, logger="bootrules"):
         assert ask(client, MAC_A) == ("local-disk", None)
     assert any("its state changed while it was being read" in record.getMessage() for record in caplog.records)
+
+
+# --------------------------------------------------------------------------- tokens that prove themselves
+
+
+def lose_unwritten_rows(app) -> None:
+    """What a worker killed before its batch was written loses."""
+    app.extensions["bootrules.once"].arms._pending.clear()
+
+
+def test_a_token_whose_row_was_lost_still_reports_done(lab):
+    app, client, _rules, state = lab
+    ask(client, MAC_A)  # the first arm is written before its answer; the next ones after
+    _rule, token = ask(client, MAC_B, UUID)
+    lose_unwritten_rows(app)
+    assert [row[0] for row in rows(state)] == [f"mac:{MAC_A}"]
+    answer = client.post(f"/done/{token}")
+    assert answer.status_code == 200 and f"machine uuid:{UUID}, rule 'install-debian'" in answer.get_data(as_text=True)
+    assert ask(client, MAC_B, UUID) == ("local-disk", None)
+    assert ask(client, MAC_C, UUID) == ("local-disk", None)  # the same machine on its other NIC
+    assert client.post(f"/done/{token}").get_data(as_text=True).startswith("already done")
+    assert rows(state) == [(f"mac:{MAC_A}", "install-debian", "true", "armed"),
+                           (f"mac:{MAC_B}", "install-debian", "true", "done"),
+                           (f"uuid:{UUID}", "install-debian", "true", "done")]
+
+
+def test_a_forged_or_altered_token_disarms_nothing(lab):
+    app, client, _rules, _state = lab
+    ask(client, MAC_A)
+    _rule, token = ask(client, MAC_B)
+    lose_unwritten_rows(app)
+    raw = bytearray(base64.urlsafe_b64decode(token + "=" * (-len(token) % 4)))
+    mac_at = raw.index(bytes.fromhex(MAC_B.replace(":", "")))
+    for change in (lambda data: data.__setitem__(-1, data[-1] ^ 1),  # the tag
+                   lambda data: data.__setitem__(slice(mac_at, mac_at + 6), bytes.fromhex(MAC_A.replace(":", ""))),
+                   lambda data: data.__setitem__(slice(9, 17), struct.pack(">d", 4e9))):  # a later expiry
+        altered = bytearray(raw)
+        change(altered)
+        forged = base64.urlsafe_b64encode(bytes(altered)).decode().rstrip("=")
+        assert client.post(f"/done/{forged}").status_code == 404
+    assert ask(client, MAC_A)[0] == ask(client, MAC_B)[0] == "install-debian"
+    # A token signed with another store's key (another bootrules) counts for nothing here either.
+    other = tokens.issue(tokens.new_key(), [f"mac:{MAC_B}"], "install-debian", "true", time.time(), time.time() + 60)
+    assert client.post(f"/done/{other}").status_code == 404
+    assert client.post(f"/done/{token}").status_code == 200
+
+
+def test_a_re_arm_voids_the_tokens_issued_before_it(lab, runner):
+    app, client, rules, _state = lab
+    _rule, first = ask(client, MAC_A)
+    assert runner.invoke(cli, ["rearm", "--rules", str(rules), "--mac", MAC_A]).exit_code == 0
+    unknown = client.post(f"/done/{first}")
+    assert unknown.status_code == 404 and "re-armed" in unknown.get_data(as_text=True)
+    _rule, second = ask(client, MAC_A)
+    assert second != first
+    app.extensions["bootrules.once"].arms.flush()
+    assert client.post(f"/done/{first}").status_code == 404  # a later token supersedes it
+    assert client.post(f"/done/{second}").status_code == 200
+    assert ask(client, MAC_A)[0] == "local-disk"
 
 
 def test_machines_and_rearm_do_not_create_a_state_file(runner, tmp_path):

@@ -21,12 +21,12 @@ def test_a_crash_in_the_middle_of_writes_loses_nothing_committed(tmp_path):
     state = tmp_path / "state.db"
     writer = textwrap.dedent(f"""
         import sys, time
-        from bootrules.state import SqliteStore
+        from bootrules.state import OnceRow, SqliteStore
         store = SqliteStore({str(state)!r})
         for n in range(1_000_000):
             names = (f"mac:02:00:00:{{n >> 16 & 255:02x}}:{{n >> 8 & 255:02x}}:{{n & 255:02x}}",)
-            token = f"{{n:032d}}"
-            store.arm(names, "install", "v1", lambda: token, time.time(), 3600)
+            token, now = f"{{n:032d}}", time.time()
+            store.arm(OnceRow(names[0], "install", "v1", "armed", token, now, now + 3600, None, None, names))
             assert store.redeem(token, "10.0.0.1", time.time())[0] == "done"
             print(n, flush=True)
     """)
