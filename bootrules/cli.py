@@ -288,14 +288,14 @@ def rearm(rules: str | None, state: str | None, mac: str | None, uuid: str | Non
     if store is None:
         return
     try:
-        forgotten = store.rearm(names, rule)
+        rearmed = store.rearm(names, rule)
     except StateError as error:
         raise click.ClickException(f"cannot write the state store: {error}") from None
     configure_logging()
-    logging.getLogger("bootrules").info("once: rearm machine=%s rule=%s: %d row(s) removed", " ".join(names),
-                                        rule or "(every rule)", forgotten)
+    logging.getLogger("bootrules").info("once: rearm machine=%s rule=%s: %d row(s) re-armed", " ".join(names),
+                                        rule or "(every rule)", rearmed)
     logging.shutdown()
-    click.echo(f"re-armed {' '.join(names)} ({forgotten} row{'s' * (forgotten != 1)} removed): "
+    click.echo(f"re-armed {' '.join(names)} ({rearmed} row{'s' * (rearmed != 1)} re-armed): "
                "its next boot is answered by its once: rules again")
 
 

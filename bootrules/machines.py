@@ -280,7 +280,7 @@ def with_once(store: Store, found: list[Machine]) -> list[Machine]:
     def work(cursor: Any) -> list[OnceRow]:
         cursor.execute(store.sql(f"SELECT machine, rule, label, state, token, issued_at, expires_at, done_at, "
                                  f"done_from, identities FROM bootrules_once WHERE machine IN ({marks}) "
-                                 "ORDER BY rule, label"), list(names))
+                                 "AND state <> 'rearmed' ORDER BY rule, label"), list(names))
         return [OnceRow.from_record(record) for record in cursor.fetchall()]
 
     rows: dict[int, dict[tuple[str, str], OnceRow]] = {}

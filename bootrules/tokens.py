@@ -1,10 +1,11 @@
 """`once:` tokens that prove themselves: who they were issued to, signed with the store's key.
 
-A token is URL-safe base64 of: a format byte, when it was issued and when it expires,
-16 random bytes, the machine's names (its UUID, its MAC) in binary, and an
-HMAC-SHA256 tag (128 bits) over all of that and the rule's name and label. The key is made
-once, at random, and kept in the state store, so every worker and every server sharing the
-store issues and checks the same tokens.
+A token is URL-safe base64 of: 16 random bytes (first, so that the few characters logs
+show tell tokens apart), a format byte, when it was issued and when it expires, the
+machine's names (its UUID, its MAC) in binary, and an HMAC-SHA256 tag (128 bits) over all
+of that and the rule's name and label. The key is made once, at random, and kept in the
+state store, so every worker and every server sharing the store issues and checks the
+same tokens.
 
 Why: a token must keep working even when the row that records it was never written (the
 row is written after the machine is answered, in batches; a worker killed in between
@@ -59,7 +60,7 @@ def issue(key: str, identities: Iterable[str], rule: str, label: str, issued: fl
         elif kind == "mac":
             flags |= _HAS_MAC
             names += bytes.fromhex(value.replace(":", ""))
-    body = _HEAD.pack(FORMAT, issued, expires) + os.urandom(RANDOM_BYTES) + bytes([flags]) + names
+    body = os.urandom(RANDOM_BYTES) + _HEAD.pack(FORMAT, issued, expires) + bytes([flags]) + names
     return _encode(body + _tag(key, body, rule, label))
 
 
@@ -69,10 +70,10 @@ def read(token: str) -> Claims | None:
         raw = base64.urlsafe_b64decode(token + "=" * (-len(token) % 4))
     except (binascii.Error, ValueError):
         return None
-    start = _HEAD.size + RANDOM_BYTES + 1
+    start = RANDOM_BYTES + _HEAD.size + 1
     if len(raw) < start + TAG_BYTES:
         return None
-    version, issued, expires = _HEAD.unpack_from(raw)
+    version, issued, expires = _HEAD.unpack_from(raw, RANDOM_BYTES)
     flags = raw[start - 1]
     names, cursor = [], start
     if flags & _HAS_UUID:

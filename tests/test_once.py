@@ -19,6 +19,7 @@ from bootrules import state as state_module
 from bootrules import tokens
 from bootrules.loader import RulesError, parse_rules
 from bootrules.model import Once
+from bootrules.once import SHOWN_CHARS, TOKEN
 from conftest import ROOT
 
 MAC_A, MAC_B, MAC_C = "52:54:00:12:34:56", "52:54:00:12:34:57", "52:54:00:99:99:99"
@@ -185,7 +186,7 @@ def test_rearm_and_machines_from_the_command_line(lab, runner):
     assert all(token not in json.dumps(row) for row in as_json)
 
     result = runner.invoke(cli, ["rearm", "--rules", str(rules), "--mac", MAC_A.replace(":", "-"), "--rule", "install-debian"])
-    assert result.exit_code == 0 and "(2 rows removed)" in result.output, result.output
+    assert result.exit_code == 0 and "(2 rows re-armed)" in result.output, result.output
     assert ask(client, MAC_A, UUID)[0] == "install-debian"
     assert runner.invoke(cli, ["rearm", "--rules", str(rules)]).exit_code == 2  # neither --mac nor --uuid
 
@@ -297,6 +298,21 @@ def lose_unwritten_rows(app) -> None:
     app.extensions["bootrules.once"].arms._pending.clear()
 
 
+def test_a_token_carries_its_machine_and_times_and_is_signed_for_one_rule_and_label():
+    key = tokens.new_key()
+    token = tokens.issue(key, [f"uuid:{UUID}", f"mac:{MAC_A}"], "install", "v1", 100.5, 200.25)
+    claims = tokens.read(token)
+    assert claims.identities == (f"uuid:{UUID}", f"mac:{MAC_A}") and (claims.issued, claims.expires) == (100.5, 200.25)
+    assert tokens.signed_for(key, claims, "install", "v1")
+    for rule, label in (("install", "v2"), ("other", "v1"), ("installv", "1"), ("install", "v1 ")):
+        assert not tokens.signed_for(key, claims, rule, label)
+    assert TOKEN.fullmatch(token) and TOKEN.fullmatch(tokens.issue(key, [f"mac:{MAC_A}"], "r", "v1", 1, 2))
+    assert tokens.read("A" * 32) is None and tokens.read(token[:-2]) is None and tokens.read("%%") is None
+    # Logs show a token's first characters: they must tell tokens issued together apart.
+    shown = {tokens.issue(key, [f"mac:{MAC_A}"], "install", "v1", 100.5, 200.25)[:SHOWN_CHARS] for _ in range(50)}
+    assert len(shown) == 50
+
+
 def test_a_token_whose_row_was_lost_still_reports_done(lab):
     app, client, _rules, state = lab
     ask(client, MAC_A)  # the first arm is written before its answer; the next ones after
@@ -320,9 +336,10 @@ def test_a_forged_or_altered_token_disarms_nothing(lab):
     lose_unwritten_rows(app)
     raw = bytearray(base64.urlsafe_b64decode(token + "=" * (-len(token) % 4)))
     mac_at = raw.index(bytes.fromhex(MAC_B.replace(":", "")))
+    expires_at = tokens.RANDOM_BYTES + 1 + 8  # after the random bytes, the format byte and the issue time
     for change in (lambda data: data.__setitem__(-1, data[-1] ^ 1),  # the tag
                    lambda data: data.__setitem__(slice(mac_at, mac_at + 6), bytes.fromhex(MAC_A.replace(":", ""))),
-                   lambda data: data.__setitem__(slice(9, 17), struct.pack(">d", 4e9))):  # a later expiry
+                   lambda data: data.__setitem__(slice(expires_at, expires_at + 8), struct.pack(">d", 4e9))):  # later expiry
         altered = bytearray(raw)
         change(altered)
         forged = base64.urlsafe_b64encode(bytes(altered)).decode().rstrip("=")
@@ -340,6 +357,8 @@ def test_a_re_arm_voids_the_tokens_issued_before_it(lab, runner):
     assert runner.invoke(cli, ["rearm", "--rules", str(rules), "--mac", MAC_A]).exit_code == 0
     unknown = client.post(f"/done/{first}")
     assert unknown.status_code == 404 and "re-armed" in unknown.get_data(as_text=True)
+    listed = runner.invoke(cli, ["machines", "--once", "--rules", str(rules)]).output
+    assert "rearmed" not in listed and MAC_A not in listed  # a re-armed machine has no state to list
     _rule, second = ask(client, MAC_A)
     assert second != first
     app.extensions["bootrules.once"].arms.flush()
