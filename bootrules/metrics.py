@@ -57,6 +57,9 @@ class Metrics:
                                  registry=registry, multiprocess_mode="livemax")
         self.once_tokens_issued = Counter("bootrules_once_tokens_issued", "Tokens issued to machines of once: rules",
                                           registry=registry)
+        self.once_row_writes = Counter("bootrules_once_row_writes",
+                                       "Transactions that wrote armed rows (a batch, or one row before its answer)",
+                                       registry=registry)
         self.once_callbacks = Counter("bootrules_once_callbacks", "POST /done/<token> callbacks, by outcome",
                                       ["outcome"], registry=registry)
         self.state_errors = Counter("bootrules_state_errors", "Reads or writes of the state store that failed",

@@ -79,7 +79,7 @@ class OnceGate:
         self.last_error_at: float | None = None
         self._warned_at = 0.0
         self._suppressed = 0
-        self.arms = ArmWriter(location, self._failed, self._recovered)
+        self.arms = ArmWriter(location, self._failed, self._rows_written)
 
     @property
     def kind(self) -> str:
@@ -115,6 +115,7 @@ class OnceGate:
                 if not self.arms.add(row):
                     done, row, issued = store.arm(row)
                     self.arms.written()
+                    self._count("once_row_writes")
         except StateError as error:
             self._failed(str(error))
             self._skip(rule, names[0], f"state store unavailable ({error}); not risking a reinstall")
@@ -146,8 +147,9 @@ class OnceGate:
         self.last_error_at = self.clock()
         self._count("state_errors")
 
-    def _recovered(self) -> None:
+    def _rows_written(self) -> None:
         self.last_error = None
+        self._count("once_row_writes")
 
     def close(self) -> None:
         """Write the armed rows not written yet (a stopping worker)."""

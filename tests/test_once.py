@@ -204,6 +204,7 @@ def test_tokens_never_appear_whole_in_logs_health_or_metrics(lab, caplog):
     assert token not in client.get("/healthz").get_data(as_text=True)
     metrics = client.get("/metrics").get_data(as_text=True)
     assert token not in metrics and 'bootrules_once_callbacks_total{outcome="done"} 1.0' in metrics
+    assert "bootrules_once_row_writes_total 1.0" in metrics  # the process's first arm: written before its answer
 
 
 def test_rules_without_once_never_touch_the_state_store(tmp_path):

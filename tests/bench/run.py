@@ -222,10 +222,18 @@ def storm(url: str, entry: str, decision: str, machines: int, first: int = 0, co
 def median_storm(runs: list[dict[str, float]]) -> dict[str, float]:
     """Each figure's median over the runs; errors are added up, never hidden by a median."""
     merged = {key: statistics.median(run[key] for run in runs) for key in runs[0]}
-    for key in ("non200", "socket_errors"):
+    for key in ("non200", "socket_errors", "connect_errors", "read_errors", "write_errors", "timeouts"):
         merged[key] = sum(run[key] for run in runs)
     merged["p99_each"] = [run["p99_us"] for run in runs]  # type: ignore[assignment]
     return merged
+
+
+def errors_text(run: dict[str, float]) -> str:
+    """A storm's errors, and of which kind: a `connect` error is the client's (wrk connects
+    again and the machine is answered); the others are answers lost."""
+    kinds = [f"{key.replace('_errors', '')} {run[key]:.0f}" for key in ("non200", "connect_errors", "read_errors",
+                                                                         "write_errors", "timeouts") if run[key]]
+    return f"{run['non200'] + run['socket_errors']:.0f}" + (f" ({', '.join(kinds)})" if kinds else "")
 
 
 def scrape(url: str) -> tuple[float, int]:

@@ -83,7 +83,8 @@ function done(summary, latency, requests)
     if finished == 0 then unfinished = unfinished + 1 end
     if finished > last then last = finished end
   end
-  io.write(string.format("STORM answered=%d non200=%d socket_errors=%d unfinished_threads=%d elapsed_us=%d p50_us=%d p99_us=%d max_us=%d\n",
-    total, failed, summary.errors.connect + summary.errors.read + summary.errors.write + summary.errors.timeout,
+  local e = summary.errors
+  io.write(string.format("STORM answered=%d non200=%d socket_errors=%d connect_errors=%d read_errors=%d write_errors=%d timeouts=%d unfinished_threads=%d elapsed_us=%d p50_us=%d p99_us=%d max_us=%d\n",
+    total, failed, e.connect + e.read + e.write + e.timeout, e.connect, e.read, e.write, e.timeout,
     unfinished, last - first, latency:percentile(50), latency:percentile(99), latency.max))
 end
