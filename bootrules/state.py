@@ -160,9 +160,16 @@ class Store:
         with self._lock:
             try:
                 if self._connection is None or self._pid != os.getpid():
-                    self._connection = self._connect()
-                    self._pid = os.getpid()
-                    self._ensure_schema()
+                    # Kept only once its schema is checked: a first try that met a locked
+                    # store is made again in full, never used half set up.
+                    self._connection = None
+                    fresh = self._connect()
+                    try:
+                        self._ensure_schema(fresh)
+                    except BaseException:
+                        fresh.close()
+                        raise
+                    self._connection, self._pid = fresh, os.getpid()
                 connection = self._connection
                 if write:
                     self._durable(connection, full)
@@ -195,8 +202,25 @@ class Store:
                 pass
         self._connection = None
 
-    def _ensure_schema(self) -> None:
-        connection = self._connection
+    def _schema_ready(self, connection: Any) -> bool:
+        """Whether the schema is current and the key made: a read, so that opening a
+        connection to a store in use does not wait for the write lock."""
+        cursor = connection.cursor()
+        try:
+            cursor.execute("SELECT key, value FROM bootrules_meta WHERE key IN ('schema_version', 'token_key')")
+            found = dict(cursor.fetchall())
+            connection.commit()
+        except self._errors():
+            connection.rollback()
+            return False
+        if found.get("schema_version") != str(SCHEMA_VERSION) or not found.get("token_key"):
+            return False
+        self._key = found["token_key"]
+        return True
+
+    def _ensure_schema(self, connection: Any) -> None:
+        if self._schema_ready(connection):
+            return
         cursor = connection.cursor()
         try:
             self._begin(cursor)
@@ -254,7 +278,8 @@ class Store:
         """The key every token of this store is signed with (made with the schema)."""
         if self._key is None or self._pid != os.getpid():
             self.check()
-        assert self._key is not None
+        if self._key is None:
+            raise StateError("the state store has no token key")
         return self._key
 
     def lookup(self, identities: Sequence[str], rule: str, label: str, now: float) -> tuple[bool, OnceRow | None]:

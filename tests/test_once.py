@@ -280,6 +280,27 @@ def test_a_store_locked_past_the_timeout_falls_through_and_the_callback_asks_to_
     assert ask(client, MAC_C)[0] == "install-debian"
 
 
+def test_a_store_locked_while_a_worker_first_opens_it_works_once_the_lock_is_gone(tmp_path, monkeypatch):
+    """A worker opens a store another worker made, while a writer holds it: the store is
+    used in full (its token key read), and the machine falls through only because its row
+    cannot be written before its answer. (It once answered 500 to every new machine.)"""
+    monkeypatch.setattr(state_module, "LOCK_TIMEOUT", 0.3)
+    rules = write(tmp_path / "rules.yaml")
+    state_module.SqliteStore(str(tmp_path / "bootrules-state.db")).check()  # made by another worker
+    app = create_app(str(rules), poll_interval=0)
+    client = app.test_client()
+    holder = sqlite3.connect(tmp_path / "bootrules-state.db", isolation_level=None)
+    holder.execute("BEGIN IMMEDIATE")
+    try:
+        assert ask(client, MAC_A) == ("local-disk", None)
+    finally:
+        holder.execute("ROLLBACK")
+        holder.close()
+    rule, token = ask(client, MAC_A)
+    assert rule == "install-debian" and client.post(f"/done/{token}").status_code == 200
+    app.extensions["bootrules"].stop()
+
+
 def test_a_machine_re_armed_while_its_state_is_read_falls_through_without_an_error(lab, monkeypatch, caplog):
     # The race: another server re-arms (deletes) the machine's row between arm's write, which
     # found a live row, and its read, which then finds none. The store says: not done, no row.
