@@ -6,9 +6,8 @@ on a plain rule. Prints figures; about a minute.
 Each round boots 10,000 machines the servers have never seen, so on the `once:` rule every
 machine's first decision issues a token and arms a row; rounds alternate between the servers.
 
-Each storm opens 20,000 connections, which stay in TIME_WAIT for a minute: two runs back
-to back can run out of local ports, and wrk's connects then fail (it connects again, and
-the bench prints them as `connect` errors). Leave a minute between runs.
+Errors are printed by kind: `non200` are answers other than 200, the others wrk's
+socket errors (a `connect` error is wrk's own; it connects again).
 """
 
 from __future__ import annotations
