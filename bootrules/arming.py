@@ -115,6 +115,8 @@ class ArmWriter:
             return len(rows)
 
     def close(self) -> None:
-        """Write what is left (a stopping worker)."""
+        """Write what is left (a stopping worker), and close the connection."""
         if self._pid == os.getpid():
             self.flush()
+        if self._store is not None:
+            self._store.close()

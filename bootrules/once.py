@@ -152,8 +152,10 @@ class OnceGate:
         self._count("once_row_writes")
 
     def close(self) -> None:
-        """Write the armed rows not written yet (a stopping worker)."""
+        """Write the armed rows not written yet (a stopping worker), and close the store."""
         self.arms.close()
+        if self._store is not None:
+            self._store.close()
 
     def _count(self, name: str) -> None:
         if self.metrics is not None:

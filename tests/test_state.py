@@ -91,6 +91,31 @@ def test_two_servers_share_state_through_postgresql(postgres, tmp_path, http_ser
     assert postgres.split("@")[0] not in a.log()  # the URL (it may hold a password) is never logged
 
 
+def test_armed_rows_go_to_postgresql_in_batches_and_a_lost_one_costs_nothing(postgres, tmp_path, monkeypatch):
+    from app import create_app
+    from bootrules.state import open_store
+    from test_once import MAC_C, ask, lose_unwritten_rows
+
+    monkeypatch.setenv("BOOTRULES_STATE", new_database(postgres))
+    app = create_app(str(write(tmp_path / "rules.yaml")), poll_interval=0)
+    client = app.test_client()
+    gate = app.extensions["bootrules.once"]
+    tokens = {mac: ask(client, mac)[1] for mac in (MAC_A, MAC_B)}  # the first written at once, the second in a batch
+    assert gate.arms.flush() >= 0
+    store = open_store(gate.location)
+    assert {row.machine: row.token for row in store.rows()} == {f"mac:{mac}": token for mac, token in tokens.items()}
+    store.close()
+    _rule, lost = ask(client, MAC_C)
+    lose_unwritten_rows(app)
+    assert post_to(client, lost) == 200 and ask(client, MAC_C) == ("local-disk", None)
+    gate.close()
+    app.extensions["bootrules"].stop()
+
+
+def post_to(client, token: str) -> int:
+    return client.post(f"/done/{token}").status_code
+
+
 @pytest.mark.parametrize("which", ["read-only", "unreachable"])
 def test_a_postgresql_that_cannot_be_written_never_reinstalls(postgres, tmp_path, which):
     rules = write(tmp_path / "rules.yaml")
