@@ -8,9 +8,10 @@ boots without reporting a UUID. A board that shares a bogus UUID with others (it
 on cheap boards) would make its twins count as done too: they fall through to the disk,
 never reinstall, and `rearm --mac` fixes them.
 
-Failing safe: when the state cannot be read or written, a `once:` rule does not match (the
-machine falls through as if done). A machine that may be installed is never reinstalled
-because a database was down; one that should install waits for the store to come back.
+Failing safe: when the state cannot be read, or a new machine's row cannot be written when
+it must be (bootrules.arming says when), a `once:` rule does not match (the machine falls
+through as if done). A machine that may be installed is never reinstalled because a
+database was down; one that should install waits for the store to come back.
 """
 
 from __future__ import annotations
