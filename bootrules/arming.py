@@ -54,6 +54,8 @@ class ArmWriter:
 
     def pending(self, machine: str, rule: str, label: str, now: float) -> OnceRow | None:
         """The row this process armed and has not written yet, if its token is live."""
+        if self._pid != os.getpid():
+            return None  # a forked worker has armed nothing yet (what it inherited is not its own)
         row = self._pending.get((machine, rule, label))
         return row if row is not None and row.expires_at > now else None
 

@@ -369,11 +369,11 @@ class Store:
 
         return self._run(work, write=True, full=True)
 
-    def rearm(self, identities: Iterable[str], rule: str | None = None, now: float | None = None) -> int:
+    def rearm(self, identities: Iterable[str], rule: str | None = None) -> int:
         """Re-arm a machine (every rule, or one), under every name it was seen with: its next
         boot gets a new token, and the tokens issued before now no longer count."""
         names = set(identities)
-        when = time.time() if now is None else now
+        when = time.time()
 
         def work(cursor: Any) -> int:
             query = "SELECT machine, rule, label, identities FROM bootrules_once WHERE state <> 'rearmed'"
