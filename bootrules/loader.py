@@ -12,7 +12,6 @@ own: `rule_match` (match:), `rule_settings` (set:), `rule_actions` (one reader p
 from __future__ import annotations
 
 import errno
-import gc
 import os
 import re
 import stat
@@ -20,6 +19,7 @@ from typing import Iterator
 
 import yaml
 
+from . import collector
 from .model import Action, Once, Rule, RuleSet, Selector, Setting
 from .rule_actions import ACTION_READERS
 from .rule_menu import read_menu
@@ -94,12 +94,9 @@ def parse_rules(data: bytes | str, source: str = "rules.yaml") -> RuleSet:
             line = data[: error.start].count(b"\n") + 1
             raise RulesError([f"{source}:{line}: not UTF-8 text"]) from None
     reader = DocumentReader(source)
-    # Pausing the cyclic GC matters for large files: every collection walks all the
-    # objects made so far, so loading would grow with the square of the rules.
-    gc_was_enabled = gc.isenabled()
-    gc.disable()
     try:
-        rules = reader.read_stream(yaml.parse(data, Loader=_YamlLoader))
+        with collector.paused():
+            rules = reader.read_stream(yaml.parse(data, Loader=_YamlLoader))
     except yaml.MarkedYAMLError as error:
         mark = error.problem_mark or error.context_mark
         line = mark.line + 1 if mark else 1
@@ -110,9 +107,6 @@ def parse_rules(data: bytes | str, source: str = "rules.yaml") -> RuleSet:
         raise RulesError([f"{source}:{line}: invalid YAML: character {error.character!r} is not allowed"]) from None
     except yaml.YAMLError as error:
         raise RulesError([f"{source}:1: invalid YAML: {' '.join(str(error).split())}"]) from None
-    finally:
-        if gc_was_enabled:
-            gc.enable()
     if reader.problems:
         raise RulesError(reader.problems)
     return RuleSet(source=source, rules=tuple(rules))

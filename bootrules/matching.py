@@ -2,18 +2,20 @@
 
 An ordered collection of rules; `first_match` returns the first rule, top to bottom, whose
 every selector fits the machine. The index only narrows down which rules to try: each
-rule is filed under its most selective selector (an exact value, a glob's literal prefix
-or a CIDR), rules that cannot be filed are always tried, and candidates are tried in file
-order, so the answer is always the one a plain top-to-bottom scan gives.
+rule is filed under one selector (an exact value, a glob's literal prefix or a CIDR), the
+one fewest other rules share; rules that cannot be filed are always tried, and candidates
+are tried in file order, so the answer is always the one a plain top-to-bottom scan gives.
 """
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import socket
 from collections import defaultdict
 from typing import Sequence
 
+from . import collector
 from .model import Exact, Facts, Glob, Network, Rule, Selector
 
 
@@ -47,7 +49,7 @@ def selectivity(selector: Selector) -> float:
 
 
 def index_selector(rule: Rule) -> Selector | None:
-    """The selector to file `rule` under: its most selective one, or None if none can be filed.
+    """The selector to file `rule` under, on its own: its most selective one, or None if none can be filed.
 
     Filing a rule under a broad selector (`serial: KIOSK-*`) when it also has a narrow one
     (`hostname: h00042-*`) would make every request with that broad value try every such
@@ -61,8 +63,72 @@ def index_selector(rule: Rule) -> Selector | None:
     return best
 
 
+def _entries(selector: Selector) -> list[tuple] | None:
+    """Where the index files a selector's patterns, one entry each; None if it cannot be filed.
+
+    A glob without a literal prefix, or the range of every address (/0), cannot be.
+    """
+    entries: list[tuple] = []
+    for pattern in selector.patterns:
+        if isinstance(pattern, Exact):
+            entries.append(("=", selector.key, pattern.value))
+        elif isinstance(pattern, Glob):
+            if not pattern.prefix:
+                return None
+            entries.append(("*", selector.key, pattern.prefix))
+        else:
+            net = pattern.network
+            if not net.prefixlen:
+                return None
+            entries.append(("/", selector.key, net.version, int(net.netmask), int(net.network_address)))
+    return entries
+
+
+def index_entries(rules: Sequence[Rule]) -> list[list[tuple] | None]:
+    """For each rule, the index entries it is filed under (one selector's), or None if it cannot be filed.
+
+    A rule with several fileable selectors goes under the one whose entries the fewest
+    rules share (counting every fileable selector of every rule), and among equals under
+    its most selective one. An exact value is not always narrow: 1,000 rules
+    `{product: "Model-123*", platform: efi}` filed under `platform: efi` would make every
+    UEFI machine that no rule names try all 1,000.
+    """
+    filed: list[list[tuple] | None] = []
+    choices: dict[int, list[tuple[Selector, list[tuple]]]] = {}
+    for position, rule in enumerate(rules):
+        fileable = [(selector, entries) for selector in rule.selectors if (entries := _entries(selector))]
+        if len(fileable) > 1:
+            choices[position] = fileable
+        filed.append(fileable[0][1] if fileable else None)
+    if not choices:
+        return filed
+    keys = {selector.key for fileable in choices.values() for selector, _ in fileable}
+    shared: dict[tuple, int] = {}
+    for position, entries in enumerate(filed):
+        fileable = choices.get(position)
+        if fileable is not None:
+            for _, options in fileable:
+                for entry in set(options) if len(options) > 1 else options:
+                    shared[entry] = shared.get(entry, 0) + 1
+        elif entries is not None and entries[0][1] in keys:
+            for entry in set(entries) if len(entries) > 1 else entries:
+                shared[entry] = shared.get(entry, 0) + 1
+    for position, fileable in choices.items():
+        costs = [max(shared[entry] for entry in entries) for _, entries in fileable]
+        least = min(costs)
+        filed[position] = max((selectivity(selector), -number, entries)
+                              for number, ((selector, entries), cost) in enumerate(zip(fileable, costs))
+                              if cost == least)[2]
+    return filed
+
+
+@functools.lru_cache(maxsize=16384)
 def _address_bits(value: str) -> tuple[int, int]:
-    """An address fact (canonical text) as (IP version, integer)."""
+    """An address fact (canonical text) as (IP version, integer).
+
+    Cached as `values.normalize_fact` is: a machine asks from the same address on every
+    request of its boot, and every boot after.
+    """
     # inet_pton costs far less than ipaddress parsing. Scoped IPv6 (fe80::1%eth0) is
     # left to ipaddress, which ignores the scope in range checks too.
     try:
@@ -83,25 +149,28 @@ class Matcher:
 
     def __init__(self, rules: Sequence[Rule]) -> None:
         self.rules = tuple(rules)
+        # The index makes an object or more per rule while every rule is live.
+        with collector.paused():
+            self._build()
+
+    def _build(self) -> None:
         exact: dict[str, dict[str, list[int]]] = defaultdict(lambda: defaultdict(list))
         prefix: dict[str, dict[int, dict[str, list[int]]]] = defaultdict(lambda: defaultdict(lambda: defaultdict(list)))
         networks: dict[str, dict[tuple[int, int], dict[int, list[int]]]] = defaultdict(
             lambda: defaultdict(lambda: defaultdict(list))
         )
         always: list[int] = []
-        for position, rule in enumerate(self.rules):
-            selector = index_selector(rule)
-            if selector is None:
+        for position, entries in enumerate(index_entries(self.rules)):
+            if entries is None:
                 always.append(position)
                 continue
-            for pattern in selector.patterns:
-                if isinstance(pattern, Exact):
-                    exact[selector.key][pattern.value].append(position)
-                elif isinstance(pattern, Glob):
-                    prefix[selector.key][len(pattern.prefix)][pattern.prefix].append(position)
+            for entry in entries:
+                if entry[0] == "=":
+                    exact[entry[1]][entry[2]].append(position)
+                elif entry[0] == "*":
+                    prefix[entry[1]][len(entry[2])][entry[2]].append(position)
                 else:
-                    net = pattern.network
-                    networks[selector.key][(net.version, int(net.netmask))][int(net.network_address)].append(position)
+                    networks[entry[1]][(entry[2], entry[3])][entry[4]].append(position)
         # Plain dicts, so that lookups never add entries. Nearly every exact value belongs
         # to one rule; storing that rule's position alone instead of a one-item list saves
         # a list per rule, in every worker.

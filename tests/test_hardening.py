@@ -540,6 +540,25 @@ def test_a_rule_is_filed_under_its_most_selective_selector(monkeypatch):
     assert matcher.first_match({"serial": "kiosk-1", "hostname": "h04242-a"}).name == "k4242"
 
 
+def test_a_rule_is_not_filed_under_an_exact_value_that_thousands_of_rules_share(monkeypatch):
+    """1,000 rules {product: Model-NNN*, platform: efi}: a UEFI machine no rule names tries a
+    handful of rules, not a thousand (filed under `platform: efi`, it tried every one)."""
+    from bootrules.matching import Matcher
+    from bootrules.model import Rule
+
+    text = "rules:\n" + "".join(
+        f'  - name: m{n}\n    match: {{product: "Model-{n:04d}*", platform: efi}}\n    exit: true\n'
+        for n in range(1_000)) + "  - name: efi-only\n    match: {platform: efi}\n    exit: true\n"
+    matcher = Matcher(parse_rules(text).rules)
+    tried = []
+    matches = Rule.matches
+    monkeypatch.setattr(Rule, "matches", lambda rule, facts: tried.append(rule) or matches(rule, facts))
+    assert matcher.first_match({"platform": "efi", "product": "other"}).name == "efi-only"
+    assert len(tried) <= 2
+    assert matcher.first_match({"platform": "efi", "product": "model-0420 rev b"}).name == "m420"
+    assert matcher.first_match({"platform": "pcbios", "product": "model-0420"}) is None
+
+
 def test_check_compares_each_rule_with_few_earlier_ones(monkeypatch):
     """8,000 glob and CIDR rules: the shadowing check makes a few comparisons per rule, not
     one per earlier rule (which took 26 s for 4,000 globs)."""
