@@ -63,63 +63,49 @@ def index_selector(rule: Rule) -> Selector | None:
     return best
 
 
-def _entries(selector: Selector) -> list[tuple] | None:
-    """Where the index files a selector's patterns, one entry each; None if it cannot be filed.
-
-    A glob without a literal prefix, or the range of every address (/0), cannot be.
-    """
-    entries: list[tuple] = []
+def _entries(selector: Selector) -> set[tuple]:
+    """Where the index files a fileable selector's patterns."""
+    entries: set[tuple] = set()
     for pattern in selector.patterns:
         if isinstance(pattern, Exact):
-            entries.append(("=", selector.key, pattern.value))
+            entries.add(("=", selector.key, pattern.value))
         elif isinstance(pattern, Glob):
-            if not pattern.prefix:
-                return None
-            entries.append(("*", selector.key, pattern.prefix))
+            entries.add(("*", selector.key, pattern.prefix))
         else:
-            net = pattern.network
-            if not net.prefixlen:
-                return None
-            entries.append(("/", selector.key, net.version, int(net.netmask), int(net.network_address)))
+            entries.add(("/", selector.key, pattern.network))
     return entries
 
 
-def index_entries(rules: Sequence[Rule]) -> list[list[tuple] | None]:
-    """For each rule, the index entries it is filed under (one selector's), or None if it cannot be filed.
+def index_selectors(rules: Sequence[Rule]) -> list[Selector | None]:
+    """For each rule, the selector to file it under, or None if none can be filed.
 
-    A rule with several fileable selectors goes under the one whose entries the fewest
-    rules share (counting every fileable selector of every rule), and among equals under
-    its most selective one. An exact value is not always narrow: 1,000 rules
+    A rule with several fileable selectors goes under the one whose index entries the
+    fewest rules share (counting every fileable selector of every rule), and among equals
+    under its most selective one. An exact value is not always narrow: 1,000 rules
     `{product: "Model-123*", platform: efi}` filed under `platform: efi` would make every
     UEFI machine that no rule names try all 1,000.
     """
-    filed: list[list[tuple] | None] = []
-    choices: dict[int, list[tuple[Selector, list[tuple]]]] = {}
+    chosen: list[Selector | None] = []
+    choices: dict[int, list[Selector]] = {}
     for position, rule in enumerate(rules):
-        fileable = [(selector, entries) for selector in rule.selectors if (entries := _entries(selector))]
+        fileable = [selector for selector in rule.selectors if selectivity(selector) > 0]
         if len(fileable) > 1:
             choices[position] = fileable
-        filed.append(fileable[0][1] if fileable else None)
+        chosen.append(fileable[0] if fileable else None)
     if not choices:
-        return filed
-    keys = {selector.key for fileable in choices.values() for selector, _ in fileable}
+        return chosen
+    # Counted only on the keys a choice is made between; nothing is kept per rule.
+    keys = {selector.key for fileable in choices.values() for selector in fileable}
     shared: dict[tuple, int] = {}
-    for position, entries in enumerate(filed):
-        fileable = choices.get(position)
-        if fileable is not None:
-            for _, options in fileable:
-                for entry in set(options) if len(options) > 1 else options:
-                    shared[entry] = shared.get(entry, 0) + 1
-        elif entries is not None and entries[0][1] in keys:
-            for entry in set(entries) if len(entries) > 1 else entries:
+    for position, only in enumerate(chosen):
+        counted = choices.get(position) or ([only] if only is not None and only.key in keys else [])
+        for selector in counted:
+            for entry in _entries(selector):
                 shared[entry] = shared.get(entry, 0) + 1
     for position, fileable in choices.items():
-        costs = [max(shared[entry] for entry in entries) for _, entries in fileable]
-        least = min(costs)
-        filed[position] = max((selectivity(selector), -number, entries)
-                              for number, ((selector, entries), cost) in enumerate(zip(fileable, costs))
-                              if cost == least)[2]
-    return filed
+        chosen[position] = min(fileable, key=lambda selector: (
+            max(shared[entry] for entry in _entries(selector)), -selectivity(selector)))
+    return chosen
 
 
 @functools.lru_cache(maxsize=16384)
@@ -160,17 +146,18 @@ class Matcher:
             lambda: defaultdict(lambda: defaultdict(list))
         )
         always: list[int] = []
-        for position, entries in enumerate(index_entries(self.rules)):
-            if entries is None:
+        for position, selector in enumerate(index_selectors(self.rules)):
+            if selector is None:
                 always.append(position)
                 continue
-            for entry in entries:
-                if entry[0] == "=":
-                    exact[entry[1]][entry[2]].append(position)
-                elif entry[0] == "*":
-                    prefix[entry[1]][len(entry[2])][entry[2]].append(position)
+            for pattern in selector.patterns:
+                if isinstance(pattern, Exact):
+                    exact[selector.key][pattern.value].append(position)
+                elif isinstance(pattern, Glob):
+                    prefix[selector.key][len(pattern.prefix)][pattern.prefix].append(position)
                 else:
-                    networks[entry[1]][(entry[2], entry[3])][entry[4]].append(position)
+                    net = pattern.network
+                    networks[selector.key][(net.version, int(net.netmask))][int(net.network_address)].append(position)
         # Plain dicts, so that lookups never add entries. Nearly every exact value belongs
         # to one rule; storing that rule's position alone instead of a one-item list saves
         # a list per rule, in every worker.
