@@ -56,9 +56,10 @@ FLAT_CASES = {
 def flatness(base_url: str, cases: dict[str, str], cycles: int) -> tuple[dict[str, list[float]], list[float]]:
     """Each case's keep-alive rate as a share of the 10-rule server's rate at `base_url`; and those rates.
 
-    The VM's speed moves by 20% from one second to the next, so every case is measured
-    for 1 s between two 1 s measures of the 10-rule server and divided by their mean,
-    `cycles` times, the cases in turn. The caller reports the median of each case's ratios.
+    The VM's speed moves from one second to the next by more than the difference sought
+    (README, Performance), so every case is measured for 1 s between two 1 s measures of
+    the 10-rule server and divided by their mean, `cycles` times, the cases in turn. The
+    caller reports the median of each case's ratios.
     """
     bases = [wrk(base_url, 1)]
     ratios: dict[str, list[float]] = {case: [] for case in cases}
