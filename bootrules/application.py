@@ -7,13 +7,13 @@ from typing import Any, Iterable
 from flask import Flask, redirect
 from werkzeug.exceptions import HTTPException
 
-from . import web
+from .web import boot as web
 from .logs import configure_logging
 from .metrics import Metrics
-from .once import OnceGate
-from .proxies import TrustedProxies
-from .recorder import Recorder
-from .reloader import Reloader
+from .state.once import OnceGate
+from .web.proxies import TrustedProxies
+from .state.recorder import Recorder
+from .decide.reloader import Reloader
 from .settings import Settings
 
 
@@ -65,7 +65,7 @@ def create_app(
 
     app.add_url_rule("/healthz", "healthz", web.healthz)
     app.add_url_rule(web.METRICS_PATH, "metrics", web.metrics_view)
-    from .ui import api, ui
+    from .web.status import api, ui
 
     app.register_blueprint(ui)
     app.register_blueprint(api)

@@ -7,15 +7,16 @@ from typing import TYPE_CHECKING, Any, Callable
 
 import click
 
-from . import matching, values
-from .engine import Snapshot
-from .lint import lint
-from .loader import RulesError, load_rules
-from .render import render_rule
+from .decide import matching
+from . import values
+from .decide.engine import Snapshot
+from .decide.lint import lint
+from .rules.loader import RulesError, load_rules
+from .decide.render import render_rule
 from .settings import SETTINGS, Settings, SettingsError, environment_help
 
 if TYPE_CHECKING:
-    from .state import Store
+    from .state.store import Store
 
 DEFAULT_RULES = "rules.yaml"
 
@@ -56,8 +57,8 @@ def serve(**given: Any) -> None:
 
         python app.py serve --rules /etc/bootrules/rules.yaml --host 0.0.0.0 --port 80
     """
-    from .serving import StartError
-    from .serving import serve as run_server
+    from .serve.launch import StartError
+    from .serve.launch import serve as run_server
 
     try:
         settings = Settings.load(given)
@@ -155,7 +156,7 @@ def _state_store(rules: str | None, state: str | None, machines: bool = False,
     SQLite file that does not exist yet (a command that only looks must not create it)."""
     import os
 
-    from .state import open_store
+    from .state.store import open_store
 
     try:
         settings = Settings.load({"rules": rules, "state": state})
@@ -202,8 +203,8 @@ def machines(rules: str | None, state: str | None, unknown: bool, once_rows: boo
     """
     import json
 
-    from . import machines as seen
-    from .state import StateError
+    from .state import machines as seen
+    from .state.store import StateError
 
     try:
         if once_rows:
@@ -275,7 +276,7 @@ def rearm(rules: str | None, state: str | None, mac: str | None, uuid: str | Non
     import logging
 
     from .logs import configure_logging
-    from .state import StateError
+    from .state.store import StateError
 
     if not mac and not uuid:
         raise click.UsageError("give --mac or --uuid (or both)")

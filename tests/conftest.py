@@ -42,7 +42,7 @@ def require_server(name: str) -> None:
     """Skip (laptop) or fail (CI) a test of `--server granian` where granian cannot serve."""
     if name == "waitress":
         return
-    from bootrules.granian_server import missing
+    from bootrules.serve.granian_worker import missing
 
     reason = missing()
     if reason is None:

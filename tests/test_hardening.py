@@ -27,10 +27,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from app import cli, create_app
-from bootrules.loader import RulesError, parse_rules
-from bootrules.yaml_events import MAX_DEPTH
-from bootrules.render import render_no_match, render_rule
-from bootrules.reloader import Reloader
+from bootrules.rules.loader import RulesError, parse_rules
+from bootrules.rules.yaml_events import MAX_DEPTH
+from bootrules.decide.render import render_no_match, render_rule
+from bootrules.decide.reloader import Reloader
 from conftest import IN_CI, ROOT, SAMPLE_RULES, free_port, require_tool
 from support import BootrulesServer, http_get
 
@@ -185,7 +185,7 @@ def test_deep_nesting_is_refused_with_its_line(depth):
 
 def test_a_huge_file_is_refused_without_reading_it(tmp_path):
     """A 1 GB rules file is refused at once, from its size alone."""
-    from bootrules.loader import load_rules
+    from bootrules.rules.loader import load_rules
 
     huge = tmp_path / "huge.yaml"
     with open(huge, "wb") as stream:
@@ -513,7 +513,7 @@ def test_a_forwarded_hop_that_is_not_an_address_is_refused_and_logged_escaped(wr
 
 
 def test_a_uuid_glob_without_hyphens_matches_like_a_bare_mac_glob():
-    from bootrules.matching import Matcher, first_match_linear
+    from bootrules.decide.matching import Matcher, first_match_linear
 
     ruleset = parse_rules('rules:\n  - name: dell\n    match: {uuid: "4C4C4544004235*"}\n    exit: true\n')
     facts = {"uuid": "4c4c4544-0042-3510-8052-b4c04f4d4e31"}
@@ -525,7 +525,7 @@ def test_a_uuid_glob_without_hyphens_matches_like_a_bare_mac_glob():
 def test_a_rule_is_filed_under_its_most_selective_selector(monkeypatch):
     """10,000 rules {serial: KIOSK-*, hostname: hNNNNN-*}: a request with serial KIOSK-1 and a
     hostname no rule has tries a handful of rules, not ten thousand."""
-    from bootrules.matching import Matcher
+    from bootrules.decide.matching import Matcher
     from bootrules.model import Rule
 
     text = "rules:\n" + "".join(
@@ -543,7 +543,7 @@ def test_a_rule_is_filed_under_its_most_selective_selector(monkeypatch):
 def test_a_rule_is_not_filed_under_an_exact_value_that_thousands_of_rules_share(monkeypatch):
     """1,000 rules {product: Model-NNN*, platform: efi}: a UEFI machine no rule names tries a
     handful of rules, not a thousand (filed under `platform: efi`, it tried every one)."""
-    from bootrules.matching import Matcher
+    from bootrules.decide.matching import Matcher
     from bootrules.model import Rule
 
     text = "rules:\n" + "".join(
@@ -562,7 +562,7 @@ def test_a_rule_is_not_filed_under_an_exact_value_that_thousands_of_rules_share(
 def test_check_compares_each_rule_with_few_earlier_ones(monkeypatch):
     """8,000 glob and CIDR rules: the shadowing check makes a few comparisons per rule, not
     one per earlier rule (which took 26 s for 4,000 globs)."""
-    from bootrules import lint as lint_module
+    from bootrules.decide import lint as lint_module
 
     text = "rules:\n" + "".join(
         f'  - name: g{n}\n    match: {{serial: "S{n:05d}-*"}}\n    exit: true\n'

@@ -7,7 +7,7 @@ import json
 import pytest
 
 from app import create_app
-from bootrules.render import render_entry, render_no_match
+from bootrules.decide.render import render_entry, render_no_match
 
 
 def test_entry_script_points_back_at_this_server(client):

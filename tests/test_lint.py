@@ -7,8 +7,8 @@ import textwrap
 import pytest
 
 from app import cli
-from bootrules.lint import lint
-from bootrules.loader import parse_rules
+from bootrules.decide.lint import lint
+from bootrules.rules.loader import parse_rules
 from conftest import ROOT, SAMPLE_RULES
 
 

@@ -4,7 +4,7 @@ import textwrap
 
 import pytest
 
-from bootrules.loader import RulesError, load_rules, parse_rules
+from bootrules.rules.loader import RulesError, load_rules, parse_rules
 from conftest import ROOT
 from bootrules.model import Boot, Chain, Exact, Exit, Glob, Network, Sanboot, Setting
 
@@ -316,7 +316,7 @@ def test_the_pure_python_yaml_parser_reads_the_same_rules(monkeypatch):
     """Without libyaml, PyYAML's own parser gives the same rules and the same errors."""
     import yaml
 
-    from bootrules import loader
+    from bootrules.rules import loader
 
     text = (ROOT / "rules.yaml").read_text()
     with_libyaml = parse_rules(text)

@@ -14,12 +14,12 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from app import cli, create_app
-from bootrules import machines
-from bootrules.loader import parse_rules
-from bootrules.matching import first_match_linear as first_match
-from bootrules.recorder import Recorder
-from bootrules.snippet import PLACEHOLDER, rule_to_paste
-from bootrules.state import SCHEMA_VERSION, open_store
+from bootrules.state import machines
+from bootrules.rules.loader import parse_rules
+from bootrules.decide.matching import first_match_linear as first_match
+from bootrules.state.recorder import Recorder
+from bootrules.web.snippet import PLACEHOLDER, rule_to_paste
+from bootrules.state.store import SCHEMA_VERSION, open_store
 from conftest import free_port, new_database, wait_until
 from support import BootrulesServer, http_get
 

@@ -8,8 +8,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from bootrules.loader import compile_pattern
-from bootrules.matching import Matcher, first_match_linear
+from bootrules.rules.loader import compile_pattern
+from bootrules.decide.matching import Matcher, first_match_linear
 from bootrules.model import Exit, Rule, Selector
 
 RULES_TEXT = """
@@ -45,7 +45,7 @@ rules:
 
 @pytest.fixture(scope="module")
 def matcher():
-    from bootrules.loader import parse_rules
+    from bootrules.rules.loader import parse_rules
 
     return Matcher(parse_rules(RULES_TEXT).rules)
 
@@ -76,7 +76,7 @@ def test_the_first_rule_whose_every_selector_matches_wins(matcher, facts, expect
 
 def test_no_rule_matches_gives_none():
     """Without a catch-all, an unknown machine gets no rule (the caller sends `exit`)."""
-    from bootrules.loader import parse_rules
+    from bootrules.rules.loader import parse_rules
 
     rules = parse_rules("rules:\n  - name: one\n    match: {mac: 00:11:22:33:44:55}\n    exit: true\n").rules
     assert Matcher(rules).first_match({"mac": "00:11:22:33:44:66"}) is None

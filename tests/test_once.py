@@ -15,11 +15,11 @@ from pathlib import Path
 import pytest
 
 from app import cli, create_app
-from bootrules import state as state_module
-from bootrules import tokens
-from bootrules.loader import RulesError, parse_rules
+from bootrules.state import store as state_module
+from bootrules.state import tokens
+from bootrules.rules.loader import RulesError, parse_rules
 from bootrules.model import Once
-from bootrules.once import SHOWN_CHARS, TOKEN
+from bootrules.state.once import SHOWN_CHARS, TOKEN
 from conftest import ROOT
 
 MAC_A, MAC_B, MAC_C = "52:54:00:12:34:56", "52:54:00:12:34:57", "52:54:00:99:99:99"
@@ -399,7 +399,7 @@ def test_machines_and_rearm_do_not_create_a_state_file(runner, tmp_path):
 
 def test_check_stays_linear_with_many_once_rules(monkeypatch):
     """5,000 one-per-MAC once: rules above a catch-all: the fall-through check compares nothing."""
-    from bootrules import lint as lint_module
+    from bootrules.decide import lint as lint_module
 
     text = "rules:\n" + "".join(
         f'  - name: m{n}\n    match: {{mac: "02:00:00:00:{n >> 8:02x}:{n & 255:02x}"}}\n    once: v1\n    exit: true\n'

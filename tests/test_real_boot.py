@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from bootrules.render import render_entry
+from bootrules.decide.render import render_entry
 from conftest import IN_CI, ROOT, free_port, require_server, require_tool
 from ipxe_builds import IpxeBuild, debian_build, host_build
 import linux_guest

@@ -8,7 +8,7 @@ import os
 
 import pytest
 
-from bootrules.reloader import Reloader
+from bootrules.decide.reloader import Reloader
 from conftest import wait_until
 
 GOOD_A = "rules:\n  - name: version-a\n    exit: true\n"

@@ -4,8 +4,8 @@ import textwrap
 
 import pytest
 
-from bootrules.loader import parse_rules
-from bootrules.render import render_entry, render_no_match, render_rule
+from bootrules.rules.loader import parse_rules
+from bootrules.decide.render import render_entry, render_no_match, render_rule
 
 
 def rendered(rule_yaml: str) -> str:

@@ -8,7 +8,7 @@ import re
 import pytest
 import yaml
 
-from bootrules.loader import RulesError, parse_rules
+from bootrules.rules.loader import RulesError, parse_rules
 from conftest import ROOT
 
 

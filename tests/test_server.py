@@ -19,9 +19,9 @@ from support import ROOT, BootrulesServer, first_answer, http_get
 def loop_server(app):
     """bootrules' waitress server on a free port, in this process, and a function that runs
     its loop (as `server.run` does) until a condition holds or 5 s have passed."""
-    from bootrules import server
-    from bootrules.serving import listening_socket
-    from bootrules.web import SLOW_PATHS
+    from bootrules.serve import waitress_loop as server
+    from bootrules.serve.launch import listening_socket
+    from bootrules.web.boot import SLOW_PATHS
 
     listener = listening_socket("127.0.0.1", 0)
     loop = server.create(app, listener, server.Shutdown(), slow_paths=SLOW_PATHS)
@@ -162,6 +162,6 @@ def test_a_waitress_without_the_internals_used_gets_the_stock_server_which_serve
 
 def test_the_installed_waitress_has_every_internal_the_loop_server_uses():
     """The pinned waitress (requirements.txt) is one the fast server runs on."""
-    from bootrules.server import missing_internals
+    from bootrules.serve.waitress_loop import missing_internals
 
     assert missing_internals() == []

@@ -390,7 +390,7 @@ def test_granian_requests_never_carry_the_process_environment(monkeypatch):
     stays out of every request). The protocol object is granian's, so a stand-in records
     what the callback hands it."""
     require_server("granian")
-    from bootrules.granian_server import WsgiCallback, _internals
+    from bootrules.serve.granian_worker import WsgiCallback, _internals
 
     monkeypatch.setenv("BOOTRULES_STATE", "postgresql://bootrules:hunter2@db/bootrules")
     seen = {}

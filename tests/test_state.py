@@ -21,7 +21,7 @@ def test_a_crash_in_the_middle_of_writes_loses_nothing_committed(tmp_path):
     state = tmp_path / "state.db"
     writer = textwrap.dedent(f"""
         import sys, time
-        from bootrules.state import OnceRow, SqliteStore
+        from bootrules.state.store import OnceRow, SqliteStore
         store = SqliteStore({str(state)!r})
         for n in range(1_000_000):
             names = (f"mac:02:00:00:{{n >> 16 & 255:02x}}:{{n >> 8 & 255:02x}}:{{n & 255:02x}}",)
@@ -46,7 +46,7 @@ def test_a_crash_in_the_middle_of_writes_loses_nothing_committed(tmp_path):
 
 
 def test_a_store_made_by_a_newer_bootrules_is_refused_not_rewritten(tmp_path):
-    from bootrules.state import SqliteStore, StateError
+    from bootrules.state.store import SqliteStore, StateError
 
     path = tmp_path / "state.db"
     SqliteStore(str(path)).check()
@@ -93,7 +93,7 @@ def test_two_servers_share_state_through_postgresql(postgres, tmp_path, http_ser
 
 def test_armed_rows_go_to_postgresql_in_batches_and_a_lost_one_costs_nothing(postgres, tmp_path, monkeypatch):
     from app import create_app
-    from bootrules.state import open_store
+    from bootrules.state.store import open_store
     from test_once import MAC_C, ask, lose_unwritten_rows
 
     monkeypatch.setenv("BOOTRULES_STATE", new_database(postgres))

@@ -30,9 +30,9 @@ sys.path.insert(0, str(HERE.parent.parent))
 
 from run import PYTHON, ROOT, Server, median_storm, storm, wait_http  # noqa: E402
 
-from bootrules import machines  # noqa: E402
-from bootrules.machines import Sighting  # noqa: E402
-from bootrules.state import open_store  # noqa: E402
+from bootrules.state import machines  # noqa: E402
+from bootrules.state.machines import Sighting  # noqa: E402
+from bootrules.state.store import open_store  # noqa: E402
 
 
 def start(rules: Path, port: int, work: Path, workers: int, *extra: str) -> Server:

@@ -7,7 +7,7 @@ import re
 import yaml
 
 from .ipxe_syntax import words_problem
-from .model import Setting
+from ..model import Setting
 from .yaml_nodes import NodeReader
 
 SETTING_KEYS = ("value", "secret")

@@ -21,15 +21,15 @@ from typing import Any
 
 from flask import Blueprint, Response, current_app, jsonify, render_template, request
 
-from . import machines
-from .machines import Filter, Machine
-from .model import Exact, Glob, Rule
+from ..state import machines
+from ..state.machines import Filter, Machine
+from ..model import Exact, Glob, Rule
 from .proxies import FORWARDING_HEADERS, PROXY_KEY, plain_address
-from .settings import Network, Settings
+from ..settings import Network, Settings
 from .snippet import rule_to_paste
-from .state import StateError, Store, open_store
-from .values import TEXT_KEYS
-from .web import current_reloader, plain_text, request_url_root
+from ..state.store import StateError, Store, open_store
+from ..values import TEXT_KEYS
+from .boot import current_reloader, plain_text, request_url_root
 
 ui = Blueprint("ui", __name__, url_prefix="/ui", static_folder="static", static_url_path="/static",
                template_folder="templates")

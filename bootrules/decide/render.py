@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import re
 
-from .model import Boot, Chain, Exit, Menu, MenuItem, Rule, Sanboot, Setting
+from ..model import Boot, Chain, Exit, Menu, MenuItem, Rule, Sanboot, Setting
 
 FAILED_LABEL = "bootrules_failed"
 OR_FAIL = f" || goto {FAILED_LABEL}"

@@ -6,7 +6,7 @@ from datetime import datetime
 from typing import Callable
 
 from .matching import Matcher
-from .model import Facts, Rule, RuleSet
+from ..model import Facts, Rule, RuleSet
 from .render import DONE_SETTING, render_no_match, render_rule
 
 NO_MATCH_SCRIPT = render_no_match()

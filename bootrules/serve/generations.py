@@ -32,7 +32,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable
 
-from .wakeup import Wakeup
+from ..wakeup import Wakeup
 
 log = logging.getLogger("bootrules")
 

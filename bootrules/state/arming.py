@@ -20,7 +20,7 @@ import threading
 import time
 from typing import Callable
 
-from .state import OnceRow, StateError, Store, open_store
+from .store import OnceRow, StateError, Store, open_store
 
 BATCH_AFTER = 0.02  # seconds a batch gathers rows before it is written
 RETRY_EVERY = 1.0  # seconds between two tries of a batch the store refused

@@ -20,8 +20,8 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from .model import Facts
-from .state import OnceRow, Store
+from ..model import Facts
+from .store import OnceRow, Store
 
 RECENT_CHARS = 1200  # about 20 decisions a machine
 MINUTES_KEPT = 24 * 60  # rows of the decisions-per-minute chart

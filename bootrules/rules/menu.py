@@ -19,9 +19,9 @@ import re
 import yaml
 
 from .ipxe_syntax import words_problem
-from .model import Action, Menu, MenuItem, Setting
-from .rule_actions import ACTION_READERS
-from .rule_settings import read_settings
+from ..model import Action, Menu, MenuItem, Setting
+from .actions import ACTION_READERS
+from .ipxe_settings import read_settings
 from .yaml_nodes import NodeReader, line_of
 
 MENU_KEYS = ("title", "timeout", "default", "items")

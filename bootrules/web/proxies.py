@@ -12,7 +12,7 @@ import ipaddress
 import logging
 from typing import Any, Callable, Iterable, Sequence
 
-from .settings import Network
+from ..settings import Network
 
 log = logging.getLogger("bootrules")
 

@@ -26,15 +26,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from . import server
-from .application import create_app
+from . import waitress_loop as server
+from ..application import create_app
 from .generations import Generations, report, send_signal
-from .logs import configure_logging
-from .metrics import MULTIPROC_ENV, Metrics, clear_runtime_files, worker_exited
-from .reloader import Reloader
-from .settings import Settings
-from .wakeup import Wakeup
-from .web import SLOW_PATHS
+from ..logs import configure_logging
+from ..metrics import MULTIPROC_ENV, Metrics, clear_runtime_files, worker_exited
+from ..decide.reloader import Reloader
+from ..settings import Settings
+from ..wakeup import Wakeup
+from ..web.boot import SLOW_PATHS
 
 log = logging.getLogger("bootrules")
 
@@ -59,7 +59,7 @@ def serve(settings: Settings) -> int:
     try:
         metrics = Metrics()  # made after the runtime directory: it decides the metrics mode
         if settings.server == "granian":
-            from .granian_server import missing
+            from .granian_worker import missing
 
             reason = missing()
             if reason:
@@ -186,7 +186,7 @@ class WorkerPlan:
     def build(self, shutdown: server.Shutdown) -> Any:
         self.app = create_app(settings=self.settings, reloader=self.reloader, metrics=self.metrics)
         if self.settings.server == "granian":
-            from .granian_server import GranianServer
+            from .granian_worker import GranianServer
 
             return GranianServer(self.app, self.sock, shutdown, self.server_options())
         return server.create(self.app, self.sock, shutdown, **self.server_options())

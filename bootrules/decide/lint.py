@@ -18,9 +18,9 @@ import itertools
 from collections import defaultdict
 from dataclasses import dataclass
 
-from . import values
+from .. import values
 from .matching import Matcher, index_selector
-from .model import Exact, Glob, Network, Pattern, Rule, RuleSet, Selector
+from ..model import Exact, Glob, Network, Pattern, Rule, RuleSet, Selector
 
 MAX_COMBINATIONS = 16
 

@@ -20,18 +20,18 @@ from flask import Response, current_app, request
 from werkzeug.exceptions import HTTPException
 from werkzeug.wsgi import get_host
 
-from . import values
-from .clock import PerSecond
-from .engine import NO_MATCH_SCRIPT
-from .logs import log_decision
-from .metrics import Metrics
-from .model import Rule
-from .once import DONE_PATH, OnceGate
+from .. import values
+from ..clock import PerSecond
+from ..decide.engine import NO_MATCH_SCRIPT
+from ..logs import log_decision
+from ..metrics import Metrics
+from ..model import Rule
+from ..state.once import DONE_PATH, OnceGate
 from .proxies import WSGIApp
-from .recorder import Recorder
-from .reloader import Reloader
-from .render import render_entry
-from .settings import HOST_PATTERN, PREFIX_PATTERN
+from ..state.recorder import Recorder
+from ..decide.reloader import Reloader
+from ..decide.render import render_entry
+from ..settings import HOST_PATTERN, PREFIX_PATTERN
 
 log = logging.getLogger("bootrules")
 

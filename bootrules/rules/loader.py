@@ -19,13 +19,13 @@ from typing import Iterator
 
 import yaml
 
-from . import collector
-from .model import Action, Once, Rule, RuleSet, Selector, Setting
-from .rule_actions import ACTION_READERS
-from .rule_menu import read_menu
-from .rule_match import compile_pattern, read_match
-from .rule_once import read_once
-from .rule_settings import read_settings
+from .. import collector
+from ..model import Action, Once, Rule, RuleSet, Selector, Setting
+from .actions import ACTION_READERS
+from .menu import read_menu
+from .match import compile_pattern, read_match
+from .once import read_once
+from .ipxe_settings import read_settings
 from .yaml_events import YAML_NULL, Composer
 from .yaml_nodes import NodeReader, RulesError, line_of, suggest
 

@@ -25,9 +25,9 @@ from typing import Callable, Iterable
 
 from . import tokens
 from .arming import ArmWriter
-from .logs import log_fields
-from .model import Facts, Rule
-from .state import OnceRow, StateError, Store, open_store
+from ..logs import log_fields
+from ..model import Facts, Rule
+from .store import OnceRow, StateError, Store, open_store
 
 log = logging.getLogger("bootrules")
 

@@ -7,7 +7,7 @@ from typing import Callable
 import yaml
 
 from .ipxe_syntax import san_uri_problem, url_problem, word_problem, words_problem
-from .model import Action, Boot, Chain, Exit, Sanboot
+from ..model import Action, Boot, Chain, Exit, Sanboot
 from .yaml_nodes import NodeReader, parse_flag
 
 SANBOOT_KEYS = ("uri", "drive", "no-describe", "keep", "filename")

@@ -22,8 +22,8 @@ from typing import Any
 
 from . import machines
 from .machines import Sighting
-from .model import Facts
-from .state import StateError, Store, open_store
+from ..model import Facts
+from .store import StateError, Store, open_store
 
 log = logging.getLogger("bootrules")
 

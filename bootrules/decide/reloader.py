@@ -17,9 +17,9 @@ from datetime import datetime, timezone
 from typing import Callable
 
 from .engine import Snapshot
-from .loader import RulesError, load_rules
-from .metrics import Metrics
-from .wakeup import Wakeup
+from ..rules.loader import RulesError, load_rules
+from ..metrics import Metrics
+from ..wakeup import Wakeup
 
 log = logging.getLogger("bootrules")
 

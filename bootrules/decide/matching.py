@@ -15,8 +15,8 @@ import socket
 from collections import defaultdict
 from typing import Sequence
 
-from . import collector
-from .model import Exact, Facts, Glob, Network, Rule, Selector
+from .. import collector
+from ..model import Exact, Facts, Glob, Network, Rule, Selector
 
 
 def first_match_linear(rules: Sequence[Rule], facts: Facts) -> Rule | None:
