@@ -1,24 +1,33 @@
-"""The command line: serve, check, preview. Commands only; the work is done elsewhere."""
+"""The command line: serve, check, preview, machines, rearm. Commands only; the work is done elsewhere.
+
+Every option that is a setting (`--rules`, `--state`, …) comes from bootrules.settings'
+one list, with its variable and default, whichever command takes it.
+"""
 
 from __future__ import annotations
 
+import json
+import logging
+import os
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, Callable
 
 import click
 
-from .decide import matching
 from . import values
+from .clock import utc
+from .decide import matching
 from .decide.engine import Snapshot
 from .decide.lint import lint
-from .rules.loader import RulesError, load_rules
 from .decide.render import render_rule
-from .settings import SETTINGS, Settings, SettingsError, environment_help
+from .errors import RulesError, SettingsError, StartError, StateError
+from .rules.loader import load_rules
+from .settings import BY_NAME, SETTINGS, Settings, environment_help
 
 if TYPE_CHECKING:
-    from .state.store import Store
+    from .state import Stores
 
-DEFAULT_RULES = "rules.yaml"
+DEFAULT_RULES = BY_NAME["rules"].default
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -27,24 +36,39 @@ def cli() -> None:
 
 
 cli.help = (
-    f"{cli.help}\n\n\b\nEvery setting of `serve` can also come from the environment:\n"
+    f"{cli.help}\n\n\b\nEvery setting can also come from the environment:\n"
     f"{environment_help()}\nA flag given on the command line wins over the variable."
 )
 
 
-def settings_options(command: Callable[..., Any]) -> Callable[..., Any]:
-    """Add one option per setting (bootrules.settings.SETTINGS) to `command`."""
-    for setting in reversed(SETTINGS):
-        command = click.option(
-            setting.flag, setting.name, default=None, multiple=setting.many,
-            help=f"{setting.meaning.replace('`', '')} [env {setting.env}; default {setting.shown_default.replace('`', '')}]"
-            + ("; repeat, or separate with commas" if setting.many else ""),
-        )(command)
-    return command
+def settings_options(*names: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """Add an option for each setting named (every setting if none is) to a command; the
+    command turns what it was given into Settings with `load_settings`."""
+    chosen = [BY_NAME[name] for name in names] if names else list(SETTINGS)
+
+    def add(command: Callable[..., Any]) -> Callable[..., Any]:
+        for setting in reversed(chosen):
+            command = click.option(
+                setting.flag, setting.name, default=None, multiple=setting.many,
+                help=f"{setting.meaning.replace('`', '')} [env {setting.env}; default "
+                     f"{setting.shown_default.replace('`', '')}]"
+                     + ("; repeat, or separate with commas" if setting.many else ""),
+            )(command)
+        return command
+
+    return add
+
+
+def load_settings(given: dict[str, Any]) -> Settings:
+    """Settings from a command's options and BOOTRULES_*; every wrong one in one clean error."""
+    try:
+        return Settings.load(given)
+    except SettingsError as error:
+        raise click.ClickException(f"invalid settings:\n{error}") from None
 
 
 @cli.command()
-@settings_options
+@settings_options()
 def serve(**given: Any) -> None:
     """Serve the rules over HTTP with waitress.
 
@@ -57,14 +81,11 @@ def serve(**given: Any) -> None:
 
         python app.py serve --rules /etc/bootrules/rules.yaml --host 0.0.0.0 --port 80
     """
-    from .serve.launch import StartError
     from .serve.launch import serve as run_server
 
+    settings = load_settings(given)
     try:
-        settings = Settings.load(given)
         status = run_server(settings)
-    except SettingsError as error:
-        raise click.ClickException(f"invalid settings:\n{error}") from None
     except StartError as error:
         raise click.ClickException(str(error)) from None
     raise SystemExit(status)
@@ -98,8 +119,7 @@ def check(path: str, strict: bool) -> None:
 
 
 @cli.command()
-@click.option("--rules", "rules_path", envvar="BOOTRULES_RULES", default=DEFAULT_RULES, show_default=True,
-              help="Rules file [env BOOTRULES_RULES].")
+@settings_options("rules")
 @click.option("--mac")
 @click.option("--uuid")
 @click.option("--serial")
@@ -113,7 +133,7 @@ def check(path: str, strict: bool) -> None:
 @click.option("--client", help="The address the request comes from.")
 @click.option("--show-secrets", is_flag=True, help="Print secret settings (CHAP passwords…) instead of ********.")
 @click.option("--explain", is_flag=True, help="Also say, for each rule above the answer, why it did not match.")
-def preview(rules_path: str, show_secrets: bool, explain: bool, **given: str | None) -> None:
+def preview(rules: str | None, show_secrets: bool, explain: bool, **given: str | None) -> None:
     """Print the script a machine would get, and which rule answered, without a server.
 
     Secret settings are masked unless --show-secrets is given.
@@ -122,6 +142,7 @@ def preview(rules_path: str, show_secrets: bool, explain: bool, **given: str | N
 
         python app.py preview --mac 00:11:22:33:44:55 --platform efi
     """
+    rules_path = load_settings({"rules": rules}).rules
     try:
         ruleset = load_rules(rules_path)
         client = given.pop("client")
@@ -150,41 +171,21 @@ def preview(rules_path: str, show_secrets: bool, explain: bool, **given: str | N
     click.echo(script, nl=False)
 
 
-def _state_store(rules: str | None, state: str | None, machines: bool = False,
-                 quiet: bool = False) -> "Store | None":
-    """The state store the server uses (`machines`: the one for machines seen); None if it is a
-    SQLite file that does not exist yet (a command that only looks must not create it)."""
-    import os
+def _stores(rules: str | None, state: str | None) -> "Stores | None":
+    """The stores the server uses; None if they are SQLite files that do not exist yet (a
+    command that only looks must not create one)."""
+    from .state import open_stores
 
-    from .state.store import open_store
-
-    try:
-        settings = Settings.load({"rules": rules, "state": state})
-    except SettingsError as error:
-        raise click.ClickException(str(error)) from None
-    location = settings.machines_location() if machines else settings.state_location()
-    if "://" not in location and not os.path.exists(location):
-        if not quiet:
-            click.echo(f"{location}: no state yet (no machine has booted)", err=True)
+    settings = load_settings({"rules": rules, "state": state})
+    location = settings.state_location()
+    if "://" not in location and not os.path.exists(location) and not os.path.exists(settings.machines_location()):
+        click.echo(f"{location}: no state yet (no machine has booted)", err=True)
         return None
-    return open_store(location)
-
-
-STATE_OPTIONS = (
-    click.option("--rules", "rules", default=None, help="Rules file; the state file lies beside it [env BOOTRULES_RULES]."),
-    click.option("--state", "state", default=None,
-                 help="State: a SQLite file or a postgresql:// URL [env BOOTRULES_STATE]."),
-)
-
-
-def state_options(command: Callable[..., Any]) -> Callable[..., Any]:
-    for option in reversed(STATE_OPTIONS):
-        command = option(command)
-    return command
+    return open_stores(settings, "command")
 
 
 @cli.command()
-@state_options
+@settings_options("rules", "state")
 @click.option("--unknown", is_flag=True, help="Only machines no rule names: answered by a catch-all, or by no rule.")
 @click.option("--once", "once_rows", is_flag=True, help="List the state of once: rules instead: one line per "
               "machine, rule and label, armed (installing) or done.")
@@ -201,26 +202,20 @@ def machines(rules: str | None, state: str | None, unknown: bool, once_rows: boo
 
         python app.py machines --once --state /var/lib/bootrules/state.db
     """
-    import json
+    from .state.machine_store import Filter
 
-    from .state import machines as seen
-    from .state.store import StateError
-
+    stores = _stores(rules, state)
+    if stores is None:
+        return
     try:
         if once_rows:
-            store = _state_store(rules, state)
-            if store is not None:
-                _list_once_rows(store.rows(limit), as_json)
+            _list_once_rows(stores.once.rows(limit), as_json)
             return
-        store = _state_store(rules, state, machines=True)
-        if store is None:
-            return
-        once_store = _state_store(rules, state, quiet=True) if store.kind == "sqlite" else store
-        found = seen.page(store, seen.Filter(unknown=unknown), 1, limit).machines
-        if once_store is not None:
-            found = tuple(seen.with_once(once_store, list(found)))
+        found = stores.machines.page(Filter(unknown=unknown), 1, limit, stores.once).machines
     except StateError as error:
         raise click.ClickException(f"cannot read the state store: {error}") from None
+    finally:
+        stores.close()
     if as_json:
         for machine in found:
             click.echo(json.dumps(machine.public(), sort_keys=True))
@@ -230,7 +225,7 @@ def machines(rules: str | None, state: str | None, unknown: bool, once_rows: boo
         facts = machine.facts
         answer = f"{machine.last_rule} ({machine.last_action})"
         once = " ".join(f"{row.rule}/{row.label}:{row.state}" for row in machine.once) or "-"
-        click.echo(f"{'?' if machine.unknown else ' '} {seen.utc(machine.last_seen):<20} {machine.machine:<44} "
+        click.echo(f"{'?' if machine.unknown else ' '} {utc(machine.last_seen):<20} {machine.machine:<44} "
                    f"{_cell(facts.get('serial'), 16)} {_cell(facts.get('product'), 20)} {_cell(answer, 28)} {once}")
 
 
@@ -241,27 +236,19 @@ def _cell(value: str | None, width: int) -> str:
 
 
 def _list_once_rows(rows: list, as_json: bool) -> None:
-    import json
-    import time as clock
-
-    def when(seconds: float | None) -> str:
-        return clock.strftime("%Y-%m-%dT%H:%M:%SZ", clock.gmtime(seconds)) if seconds else "-"
-
     if as_json:
         for row in rows:  # the token is a credential: never listed
-            click.echo(json.dumps({"machine": row.machine, "rule": row.rule, "label": row.label, "state": row.state,
-                                   "issued_at": when(row.issued_at), "expires_at": when(row.expires_at),
-                                   "done_at": when(row.done_at) if row.done_at else None, "done_from": row.done_from}))
+            click.echo(json.dumps(row.public()))
         return
     click.echo(f"{'machine':<46} {'rule':<24} {'label':<20} {'state':<6} {'when':<20} from")
     for row in rows:
-        moment = when(row.done_at) if row.state == "done" else when(row.issued_at)
-        click.echo(f"{row.machine:<46} {row.rule:<24} {row.label:<20} {row.state:<6} {moment:<20} "
+        moment = utc(row.done_at) if row.state == "done" else utc(row.issued_at)
+        click.echo(f"{row.machine:<46} {row.rule:<24} {row.label:<20} {row.state:<6} {moment or '-':<20} "
                    f"{row.done_from or '-'}")
 
 
 @cli.command()
-@state_options
+@settings_options("rules", "state")
 @click.option("--mac", help="The machine's MAC.")
 @click.option("--uuid", help="The machine's SMBIOS UUID.")
 @click.option("--rule", "rule", help="Only this rule (default: every rule).")
@@ -273,10 +260,7 @@ def rearm(rules: str | None, state: str | None, mac: str | None, uuid: str | Non
 
         python app.py rearm --mac 52:54:00:12:34:56 --rule install-debian
     """
-    import logging
-
     from .logs import configure_logging
-    from .state.store import StateError
 
     if not mac and not uuid:
         raise click.UsageError("give --mac or --uuid (or both)")
@@ -285,13 +269,15 @@ def rearm(rules: str | None, state: str | None, mac: str | None, uuid: str | Non
             [f"uuid:{values.normalize_uuid(uuid)}"] if uuid else [])
     except ValueError as error:
         raise click.ClickException(str(error)) from None
-    store = _state_store(rules, state)
-    if store is None:
+    stores = _stores(rules, state)
+    if stores is None:
         return
     try:
-        rearmed = store.rearm(names, rule)
+        rearmed = stores.once.rearm(names, rule)
     except StateError as error:
         raise click.ClickException(f"cannot write the state store: {error}") from None
+    finally:
+        stores.close()
     configure_logging()
     logging.getLogger("bootrules").info("once: rearm machine=%s rule=%s: %d row(s) re-armed", " ".join(names),
                                         rule or "(every rule)", rearmed)

@@ -1,4 +1,5 @@
-"""Text that changes once a second (log time stamps, the HTTP Date header), made once a second.
+"""Time as text: `utc()` for every time shown, and `PerSecond` for text that changes once a
+second (log time stamps, the HTTP Date header), made once a second.
 
 Formatting a time costs more than answering a machine; in a boot storm thousands of lines
 and responses share each second.
@@ -26,3 +27,9 @@ class PerSecond:
             self._text = self._make(second)
             self._second = second
         return self._text
+
+
+def utc(seconds: float | None) -> str | None:
+    """A moment as `2026-12-06T12:00:00Z` (None for none): how every page, log line and
+    listing writes times."""
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(seconds)) if seconds else None

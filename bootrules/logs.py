@@ -20,6 +20,7 @@ import io
 import json
 import logging
 import os
+import re
 import sys
 import threading
 import time
@@ -35,6 +36,16 @@ DECISION_MESSAGE = "client=%s mac=%s rule=%s action=%s"
 DECISION_FIELDS = ("client", "mac", "rule", "action")
 
 log = logging.getLogger(LOGGER_NAME)
+_PLAIN_WORD = re.compile(r"[A-Za-z0-9._:/@+,-]+")
+
+
+def escaped(value: str) -> str:
+    """An untrusted value for a `key=value` log line: as it is if it is one plain word, else
+    double-quoted with every quote, backslash, control and non-ASCII character escaped, so
+    that no log parser reads a key of its own in it (`rule=FORGED` stays inside the quotes)."""
+    if _PLAIN_WORD.fullmatch(value):
+        return value
+    return json.dumps(value, ensure_ascii=True)
 
 
 class SecondCachingFormatter(logging.Formatter):

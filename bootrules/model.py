@@ -207,3 +207,26 @@ class RuleSet:
 
     def __len__(self) -> int:
         return len(self.rules)
+
+
+# --------------------------------------------------------------------------- machines
+
+
+def machine_names(facts: Facts) -> tuple[str, ...]:
+    """The names a machine is known by, first the one its state hangs on: its SMBIOS UUID
+    (`uuid:…`, when it sent a real one: the same whichever NIC boots), then the MAC of the
+    NIC it booted from (`mac:…`)."""
+    names = []
+    if facts.get("uuid"):
+        names.append(f"uuid:{facts['uuid']}")
+    if facts.get("mac"):
+        names.append(f"mac:{facts['mac']}")
+    return tuple(names)
+
+
+def machine_key(facts: Facts, client: str) -> str:
+    """The one name a machine seen is listed under: its first name, else the address it asked from."""
+    if facts.get("uuid"):
+        return "uuid:" + facts["uuid"]
+    mac = facts.get("mac")
+    return "mac:" + mac if mac else "ip:" + client

@@ -14,7 +14,11 @@ import urllib.parse
 from dataclasses import dataclass, fields
 from typing import Any, Callable, Iterable, Mapping
 
-Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+from .errors import SettingsError
+from .values import MAX_DURATION, Network, parse_duration, unmapped_network
+
+__all__ = ["SETTINGS", "Settings", "SettingsError", "MAX_DURATION", "Network", "parse_duration"]
+
 
 LOG_FORMATS = ("text", "json")
 SERVERS = ("waitress", "granian")
@@ -23,14 +27,6 @@ HOST_PATTERN = re.compile(
     r"(?:[A-Za-z0-9](?:[A-Za-z0-9-]{0,62})(?:\.[A-Za-z0-9-]{1,63})*\.?|\[[0-9A-Fa-f:.]+\])(?::[0-9]{1,5})?"
 )
 PREFIX_PATTERN = re.compile(r"(?:/[A-Za-z0-9._~-]+)*")
-
-
-class SettingsError(Exception):
-    """One or more settings are wrong; `problems` has one line for each."""
-
-    def __init__(self, problems: list[str]) -> None:
-        super().__init__("\n".join(problems))
-        self.problems = tuple(problems)
 
 
 # --------------------------------------------------------------------------- parsers
@@ -70,22 +66,6 @@ def choice(options: tuple[str, ...]) -> Callable[[str], str]:
         return text
 
     return parse
-
-
-_DURATION = re.compile(r"([0-9]{1,6})\s*([smhd])")
-_UNIT_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
-MAX_DURATION = 366 * 86400
-
-
-def parse_duration(text: str) -> int:
-    """Seconds in a duration written like `90m`, `24h` or `7d` (1 minute to a year)."""
-    found = _DURATION.fullmatch(text.strip().lower())
-    if not found:
-        raise ValueError(f"{text!r} is not a duration (a number and s, m, h or d: 90m, 24h, 7d)")
-    seconds = int(found.group(1)) * _UNIT_SECONDS[found.group(2)]
-    if not 60 <= seconds <= MAX_DURATION:
-        raise ValueError(f"{text!r} is out of range (1 minute to 366 days)")
-    return seconds
 
 
 def parse_state(text: str) -> str | None:
@@ -140,13 +120,6 @@ def parse_networks(text: str) -> tuple[Network, ...]:
             raise ValueError(f"{item!r} is not an address or CIDR range") from None
         networks.append(unmapped_network(network))
     return tuple(networks)
-
-
-def unmapped_network(network: Network) -> Network:
-    """An IPv4-mapped IPv6 range (::ffff:10.0.0.0/104) as the IPv4 range it stands for."""
-    if network.version == 6 and network.prefixlen >= 96 and network.network_address.ipv4_mapped is not None:
-        return ipaddress.ip_network(f"{network.network_address.ipv4_mapped}/{network.prefixlen - 96}")
-    return network
 
 
 # --------------------------------------------------------------------------- the list

@@ -14,6 +14,10 @@ import re
 import urllib.parse
 from typing import Mapping, Sequence
 
+from .errors import FactsError
+
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+
 # Selector keys, grouped by how their values are compared.
 MAC_KEYS = ("mac",)
 UUID_KEYS = ("uuid",)
@@ -217,10 +221,6 @@ def parse_query(query: str) -> dict[str, list[str]]:
     return params
 
 
-class FactsError(ValueError):
-    """A request's values cannot be what they claim; the message is one line for the user."""
-
-
 def facts_from_query(params: Mapping[str, Sequence[str]]) -> tuple[dict[str, str], list[str]]:
     """Turn a decision request's query into normalised facts, and list the keys it ignored.
 
@@ -262,3 +262,26 @@ def facts_from_query(params: Mapping[str, Sequence[str]]) -> tuple[dict[str, str
             raise FactsError(f"{key} and {key}_hex disagree; send one")
         facts[key] = value
     return facts, ignored
+
+
+_DURATION = re.compile(r"([0-9]{1,6})\s*([smhd])")
+_UNIT_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+MAX_DURATION = 366 * 86400
+
+
+def parse_duration(text: str) -> int:
+    """Seconds in a duration written like `90m`, `24h` or `7d` (1 minute to a year)."""
+    found = _DURATION.fullmatch(text.strip().lower())
+    if not found:
+        raise ValueError(f"{text!r} is not a duration (a number and s, m, h or d: 90m, 24h, 7d)")
+    seconds = int(found.group(1)) * _UNIT_SECONDS[found.group(2)]
+    if not 60 <= seconds <= MAX_DURATION:
+        raise ValueError(f"{text!r} is out of range (1 minute to 366 days)")
+    return seconds
+
+
+def unmapped_network(network: Network) -> Network:
+    """An IPv4-mapped IPv6 range (::ffff:10.0.0.0/104) as the IPv4 range it stands for."""
+    if network.version == 6 and network.prefixlen >= 96 and network.network_address.ipv4_mapped is not None:
+        return ipaddress.ip_network(f"{network.network_address.ipv4_mapped}/{network.prefixlen - 96}")
+    return network

@@ -2,99 +2,26 @@
 
 from __future__ import annotations
 
-import glob
 import os
-import re
 import shutil
 import signal
-import socket
 import subprocess
 import tempfile
 import textwrap
-import time
 from pathlib import Path
 from typing import Callable
 
 import pytest
 
 from app import cli, create_app
-
-ROOT = Path(__file__).resolve().parent.parent
-
-IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
-
-
-def require_tool(name: str, why: str = "") -> str:
-    """Return the path of a system tool; skip without it on a laptop, fail without it in CI."""
-    path = shutil.which(name) or (name if os.path.exists(name) else None)
-    if path:
-        return path
-    message = f"{name} is not installed{': ' + why if why else ''} (the README's test set-up installs it)"
-    if IN_CI:
-        pytest.fail(message)
-    pytest.skip(message)
-
-
-SERVERS = ("waitress", "granian")
-
-
-def require_server(name: str) -> None:
-    """Skip (laptop) or fail (CI) a test of `--server granian` where granian cannot serve."""
-    if name == "waitress":
-        return
-    from bootrules.serve.granian_worker import missing
-
-    reason = missing()
-    if reason is None:
-        return
-    if IN_CI:
-        pytest.fail(reason)
-    pytest.skip(reason)
-
+from bootrules.services import services
+from support import SAMPLE_RULES, SERVERS, free_port, pg_tool, require_root, require_server
 
 @pytest.fixture(params=SERVERS)
 def http_server(request) -> tuple[str, ...]:
     """`serve`'s arguments for each HTTP server: waitress (the default) and granian (the extra)."""
     require_server(request.param)
     return ("--server", request.param)
-
-
-def require_root(why: str) -> None:
-    """Skip (laptop) or fail (CI) unless running as root, which namespaces and daemons need."""
-    if os.geteuid() == 0:
-        return
-    message = f"needs root: {why} (run tests/run as root)"
-    if IN_CI:
-        pytest.fail(message)
-    pytest.skip(message)
-
-
-def contrib(name: str, **values: str) -> str:
-    """Return contrib/<name> with its @PLACEHOLDERS@ replaced, and nothing else changed."""
-    text = (ROOT / "contrib" / name).read_text()
-    for key, value in values.items():
-        assert f"@{key}@" in text, f"contrib/{name} has no @{key}@"
-        text = text.replace(f"@{key}@", value)
-    left = set(re.findall(r"@[A-Z_]+@", text))
-    assert not left, f"contrib/{name}: placeholders not substituted: {sorted(left)}"
-    return text
-
-
-def wait_until(condition: Callable[[], object], timeout: float, interval: float = 0.05) -> object:
-    """Poll `condition` until it returns something true or `timeout` seconds pass; return its last value."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = condition()
-        if value or time.monotonic() > deadline:
-            return value
-        time.sleep(interval)
-
-
-def free_port() -> int:
-    """Return a TCP port on 127.0.0.1 that nothing listens on right now."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @pytest.fixture
@@ -109,19 +36,6 @@ def write_rules(tmp_path: Path) -> Callable[[str], Path]:
     return write
 
 
-SAMPLE_RULES = """
-rules:
-  - name: lab-rescue
-    match: {mac: "00:12:34:56:78:90"}
-    chain: http://pxe.example.com/pxelinux.0
-  - name: vmware-guests
-    match: {mac: "00:0c:29:*"}
-    chain: http://boot.example.com/vmware.ipxe
-  - name: everyone-else
-    exit: true
-"""
-
-
 @pytest.fixture
 def rules_path(write_rules: Callable[[str], Path]) -> Path:
     return write_rules(SAMPLE_RULES)
@@ -133,7 +47,7 @@ def app(rules_path: Path):
     app = create_app(str(rules_path), poll_interval=0)
     app.config["TESTING"] = True
     yield app
-    app.extensions["bootrules"].stop()
+    services(app).stop()
 
 
 @pytest.fixture
@@ -156,22 +70,26 @@ def cli_app():
 # --------------------------------------------------------------------------- PostgreSQL
 
 
-def pg_tool(name: str) -> str:
-    found = sorted(glob.glob(f"/usr/lib/postgresql/*/bin/{name}"))
-    return found[-1] if found else require_tool(name, "from Debian's postgresql package")
+class PostgresServer(str):
+    """The server's URL (without a database), and where its data directory is."""
 
+    def __new__(cls, url: str, data: Path) -> "PostgresServer":
+        made = super().__new__(cls, url)
+        made.data = data
+        return made
 
-def new_database(postgres: str) -> str:
-    """The URL of a database of its own in the session's PostgreSQL: tests share the server,
-    never each other's rows."""
-    import uuid
-
-    import psycopg
-
-    name = f"test_{uuid.uuid4().hex[:12]}"
-    with psycopg.connect(f"{postgres}/postgres", autocommit=True) as db:
-        db.execute(f"CREATE DATABASE {name}")
-    return f"{postgres}/{name}"
+    def processes(self) -> list[int]:
+        """The postmaster and every process it started (to freeze them with SIGSTOP)."""
+        postmaster = int((self.data / "postmaster.pid").read_text().split()[0])
+        children = []
+        for stat in Path("/proc").glob("[0-9]*/stat"):
+            try:
+                fields = stat.read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if int(fields[1]) == postmaster:
+                children.append(int(stat.parent.name))
+        return [postmaster, *children]
 
 
 @pytest.fixture(scope="session")
@@ -198,7 +116,7 @@ def postgres():
         with psycopg.connect(f"postgresql://postgres@127.0.0.1:{port}/postgres", autocommit=True) as db:
             db.execute("CREATE DATABASE readonly")
             db.execute("ALTER DATABASE readonly SET default_transaction_read_only = on")
-        yield f"postgresql://postgres@127.0.0.1:{port}"
+        yield PostgresServer(f"postgresql://postgres@127.0.0.1:{port}", data)
     finally:
         stopped = subprocess.run([*as_postgres, pg_ctl, "-D", str(data), "-m", "fast", "-w", "stop"],
                                  capture_output=True)

@@ -1,18 +1,115 @@
-"""Helpers for tests that run real processes: a bootrules server on a real port."""
+"""Helpers every test may use: tools and root, ports and waiting, a bootrules server on a real
+port, PostgreSQL databases, and the `once:` rules many tests share. Fixtures are in conftest.py."""
 
 from __future__ import annotations
 
+import glob
 import os
+import re
+import shutil
 import signal
+import socket
+import sqlite3
 import subprocess
 import sys
+import textwrap
 import time
 import urllib.error
 import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
+
+import pytest
+
+from bootrules.services import services
 
 ROOT = Path(__file__).resolve().parent.parent
+
+IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
+
+
+def require_tool(name: str, why: str = "") -> str:
+    """Return the path of a system tool; skip without it on a laptop, fail without it in CI."""
+    path = shutil.which(name) or (name if os.path.exists(name) else None)
+    if path:
+        return path
+    message = f"{name} is not installed{': ' + why if why else ''} (the README's test set-up installs it)"
+    if IN_CI:
+        pytest.fail(message)
+    pytest.skip(message)
+
+
+SERVERS = ("waitress", "granian")
+
+
+def require_server(name: str) -> None:
+    """Skip (laptop) or fail (CI) a test of `--server granian` where granian cannot serve."""
+    if name == "waitress":
+        return
+    from bootrules.serve.granian_worker import missing
+
+    reason = missing()
+    if reason is None:
+        return
+    if IN_CI:
+        pytest.fail(reason)
+    pytest.skip(reason)
+
+
+
+def require_root(why: str) -> None:
+    """Skip (laptop) or fail (CI) unless running as root, which namespaces and daemons need."""
+    if os.geteuid() == 0:
+        return
+    message = f"needs root: {why} (run tests/run as root)"
+    if IN_CI:
+        pytest.fail(message)
+    pytest.skip(message)
+
+
+def contrib(name: str, **values: str) -> str:
+    """Return contrib/<name> with its @PLACEHOLDERS@ replaced, and nothing else changed."""
+    text = (ROOT / "contrib" / name).read_text()
+    for key, value in values.items():
+        assert f"@{key}@" in text, f"contrib/{name} has no @{key}@"
+        text = text.replace(f"@{key}@", value)
+    left = set(re.findall(r"@[A-Z_]+@", text))
+    assert not left, f"contrib/{name}: placeholders not substituted: {sorted(left)}"
+    return text
+
+
+def wait_until(condition: Callable[[], object], timeout: float, interval: float = 0.05) -> object:
+    """Poll `condition` until it returns something true or `timeout` seconds pass; return its last value."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = condition()
+        if value or time.monotonic() > deadline:
+            return value
+        time.sleep(interval)
+
+
+def free_port() -> int:
+    """Return a TCP port on 127.0.0.1 that nothing listens on right now."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+SAMPLE_RULES = """
+rules:
+  - name: lab-rescue
+    match: {mac: "00:12:34:56:78:90"}
+    chain: http://pxe.example.com/pxelinux.0
+  - name: vmware-guests
+    match: {mac: "00:0c:29:*"}
+    chain: http://boot.example.com/vmware.ipxe
+  - name: everyone-else
+    exit: true
+"""
+
+
+
 
 
 class Headers(dict):
@@ -126,3 +223,85 @@ class BootrulesServer:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+# --------------------------------------------------------------------------- PostgreSQL
+
+
+def pg_tool(name: str) -> str:
+    found = sorted(glob.glob(f"/usr/lib/postgresql/*/bin/{name}"))
+    return found[-1] if found else require_tool(name, "from Debian's postgresql package")
+
+
+def new_database(postgres: str) -> str:
+    """The URL of a database of its own in the session's PostgreSQL: tests share the server,
+    never each other's rows."""
+    import uuid
+
+    import psycopg
+
+    name = f"test_{uuid.uuid4().hex[:12]}"
+    with psycopg.connect(f"{postgres}/postgres", autocommit=True) as db:
+        db.execute(f"CREATE DATABASE {name}")
+    return f"{postgres}/{name}"
+
+
+# --------------------------------------------------------------------------- once:
+
+
+MAC_A, MAC_B, MAC_C = "52:54:00:12:34:56", "52:54:00:12:34:57", "52:54:00:99:99:99"
+UUID = "4c4c4544-0042-3510-8052-b4c04f4d4e31"
+ONCE_RULES = """
+rules:
+  - name: install-debian
+    match: {mac: ["52:54:00:12:34:56", "52:54:00:12:34:57", "52:54:00:99:99:99"]}
+    once: LABEL
+    boot:
+      kernel: http://mirror.example.com/debian/linux
+      args: auto=true bootrules.done=${bootrules-done}
+  - name: local-disk
+    exit: true
+"""
+DONE_LINE = re.compile(r"^set bootrules-done (http://[^/]+)/done/([A-Za-z0-9_-]+)$", re.M)
+
+
+def write_once_rules(path: Path, label: str = "true") -> Path:
+    path.write_text(textwrap.dedent(ONCE_RULES).lstrip().replace("LABEL", label))
+    return path
+
+
+def ask(client, mac: str = MAC_A, uuid: str | None = None):
+    query = f"/ipxe?mac={mac}" + (f"&uuid={uuid}" if uuid else "")
+    response = client.get(query)
+    assert response.status_code == 200
+    found = DONE_LINE.search(response.get_data(as_text=True))
+    return response.headers["X-Bootrules-Rule"], (found.group(2) if found else None)
+
+
+def rows(state: Path) -> list[tuple]:
+    with sqlite3.connect(state) as db:
+        return db.execute("SELECT machine, rule, label, state FROM bootrules_once ORDER BY machine").fetchall()
+
+
+def lose_unwritten_rows(app) -> None:
+    """What a worker killed before its batch was written loses."""
+    services(app).once.arms._pending.clear()
+
+
+# --------------------------------------------------------------------------- stores
+
+
+def once_store(location) -> "OnceStore":
+    """The `once:` store at a SQLite path or a postgresql:// URL, as the command line opens it."""
+    from bootrules.state import OnceStore
+    from bootrules.state.database import open_database
+
+    return OnceStore(open_database(str(location), patient=True))
+
+
+def machine_store(location) -> "MachineStore":
+    """The machines-seen store at a SQLite path or a postgresql:// URL."""
+    from bootrules.state import MachineStore
+    from bootrules.state.database import open_database
+
+    return MachineStore(open_database(str(location), patient=True))

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from app import cli
-from conftest import ROOT
+from support import ROOT
 
 
 def test_check_accepts_a_valid_file(runner, rules_path):
@@ -88,7 +88,7 @@ def test_the_bootrules_command_is_installed_with_the_project(tmp_path):
     import sys
     from pathlib import Path
 
-    from conftest import require_tool
+    from support import require_tool
 
     command = shutil.which("bootrules", path=str(Path(sys.executable).parent)) or require_tool(
         "bootrules", "pip install . installs it")

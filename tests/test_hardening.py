@@ -31,8 +31,8 @@ from bootrules.rules.loader import RulesError, parse_rules
 from bootrules.rules.yaml_events import MAX_DEPTH
 from bootrules.decide.render import render_no_match, render_rule
 from bootrules.decide.reloader import Reloader
-from conftest import IN_CI, ROOT, SAMPLE_RULES, free_port, require_tool
-from support import BootrulesServer, http_get
+from bootrules.services import services
+from support import IN_CI, ROOT, SAMPLE_RULES, BootrulesServer, free_port, http_get, require_tool
 
 EXAMPLES = {"requests": 3000 if IN_CI else 400, "documents": 1500 if IN_CI else 200}
 
@@ -70,7 +70,7 @@ def hostile_app(tmp_path_factory):
     path = tmp_path_factory.mktemp("hostile") / "rules.yaml"
     path.write_text(SAMPLE_RULES + SECRET_RULES.replace("rules:\n", "").replace("name: rest", "name: rest2"))
     app = create_app(str(path), poll_interval=0)
-    ruleset = app.extensions["bootrules"].snapshot.ruleset
+    ruleset = services(app).reloader.snapshot.ruleset
     scripts = {render_rule(rule) for rule in ruleset.rules} | {render_no_match()}
     return app, scripts
 

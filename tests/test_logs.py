@@ -9,8 +9,7 @@ import logging
 import pytest
 
 from bootrules.logs import DECISION_MESSAGE, BatchingHandler, JsonFormatter, SecondCachingFormatter
-from conftest import free_port
-from support import BootrulesServer, http_get
+from support import BootrulesServer, free_port, http_get
 
 
 

@@ -7,8 +7,8 @@ import time
 
 import pytest
 
-from conftest import SAMPLE_RULES, free_port
-from support import BootrulesServer, http_get
+from support import SAMPLE_RULES, BootrulesServer, free_port, http_get
+from bootrules.services import services
 
 
 
@@ -29,9 +29,9 @@ def test_metrics_count_decisions_bad_requests_and_reloads(client, app, rules_pat
     client.get("/ipxe?mac=00:0c:29:00:00:01")
     client.get("/ipxe?mac=nonsense")
     rules_path.write_text(SAMPLE_RULES.replace("lab-rescue", "lab-rescue-2"))
-    app.extensions["bootrules"].reload()
+    services(app).reloader.reload()
     rules_path.write_text("rules: [")
-    app.extensions["bootrules"].reload()
+    services(app).reloader.reload()
     response = client.get("/metrics")
     assert response.status_code == 200 and response.content_type.startswith("text/plain; version=")
     text = response.text

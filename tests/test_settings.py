@@ -13,8 +13,7 @@ import pytest
 
 from app import cli
 from bootrules.settings import SETTINGS, Settings, SettingsError
-from conftest import ROOT, free_port
-from support import http_get
+from support import ROOT, free_port, http_get
 
 
 

@@ -10,7 +10,7 @@ import yaml
 
 from .. import values
 from ..model import Exact, Glob, Network, Pattern, Selector
-from ..settings import unmapped_network
+from ..values import unmapped_network
 from .yaml_events import YAML_NULL
 from .yaml_nodes import NodeReader, suggest
 

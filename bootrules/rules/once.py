@@ -7,7 +7,7 @@ import re
 import yaml
 
 from ..model import Once
-from ..settings import parse_duration
+from ..values import parse_duration
 from .yaml_nodes import NodeReader, parse_flag
 
 ONCE_KEYS = ("label", "expires")

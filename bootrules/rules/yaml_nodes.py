@@ -12,21 +12,16 @@ from typing import Callable, Iterator
 
 import yaml
 
+from ..errors import RulesError
 from .yaml_events import YAML_NULL
+
+__all__ = ["NodeReader", "RulesError", "line_of", "parse_flag", "suggest"]
 
 # Aliases let a small file describe a huge tree ("billion laughs"); walking stops here.
 MAX_NODES_VISITED = 5_000_000
 
 _TRUE = frozenset({"true", "yes", "on"})
 _FALSE = frozenset({"false", "no", "off"})
-
-
-class RulesError(Exception):
-    """The rules file cannot be used; `problems` lists every reason as `file:line: …`."""
-
-    def __init__(self, problems: list[str]) -> None:
-        super().__init__("\n".join(problems))
-        self.problems = tuple(problems)
 
 
 def parse_flag(text: str) -> bool | None:

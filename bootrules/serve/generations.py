@@ -33,11 +33,10 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 from ..wakeup import Wakeup
+from .forking import RESTART_DELAY, exited_children, fork, send_signal
 
 log = logging.getLogger("bootrules")
 
-RESTART_DELAY = 1.0  # before a new leader replaces one that died
-FORK_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1, signal.SIGHUP, signal.SIGCHLD)
 _PR_SET_CHILD_SUBREAPER = 36
 
 
@@ -166,17 +165,15 @@ class Generations:
     def _fork_leader(self) -> Leader:
         self.generation += 1
         read_end, write_end = os.pipe()
-        blocked = signal.pthread_sigmask(signal.SIG_BLOCK, FORK_SIGNALS)
-        try:
-            pid = os.fork()
-            if pid == 0:  # the leader: its own handlers are set before signals are unblocked
-                os.close(read_end)
-                for other in self.leaders.values():
-                    os.close(other.pipe)
-                self.lead(self.generation, write_end, blocked)
-                os._exit(1)  # lead never returns
-        finally:
-            signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
+        generation, others = self.generation, [other.pipe for other in self.leaders.values()]
+
+        def leader_body(mask: set) -> None:  # its own handlers are set before signals are unblocked
+            os.close(read_end)
+            for pipe in others:
+                os.close(pipe)
+            self.lead(generation, write_end, mask)
+
+        pid = fork(leader_body)
         os.close(write_end)
         os.set_blocking(read_end, False)
         leader = Leader(pid=pid, generation=self.generation, pipe=read_end)
@@ -232,13 +229,7 @@ class Generations:
                 self.retry()
 
     def _reap(self) -> None:
-        while True:
-            try:
-                pid, wait_status = os.waitpid(-1, os.WNOHANG)
-            except ChildProcessError:
-                return
-            if pid == 0:
-                return
+        for pid, wait_status in exited_children():
             self.exited(pid)
             self.orphans.discard(pid)
             leader = self.leaders.pop(pid, None)
@@ -290,12 +281,4 @@ def _become_subreaper() -> None:
 
         ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
     except (OSError, AttributeError):  # not Linux: a dead leader's workers go to init
-        pass
-
-
-def send_signal(pid: int, signum: int) -> None:
-    """Signal `pid`; one that has exited meanwhile needs nothing more."""
-    try:
-        os.kill(pid, signum)
-    except ProcessLookupError:
         pass

@@ -1,17 +1,23 @@
 """`once:` rules: answer a machine until it reports done, then let it fall through.
 
 Which machine: a machine is known by its SMBIOS UUID when it sends a real one, and by the
-MAC of the NIC it boots from. The UUID comes first because it is the same whichever NIC
-boots: a machine with two NICs that installed through one must not reinstall through the
-other. The MAC is kept beside it, so a done machine stays done if its firmware later
-boots without reporting a UUID. A board that shares a bogus UUID with others (it happens
-on cheap boards) would make its twins count as done too: they fall through to the disk,
-never reinstall, and `rearm --mac` fixes them.
+MAC of the NIC it boots from (bootrules.model.machine_names). The UUID comes first because
+it is the same whichever NIC boots: a machine with two NICs that installed through one
+must not reinstall through the other. The MAC is kept beside it, so a done machine stays
+done if its firmware later boots without reporting a UUID. A board that shares a bogus
+UUID with others (it happens on cheap boards) would make its twins count as done too:
+they fall through to the disk, never reinstall, and `rearm --mac` fixes them.
 
-Failing safe: when the state cannot be read, or a new machine's row cannot be written when
-it must be (bootrules.arming says when), a `once:` rule does not match (the machine falls
-through as if done). A machine that may be installed is never reinstalled because a
-database was down; one that should install waits for the store to come back.
+Failing safe: when the state cannot be read, gives no answer within its deadline, was
+replaced, or a new machine's row cannot be written when it must be (bootrules.state.arming
+says when), a `once:` rule does not match (the machine falls through as if done). A
+machine that may be installed is never reinstalled because a database was down; one that
+should install waits for the store to come back.
+
+The callback: a signed token says which machine it was issued to, and its tag, checked
+against the `once:` rules in force, which rule and label; all of that before the store is
+touched, so a made-up token costs a few HMACs and no I/O. Its row is then found by its
+primary key.
 """
 
 from __future__ import annotations
@@ -23,29 +29,25 @@ import time
 from dataclasses import dataclass
 from typing import Callable, Iterable
 
-from . import tokens
-from .arming import ArmWriter
+from ..clock import utc
+from ..errors import StateError
 from ..logs import log_fields
-from ..model import Facts, Rule
-from .store import OnceRow, StateError, Store, open_store
+from ..model import Facts, Rule, machine_names
+from ..settings import Settings
+from . import open_stores, tokens
+from .arming import ArmWriter
+from .health import HealthBoard
+from .once_store import OnceRow, OnceStore
 
 log = logging.getLogger("bootrules")
 
 DONE_PATH = "/done/"
-TOKEN = re.compile(r"[A-Za-z0-9_-]{32,128}")  # 32: a random token of bootrules before signed ones
+DONE = "done"  # token_for's answer for a machine that has reported done (never a token: too short)
+TOKEN = re.compile(r"[A-Za-z0-9_-]{32,128}")
+UNSIGNED_LENGTH = 32  # a random token of bootrules before signed ones
 SHOWN_CHARS = 6  # of a token, in logs: enough to correlate, far too few to use
 WARN_EVERY = 10.0  # seconds between two warnings that the store fails
 ARMED_FIELDS = ("machine", "rule", "label", "token", "client", "expires")
-
-
-def identities(facts: Facts) -> tuple[str, ...]:
-    """The names a machine's state hangs on: its UUID (if real), then its MAC."""
-    names = []
-    if facts.get("uuid"):
-        names.append(f"uuid:{facts['uuid']}")
-    if facts.get("mac"):
-        names.append(f"mac:{facts['mac']}")
-    return tuple(names)
 
 
 def shown(token: str | None) -> str:
@@ -65,41 +67,48 @@ class OnceGate:
     """Decides, per machine, whether a `once:` rule still answers it; takes the callbacks.
 
     The store is opened in the process that first needs it (forked workers each open their
-    own connection); rules without `once:` never come here.
+    own connection); rules without `once:` never come here. `rules_in_force()` gives the
+    rules being served (a callback's token is checked against their `once:` names).
     """
 
-    def __init__(self, location: str, default_lifetime: int, metrics: object | None = None,
+    def __init__(self, settings: Settings, board: HealthBoard, metrics: object | None = None,
+                 rules_in_force: Callable[[], Iterable[Rule]] = tuple,
                  clock: Callable[[], float] = time.time) -> None:
-        self.location = location
-        self.default_lifetime = default_lifetime
+        self.settings = settings
+        self.default_lifetime = settings.once_expires
+        self.board = board
         self.metrics = metrics
+        self.rules_in_force = rules_in_force
         self.clock = clock
-        self._store: Store | None = None
+        self._store: OnceStore | None = None
         self._lock = threading.Lock()
-        self.last_error: str | None = None
-        self.last_error_at: float | None = None
         self._warned_at = 0.0
         self._suppressed = 0
-        self.arms = ArmWriter(location, self._failed, self._rows_written)
+        self.arms = ArmWriter(lambda: open_stores(settings, "background", board.expected_id("state")).once,
+                              self._failed, lambda: self._count("once_row_writes"), self._in_force)
 
-    @property
-    def kind(self) -> str:
-        return "postgresql" if self.location.startswith(("postgresql://", "postgres://")) else "sqlite"
-
-    def store(self) -> Store:
+    def store(self) -> OnceStore:
         with self._lock:
             if self._store is None:
-                self._store = open_store(self.location)
+                self._store = open_stores(self.settings, "request", self.board.expected_id("state")).once
             return self._store
+
+    def _in_force(self) -> set[tuple[str, str]]:
+        return {(rule.name, rule.once.label) for rule in self.rules_in_force() if rule.once is not None}
 
     # ------------------------------------------------------------ the boot path
 
     def token_for(self, rule: Rule, facts: Facts, client: str) -> str | None:
-        """The live token if `rule` still answers this machine; None if it falls through."""
+        """The live token if `rule` still answers this machine; DONE if it reported done; None
+        if it falls through for another reason (the store cannot be used)."""
         assert rule.once is not None
-        names = identities(facts)
+        names = machine_names(facts)
         if not names:
             self._skip(rule, "-", "the machine sent neither a MAC nor a UUID, so its state cannot be kept")
+            return None
+        blocked = self.board.blocked("state")
+        if blocked:
+            self._skip(rule, names[0], f"state store unavailable ({blocked}); not risking a reinstall")
             return None
         label, now = rule.once.label, self.clock()
         try:
@@ -118,18 +127,17 @@ class OnceGate:
                     self.arms.written()
                     self._count("once_row_writes")
         except StateError as error:
-            self._failed(str(error))
+            self._failed(error)
             self._skip(rule, names[0], f"state store unavailable ({error}); not risking a reinstall")
             return None
-        self.last_error = None
         if done:
-            return None
+            return DONE
         if row is None or row.token is None:  # re-armed between its write and its read
             self._skip(rule, names[0], "its state changed while it was being read; it is answered at its next boot")
             return None
         if issued:
             log_fields("once: armed machine=%s rule=%s label=%s token=%s client=%s expires=%s",
-                       (names[0], rule.name, rule.once.label, shown(row.token), client, _utc(row.expires_at)),
+                       (names[0], rule.name, rule.once.label, shown(row.token), client, utc(row.expires_at)),
                        ARMED_FIELDS)
             self._count("once_tokens_issued")
         return row.token
@@ -143,14 +151,9 @@ class OnceGate:
         self._warned_at, self._suppressed = now, 0
         log.warning("once: rule %s skipped for machine=%s: %s%s", rule.name, machine, reason, more)
 
-    def _failed(self, reason: str) -> None:
-        self.last_error = reason
-        self.last_error_at = self.clock()
+    def _failed(self, error: StateError | str) -> None:
+        self.board.failed("state", error)
         self._count("state_errors")
-
-    def _rows_written(self) -> None:
-        self.last_error = None
-        self._count("once_row_writes")
 
     def close(self) -> None:
         """Write the armed rows not written yet (a stopping worker), and close the store."""
@@ -164,34 +167,39 @@ class OnceGate:
 
     # ------------------------------------------------------------ the callback
 
-    def redeem(self, token: str, peer: str, rules: Iterable[Rule] = ()) -> Callback:
-        """POST /done/<token>: disarm the machine the token was issued to.
-
-        `rules`: those in force; a token whose row is not written is checked against their
-        `once:` names and labels.
-        """
+    def redeem(self, token: str, peer: str) -> Callback:
+        """POST /done/<token>: disarm the machine the token was issued to."""
         if not TOKEN.fullmatch(token):
             return Callback("404 Not Found", "malformed token")
+        claims = tokens.read(token)  # None for anything but a token's one spelling
+        if claims is None and len(token) != UNSIGNED_LENGTH:
+            return self._answer(token, peer, "unknown", None)
+        blocked = self.board.blocked("state")
+        if blocked:
+            return Callback("503 Service Unavailable", "the state store is unavailable; try again")
         try:
             store = self.store()
-            key = store.token_key()
-
-            def vouch() -> OnceRow | None:
-                claims = tokens.read(token)
-                if claims is None:
-                    return None
-                for rule in rules:
-                    if rule.once is not None and tokens.signed_for(key, claims, rule.name, rule.once.label):
-                        return OnceRow(claims.identities[0], rule.name, rule.once.label, "armed", token,
-                                       claims.issued, claims.expires, None, None, claims.identities)
-                return None
-
-            outcome, row = store.redeem(token, peer, self.clock(), vouch)
+            now = self.clock()
+            if claims is None:
+                outcome, row = store.redeem_unsigned(token, peer, now)
+            else:
+                claimed = self._claimed(claims, store.token_key(), token)
+                outcome, row = ("unknown", None) if claimed is None else store.redeem(claimed, token, peer, now)
         except StateError as error:
-            self._failed(str(error))
+            self._failed(error)
             log.error("once: callback token=%s from=%s not stored: %s", shown(token), peer, error)
-            return Callback("503 Service Unavailable", f"the state store is unavailable ({error}); try again")
-        self.last_error = None
+            return Callback("503 Service Unavailable", "the state store is unavailable; try again")
+        return self._answer(token, peer, outcome, row)
+
+    def _claimed(self, claims: tokens.Claims, key: str, token: str) -> OnceRow | None:
+        """The row a token's claims stand for, if its tag is one of a `once:` rule in force."""
+        for rule in self.rules_in_force():
+            if rule.once is not None and tokens.signed_for(key, claims, rule.name, rule.once.label):
+                return OnceRow(claims.identities[0], rule.name, rule.once.label, "armed", token,
+                               claims.issued, claims.expires, None, None, claims.identities)
+        return None
+
+    def _answer(self, token: str, peer: str, outcome: str, row: OnceRow | None) -> Callback:
         if self.metrics is not None:
             self.metrics.once_callbacks.labels(outcome).inc()
         if row is None:
@@ -200,26 +208,9 @@ class OnceGate:
         what = f"machine {row.machine}, rule '{row.rule}', label {row.label}"
         if outcome == "expired":
             log.info("once: callback token=%s from=%s: expired (%s)", shown(token), peer, what)
-            return Callback("410 Gone", f"token expired at {_utc(row.expires_at)}; boot the machine again for a new one")
+            return Callback("410 Gone", f"token expired at {utc(row.expires_at)}; boot the machine again for a new one")
         if outcome == "already":
             return Callback("200 OK", f"already done: {what}")
         log.info("once: done machine=%s rule=%s label=%s token=%s from=%s", row.machine, row.rule, row.label,
                  shown(token), peer)
         return Callback("200 OK", f"done: {what}; from its next boot the rules below answer it")
-
-    # ------------------------------------------------------------ health
-
-    def health(self, probe: bool) -> dict[str, object]:
-        """The store's state for /healthz; `probe` tries it now (each worker has its own connection)."""
-        if probe:
-            try:
-                self.store().check()
-                self.last_error = None
-            except StateError as error:
-                self._failed(str(error))
-        error = self.last_error or self.arms.failing
-        return {"store": self.kind, "status": "error" if error else "ok", "error": error}
-
-
-def _utc(when: float) -> str:
-    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(when))

@@ -12,7 +12,8 @@ import ipaddress
 import logging
 from typing import Any, Callable, Iterable, Sequence
 
-from ..settings import Network
+from ..logs import escaped
+from ..values import Network
 
 log = logging.getLogger("bootrules")
 
@@ -69,8 +70,8 @@ class TrustedProxies:
         for hop in reversed(hops):
             address = plain_address(hop)
             if address is None:
-                log.warning("proxy %s sent X-Forwarded-For hop %s, which is not an IP address; "
-                            "judging the request on the proxy's address", proxy, ascii(hop[:100]))
+                log.warning("proxy=%s sent an X-Forwarded-For hop that is not an IP address, hop=%s; "
+                            "judging the request on the proxy's address", proxy, escaped(hop[:100]))
                 break
             if not self.trusted(address):
                 environ["REMOTE_ADDR"] = address

@@ -1,35 +1,33 @@
 """The status page (/ui/) and the same data as JSON (/api/): which machines asked, what each
 got, which ones no rule names yet, and the rule to paste for them.
 
-Who booted what is nobody else's business: both answer loopback and --admin-allow networks
-only, judged on the real peer address (through trusted proxies, as the `client` selector
-is). A request that a proxy bootrules does not trust forwarded is refused: who sent it
-cannot be known. Everything a machine sent is shown as text (Jinja escapes it), never in a
-link or a script, and the pages allow no script at all (Content-Security-Policy).
+Who may look is bootrules.web.access's call. Everything a machine sent is shown as text
+(Jinja escapes it, and writes out control and bidi characters), never in a link or a
+script, and the pages allow no script at all (Content-Security-Policy).
 """
 
 from __future__ import annotations
 
-import ipaddress
-import os
 import shlex
 import time
 import urllib.parse
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from flask import Blueprint, Response, current_app, jsonify, render_template, request
+from flask import Blueprint, Response, jsonify, render_template, request
 
-from ..state import machines
-from ..state.machines import Filter, Machine
+from ..clock import utc
+from ..errors import StateError
 from ..model import Exact, Glob, Rule
-from .proxies import FORWARDING_HEADERS, PROXY_KEY, plain_address
-from ..settings import Network, Settings
-from .snippet import rule_to_paste
-from ..state.store import StateError, Store, open_store
+from ..services import services
+from ..state.database import shown_location
+from ..state.machine_store import MAX_PAGE_SIZE, NO_RULE, PAGE_SIZE, Filter, Machine, Page
 from ..values import TEXT_KEYS
-from .boot import current_reloader, plain_text, request_url_root
+from .access import refusal
+from .boot import request_url_root
+from .snippet import rule_to_paste
+from .views import plain_text
 
 ui = Blueprint("ui", __name__, url_prefix="/ui", static_folder="static", static_url_path="/static",
                template_folder="templates")
@@ -50,31 +48,16 @@ SECURITY_HEADERS = {
 # --------------------------------------------------------------------------- who may look
 
 
-# This host's own loopback address: where a browser or curl on the server itself comes from.
-# (Not all of 127.0.0.0/8: a local service may relay others' requests from 127.0.0.x.)
-OWN_ADDRESSES = frozenset({"127.0.0.1", "::1"})
+MAX_PAGE = 1_000_000
 
 
-def admin_allowed(peer: str, networks: Iterable[Network]) -> bool:
-    """Tell whether `peer` (the real client address) may see the status page."""
-    address = plain_address(peer or "")
-    if address is None:
-        return False
-    if address in OWN_ADDRESSES:
-        return True
-    parsed = ipaddress.ip_address(address)
-    return any(parsed in network for network in networks)
+class BadQuery(ValueError):
+    """A list request's page or page size is not a number bootrules can use."""
 
 
 def admin_only() -> Response | None:
-    environ = request.environ
-    if PROXY_KEY not in environ and any(header in environ for header in FORWARDING_HEADERS):
-        return plain_text("403 Forbidden: this request came through a proxy bootrules does not trust, so who sent "
-                          "it is unknown (start bootrules with --trusted-proxy ADDRESS)\n", 403)
-    if not admin_allowed(environ.get("REMOTE_ADDR", ""), _settings().admin_allow):
-        return plain_text("403 Forbidden: the status page answers this host (127.0.0.1, ::1) and --admin-allow "
-                          "networks only\n", 403)
-    return None
+    refused = refusal(request.environ, services().settings)
+    return None if refused is None else plain_text(refused[1] + "\n", refused[0])
 
 
 def secure(response: Response) -> Response:
@@ -90,49 +73,22 @@ for blueprint in (ui, api):
 # --------------------------------------------------------------------------- data
 
 
-def _settings() -> Settings:
-    return current_app.config["BOOTRULES_SETTINGS"]
-
-
-@dataclass(frozen=True)
-class Stores:
-    """The stores a page reads: the machines seen, and the `once:` state (the same PostgreSQL,
-    or two SQLite files)."""
-
-    machines: Store
-    once: Store
-
-
-def reader() -> Stores | None:
-    """The stores, opened for this app's reads; None while there are none yet (a page never
-    creates a file)."""
-    stores = current_app.extensions.get("bootrules.reader")
-    if stores is None:
-        settings = _settings()
-        location = settings.machines_location()
-        if "://" not in location and not os.path.exists(location):
-            return None
-        once = settings.state_location()
-        machines_store = open_store(location)
-        stores = Stores(machines_store, machines_store if once == location else open_store(once))
-        current_app.extensions["bootrules.reader"] = stores
-    return stores
-
-
-def find_page(wanted: Filter, number: int, per_page: int) -> machines.Page | None:
+def find_page(wanted: Filter, number: int, per_page: int) -> Page | None:
     """One page of machines seen (None: no store yet); StateError if the store fails."""
-    stores = reader()
-    return None if stores is None else machines.page(stores.machines, wanted, number, per_page, stores.once)
+    stores = services().page_stores()
+    return None if stores is None else stores.machines.page(wanted, number, per_page, stores.once)
 
 
 def find_machine(name: str) -> Machine | None:
     """One machine seen, with its once: state (None: not seen); StateError if the store fails."""
-    stores = reader()
-    return None if stores is None else machines.one(stores.machines, name, stores.once)
+    stores = services().page_stores()
+    return None if stores is None else stores.machines.one(name, stores.once)
 
 
 def wanted_machines(arguments: Mapping[str, str]) -> tuple[Filter, int, int]:
-    """The filter, page number and page size a list request asks for (bad values: defaults)."""
+    """The filter, page number and page size a list request asks for. A value that is not a
+    number takes its default and a page size is capped, but a page beyond MAX_PAGE is
+    BadQuery (no listing has that many; the database would be asked for an absurd offset)."""
     def number(name: str, default: int) -> int:
         try:
             return max(1, int(arguments.get(name, default)))
@@ -141,7 +97,10 @@ def wanted_machines(arguments: Mapping[str, str]) -> tuple[Filter, int, int]:
 
     wanted = Filter(unknown=arguments.get("unknown") in ("1", "true", "on"),
                     rule=(arguments.get("rule") or None), text=arguments.get("q", "")[:100])
-    return wanted, number("page", 1), min(number("per_page", machines.PAGE_SIZE), machines.MAX_PAGE_SIZE)
+    page = number("page", 1)
+    if page > MAX_PAGE:
+        raise BadQuery(f"page must be at most {MAX_PAGE}")
+    return wanted, page, min(number("per_page", PAGE_SIZE), MAX_PAGE_SIZE)
 
 
 def preview_url(base: str, facts: Mapping[str, str]) -> str:
@@ -158,7 +117,7 @@ def preview_url(base: str, facts: Mapping[str, str]) -> str:
 
 
 def public_base() -> str:
-    settings = _settings()
+    settings = services().settings
     if settings.base_url:
         return settings.base_url
     try:
@@ -179,7 +138,7 @@ def preview_command(facts: Mapping[str, str], client: str | None) -> str:
 
 
 def taken_names() -> set[str]:
-    snapshot = current_reloader().snapshot
+    snapshot = services().reloader.snapshot
     return {rule.name for rule in snapshot.ruleset.rules} if snapshot else set()
 
 
@@ -250,57 +209,56 @@ def decision_chart(counts: Mapping[tuple[int, str], int], now_minute: int, heigh
 
 @ui.get("/")
 def overview() -> str:
-    reloader = current_reloader()
+    found = services()
+    reloader = found.reloader
     snapshot = reloader.snapshot
     error, error_at = reloader.reload_status()
     hits: dict[str, float] = {}
-    for (rule, _action), count in current_app.extensions["bootrules.metrics"].decision_totals().items():
+    for (rule, _action), count in found.metrics.decision_totals().items():
         hits[rule] = hits.get(rule, 0) + count
     rules = [RuleRow(rule.line, rule.name, match_summary(rule), rule.action_name,
                      rule.once.label if rule.once else None, int(hits.get(rule.name, 0)))
              for rule in (snapshot.ruleset.rules if snapshot else ())]
     now_minute = int(time.time() // 60)
     totals, counts, store_error = None, {}, None
-    stores = reader()
+    stores = found.page_stores()
     try:
         if stores is not None:
-            totals = machines.totals(stores.machines)
-            counts = machines.per_minute(stores.machines, now_minute - CHART_MINUTES + 1)
+            totals = stores.machines.totals()
+            counts = stores.machines.per_minute(now_minute - CHART_MINUTES + 1)
     except StateError as failure:
         store_error = str(failure)
+    health = {part: found.board.status(part) for part in ("state", "machines_seen")}
     bars, tallest = decision_chart(counts, now_minute)
     return render_template(
         "ui/overview.html", page="overview", snapshot=snapshot, rules_path=reloader.path, rules=rules,
-        unmatched=int(hits.get(machines.NO_RULE, 0)), reload_error=error, reload_error_at=error_at, totals=totals,
+        unmatched=int(hits.get(NO_RULE, 0)), reload_error=error, reload_error_at=error_at, totals=totals,
         store_error=store_error, bars=bars, tallest=tallest, chart_minutes=CHART_MINUTES,
         actions=[action for action in ACTIONS if action in {row.action for row in rules} | {"exit"}],
-        recording=_settings().machines_keep > 0, state_location=_shown_location(), now=time.time())
-
-
-def _shown_location() -> str:
-    location = _settings().machines_location()
-    if "://" in location:  # a URL may carry a password
-        parts = urllib.parse.urlsplit(location)
-        return f"{parts.scheme}://{parts.hostname or ''}{':' + str(parts.port) if parts.port else ''}{parts.path}"
-    return location
+        recording=found.settings.machines_keep > 0, state_location=shown_location(found.settings.machines_location()),
+        health={part: status.shown_error for part, status in health.items() if status.degraded(time.time())},
+        now=time.time())
 
 
 # --------------------------------------------------------------------------- machines
 
 
 @ui.get("/machines")
-def machine_list() -> str | tuple[str, int]:
-    wanted, number, per_page = wanted_machines(request.args)
+def machine_list() -> str | tuple[str, int] | Response:
+    try:
+        wanted, number, per_page = wanted_machines(request.args)
+    except BadQuery as error:
+        return plain_text(f"400 Bad Request: {error}\n", 400)
     found, store_error = None, None
     try:
         found = find_page(wanted, number, per_page)
     except StateError as failure:
         store_error = str(failure)
-    snapshot = current_reloader().snapshot
+    snapshot = services().reloader.snapshot
     rule_names = [rule.name for rule in snapshot.ruleset.rules] if snapshot else []
     return render_template("ui/machines.html", page="machines", wanted=wanted, found=found, store_error=store_error,
-                           rule_names=[*rule_names, machines.NO_RULE], per_page=per_page, now=time.time(),
-                           recording=_settings().machines_keep > 0)
+                           rule_names=[*rule_names, NO_RULE], per_page=per_page, now=time.time(),
+                           recording=services().settings.machines_keep > 0)
 
 
 @ui.get("/machines/<machine>")
@@ -319,7 +277,7 @@ def machine_page(machine: str) -> str | tuple[str, int]:
 
 @ui.app_template_filter("utc")
 def _utc_filter(seconds: float | None) -> str:
-    return machines.utc(seconds) or "-"
+    return utc(seconds) or "-"
 
 
 @ui.app_template_filter("ago")
@@ -338,7 +296,10 @@ def _ago_filter(seconds: float | None, now: float) -> str:
 
 @api.get("/machines")
 def api_machines() -> Response | tuple[Response, int]:
-    wanted, number, per_page = wanted_machines(request.args)
+    try:
+        wanted, number, per_page = wanted_machines(request.args)
+    except BadQuery as error:
+        return jsonify({"error": str(error)}), 400
     try:
         found = find_page(wanted, number, per_page)
     except StateError as failure:

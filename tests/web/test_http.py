@@ -8,6 +8,7 @@ import pytest
 
 from app import create_app
 from bootrules.decide.render import render_entry, render_no_match
+from bootrules.services import services
 
 
 def test_entry_script_points_back_at_this_server(client):
@@ -66,7 +67,7 @@ def test_decision_names_the_rule_in_headers_and_sends_its_script(client, app, qu
     assert response.headers["X-Bootrules-Rule"] == rule
     assert response.headers["X-Bootrules-Action"] == action
     assert response.headers["Cache-Control"] == "no-store"
-    snapshot = app.extensions["bootrules"].snapshot
+    snapshot = services(app).reloader.snapshot
     expected_rule = next(r for r in snapshot.ruleset.rules if r.name == rule)
     assert response.headers["X-Bootrules-Source"] == f"rules.yaml:{expected_rule.line}"  # the base name only
 
@@ -147,7 +148,7 @@ def test_healthz_reports_rule_count_and_load_time(client):
 def test_healthz_shows_a_broken_edit_while_the_old_rules_keep_serving(app, client, rules_path):
     """After a bad edit: still 200 and the old rules, plus the file:line errors."""
     rules_path.write_text("rules:\n  - name: broken\n    match: {mac: nope}\n    exit: true\n")
-    assert app.extensions["bootrules"].reload() is False
+    assert services(app).reloader.reload() is False
     body = client.get("/healthz").get_json()
     assert body["status"] == "degraded" and body["rules"] == 3
     assert body["reload_error"] == ["rules.yaml:3: rule 'broken': match mac: 'nope' is not a MAC address (expected e.g. 00:11:22:33:44:55, 00-11-22-33-44-55, 0011.2233.4455 or 001122334455)"]

@@ -11,8 +11,7 @@ import sys
 import threading
 import time
 
-from conftest import free_port
-from support import ROOT, BootrulesServer, first_answer, http_get
+from support import ROOT, BootrulesServer, first_answer, free_port, http_get
 
 
 @contextlib.contextmanager

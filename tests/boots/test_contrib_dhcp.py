@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import contrib, require_root, require_tool
+from support import contrib, require_root, require_tool
 from netlab import NetLab
 
 pytestmark = pytest.mark.netns

@@ -9,7 +9,7 @@ import pytest
 import yaml
 
 from bootrules.rules.loader import RulesError, parse_rules
-from conftest import ROOT
+from support import ROOT
 
 
 

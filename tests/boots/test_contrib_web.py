@@ -17,8 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ROOT, contrib, free_port, require_tool
-from support import BootrulesServer
+from support import ROOT, BootrulesServer, contrib, free_port, require_tool
 
 RULES = """
 rules:

@@ -1,4 +1,4 @@
-"""Machines seen (bootrules/recorder.py, machines.py, snippet.py): every decision recorded per
+"""Machines seen (bootrules/state/recorder.py, machine_store.py; web/snippet.py): every decision recorded per
 machine off the request path, unknown machines and the rule to paste for them."""
 
 from __future__ import annotations
@@ -14,14 +14,14 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from app import cli, create_app
-from bootrules.state import machines
-from bootrules.rules.loader import parse_rules
 from bootrules.decide.matching import first_match_linear as first_match
+from bootrules.rules.loader import parse_rules
+from bootrules.services import services
+from bootrules.state.database import SCHEMA_VERSION
+from bootrules.state.machine_store import Filter
 from bootrules.state.recorder import Recorder
 from bootrules.web.snippet import PLACEHOLDER, rule_to_paste
-from bootrules.state.store import SCHEMA_VERSION, open_store
-from conftest import free_port, new_database, wait_until
-from support import BootrulesServer, http_get
+from support import BootrulesServer, free_port, http_get, machine_store, new_database, once_store, wait_until
 
 RULES = """
 rules:
@@ -44,12 +44,12 @@ def hexed(text: str) -> str:
 @pytest.fixture
 def lab(write_rules, tmp_path):
     app = create_app(str(write_rules(RULES)), poll_interval=0)
-    yield app, app.test_client(), open_store(str(tmp_path / "bootrules-state-machines.db"))
-    app.extensions["bootrules"].stop()
+    yield app, app.test_client(), machine_store(tmp_path / "bootrules-state-machines.db")
+    services(app).stop()
 
 
 def flush(app) -> int:
-    return app.extensions["bootrules.recorder"].flush()
+    return services(app).recorder.flush()
 
 
 def test_every_decision_is_recorded_per_machine_with_what_it_sent(lab):
@@ -58,7 +58,7 @@ def test_every_decision_is_recorded_per_machine_with_what_it_sent(lab):
         client.get(f"/ipxe?mac=00-12-34-56-78-90&platform={platform}&serial_hex={hexed('  SN 42 ')}")
     client.get("/ipxe?mac=52:54:00:aa:bb:cc&product_hex=" + hexed("PowerEdge R640"))
     assert flush(app) == 2
-    page = machines.page(store, machines.Filter())
+    page = store.page(Filter())
     assert page.total == 2
     newest, rescue = page.machines
     assert newest.machine == "mac:52:54:00:aa:bb:cc" and newest.unknown and newest.last_rule == "everyone-else"
@@ -70,7 +70,7 @@ def test_every_decision_is_recorded_per_machine_with_what_it_sent(lab):
     assert rescue.first_seen <= rescue.last_seen and abs(rescue.recent[0].at - rescue.last_seen) < 0.001
     client.get("/ipxe?mac=00:12:34:56:78:90")
     flush(app)
-    again = machines.one(store, "mac:00:12:34:56:78:90")
+    again = store.one("mac:00:12:34:56:78:90")
     assert again.decisions == 4 and again.first_seen == rescue.first_seen and len(again.recent) == 4
 
 
@@ -80,7 +80,7 @@ def test_a_machine_is_one_row_however_often_it_asks_and_from_whichever_nic(lab):
         client.get(f"/ipxe?mac=52:54:00:00:00:01&uuid={UUID}")
     client.get(f"/ipxe?mac=52:54:00:00:00:02&uuid={UUID}")  # its second NIC
     assert flush(app) == 1
-    (machine,) = machines.page(store, machines.Filter()).machines
+    (machine,) = store.page(Filter()).machines
     assert machine.machine == f"uuid:{UUID}" and machine.decisions == 101
     assert machine.facts["mac"] == "52:54:00:00:00:02"  # what it sent last
     assert len(machine.recent) == 20  # the most recent ones, not all 101
@@ -94,11 +94,11 @@ def test_unknown_means_answered_by_a_catch_all_or_by_no_rule(write_rules, tmp_pa
     client.get("/ipxe?mac=52:54:00:00:00:09")
     client.get("/ipxe")  # neither MAC nor UUID: kept under its address
     flush(app)
-    store = open_store(str(tmp_path / "bootrules-state-machines.db"))
-    unknown = machines.page(store, machines.Filter(unknown=True)).machines
+    store = machine_store(tmp_path / "bootrules-state-machines.db")
+    unknown = store.page(Filter(unknown=True)).machines
     assert {(m.machine, m.last_rule) for m in unknown} == {("mac:52:54:00:00:00:09", "(none)"),
                                                           ("ip:127.0.0.1", "(none)")}
-    app.extensions["bootrules"].stop()
+    services(app).stop()
 
 
 def test_filters_and_pages_over_many_machines(lab):
@@ -109,40 +109,39 @@ def test_filters_and_pages_over_many_machines(lab):
     for number in range(5):
         client.get(f"/ipxe?mac=52:54:00:00:01:{number:02x}")
     flush(app)
-    everyone = machines.page(store, machines.Filter(), 1, 50)
+    everyone = store.page(Filter(), 1, 50)
     assert (everyone.total, everyone.pages, len(everyone.machines)) == (125, 3, 50)
-    last = machines.page(store, machines.Filter(), 3, 50)
+    last = store.page(Filter(), 3, 50)
     assert len(last.machines) == 25 and not {m.machine for m in last.machines} & {m.machine for m in everyone.machines}
-    assert machines.page(store, machines.Filter(unknown=True)).total == 5
-    assert machines.page(store, machines.Filter(rule="vmware-guests")).total == 120
-    assert [m.facts["serial"] for m in machines.page(store, machines.Filter(text="SER0042")).machines] == ["ser0042"]
-    assert machines.page(store, machines.Filter(text="00:01:0")).total == 5
-    assert machines.page(store, machines.Filter(text="%")).total == 0  # a LIKE wildcard is a character here
+    assert store.page(Filter(unknown=True)).total == 5
+    assert store.page(Filter(rule="vmware-guests")).total == 120
+    assert [m.facts["serial"] for m in store.page(Filter(text="SER0042")).machines] == ["ser0042"]
+    assert store.page(Filter(text="00:01:0")).total == 5
+    assert store.page(Filter(text="%")).total == 0  # a LIKE wildcard is a character here
 
 
 def test_retention_forgets_machines_not_seen_for_long_and_caps_the_count(tmp_path):
-    store = open_store(str(tmp_path / "state.db"))
+    store = machine_store(tmp_path / "state.db")
     now = [1_000_000.0]
-    recorder = Recorder(str(tmp_path / "state.db"), keep_seconds=3600, max_machines=100, clock=lambda: now[0],
-                        store=store)
+    recorder = Recorder(lambda: store, keep_seconds=3600, max_machines=100, clock=lambda: now[0])
     for number in range(150):
         now[0] += 1
         recorder.saw({"mac": f"52:54:00:00:{number // 256:02x}:{number % 256:02x}"}, "10.0.0.1", "r", "exit", True)
     recorder.flush()  # the first batch prunes too: only the 100 seen last are kept
-    assert machines.totals(store).machines == 100
-    assert machines.one(store, "mac:52:54:00:00:00:31") is None and machines.one(store, "mac:52:54:00:00:00:32")
+    assert store.totals().machines == 100
+    assert store.one("mac:52:54:00:00:00:31") is None and store.one("mac:52:54:00:00:00:32")
     now[0] += 3600 + 60  # an hour later, one machine comes back; the rest are forgotten
     recorder.saw({"mac": "52:54:00:00:00:40"}, "10.0.0.1", "r", "exit", True)
     recorder.flush()
-    assert [m.machine for m in machines.page(store, machines.Filter()).machines] == ["mac:52:54:00:00:00:40"]
+    assert [m.machine for m in store.page(Filter()).machines] == ["mac:52:54:00:00:00:40"]
 
 
 def test_a_store_that_fails_never_fails_a_boot_and_what_was_seen_waits_for_it(write_rules, tmp_path):
     rules = write_rules(RULES)
     state = tmp_path / "not-yet" / "state.db"  # its directory does not exist yet
     app = create_app(str(rules), poll_interval=0)
-    recorder = app.extensions["bootrules.recorder"]
-    recorder.location, recorder.max_pending = str(state), 3
+    recorder = services(app).recorder
+    recorder.open_store, recorder.max_pending = lambda: machine_store(state), 3
     client = app.test_client()
     for number in range(5):
         assert client.get(f"/ipxe?mac=52:54:00:00:00:{number:02x}").status_code == 200
@@ -154,17 +153,17 @@ def test_a_store_that_fails_never_fails_a_boot_and_what_was_seen_waits_for_it(wr
     assert health["status"] == "ok" and health["machines_seen"]["status"] == "error"
     state.parent.mkdir()
     assert flush(app) == 3
-    assert machines.totals(open_store(str(state))).machines == 3
-    app.extensions["bootrules"].stop()
+    assert machine_store(state).totals().machines == 3
+    services(app).stop()
 
 
 def test_recording_off_writes_nothing(write_rules, tmp_path, monkeypatch):
     monkeypatch.setenv("BOOTRULES_MACHINES_KEEP", "0")
     app = create_app(str(write_rules(RULES)), poll_interval=0)
     assert app.test_client().get("/ipxe?mac=52:54:00:00:00:01").status_code == 200
-    assert app.extensions["bootrules.recorder"] is None
+    assert services(app).recorder is None
     assert not list(tmp_path.glob("bootrules-state*"))
-    app.extensions["bootrules"].stop()
+    services(app).stop()
 
 
 def test_a_stopping_server_writes_what_it_saw_before_it_exits(write_rules, tmp_path, http_server):
@@ -176,7 +175,7 @@ def test_a_stopping_server_writes_what_it_saw_before_it_exits(write_rules, tmp_p
             assert http_get(f"{server.url}/ipxe?mac=52:54:00:00:0{workers}:01")[0] == 200
             server.signal(signal.SIGTERM)
             assert server.process.wait(timeout=20) == 0
-        found = machines.one(open_store(str(tmp_path / "bootrules-state-machines.db")), f"mac:52:54:00:00:0{workers}:01")
+        found = machine_store(tmp_path / "bootrules-state-machines.db").one(f"mac:52:54:00:00:0{workers}:01")
         assert found is not None and found.last_rule == "everyone-else", server.log()
 
 
@@ -213,14 +212,14 @@ def test_an_older_schema_is_migrated_keeping_once_state_and_its_tokens(tmp_path)
         db.execute("INSERT INTO bootrules_once VALUES ('mac:52:54:00:00:00:02', 'r', 'true', 'armed', ?, ?, ?, "
                    "NULL, NULL, 'mac:52:54:00:00:00:02')", ("A" * 32, time.time(), time.time() + 3600))
     db.close()
-    store = open_store(str(path))
+    store = once_store(path)
     assert sorted(row.state for row in store.rows()) == ["armed", "done"]
-    assert machines.totals(store).machines == 0
+    assert machine_store(path).totals().machines == 0
     with sqlite3.connect(path) as db:
         assert db.execute("SELECT value FROM bootrules_meta WHERE key = 'schema_version'").fetchone() == (str(SCHEMA_VERSION),)
         assert len(db.execute("SELECT value FROM bootrules_meta WHERE key = 'token_key'").fetchone()[0]) == 64
     db.close()
-    assert store.redeem("A" * 32, "10.0.0.2", time.time())[0] == "done"
+    assert store.redeem_unsigned("A" * 32, "10.0.0.2", time.time())[0] == "done"
 
 
 def test_two_servers_record_into_one_postgresql(postgres, write_rules, tmp_path):

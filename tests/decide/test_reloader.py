@@ -9,7 +9,7 @@ import os
 import pytest
 
 from bootrules.decide.reloader import Reloader
-from conftest import wait_until
+from support import wait_until
 
 GOOD_A = "rules:\n  - name: version-a\n    exit: true\n"
 GOOD_B = "rules:\n  - name: version-b\n    exit: true\n"

@@ -12,8 +12,8 @@ import urllib.parse
 import pytest
 
 from app import create_app
-from conftest import free_port
-from support import BootrulesServer, http_get
+from support import BootrulesServer, free_port, http_get
+from bootrules.services import services
 
 RULES = """
 rules:
@@ -55,7 +55,7 @@ def lab(write_rules, tmp_path, monkeypatch):
     made: list = []
     yield make
     for app in made:
-        app.extensions["bootrules"].stop()
+        services(app).stop()
 
 
 def get(client, path: str, peer: str) -> tuple[int, str]:
@@ -66,7 +66,7 @@ def get(client, path: str, peer: str) -> tuple[int, str]:
 def booted(app, client, *queries: str) -> None:
     for query in queries:
         assert client.get("/ipxe?" + query).status_code == 200
-    app.extensions["bootrules.recorder"].flush()
+    services(app).recorder.flush()
 
 
 def test_pages_answer_this_host_and_admin_networks_only(lab):
@@ -138,7 +138,7 @@ def test_the_overview_shows_rules_hits_never_hit_rules_and_the_reload_error(lab,
     assert '<td class="num">1</td>' in rows["everyone-else"]
     assert len(re.findall(r'<rect class="a-', page)) >= 2  # this minute's bar: sanboot and exit
     write_rules(RULES.replace("match: {serial: \"nobody\"}", "match: {serail: nobody}"))
-    assert not app.extensions["bootrules"].reload()
+    assert not services(app).reloader.reload()
     page = client.get("/ui/", environ_base=ADMIN).get_data(as_text=True)
     assert "The rules file does not load" in page and re.search(r"rules\.yaml:\d+: rule &#39;never-asked&#39;", page)
 
@@ -172,7 +172,7 @@ def test_the_preview_url_on_a_machine_page_asks_as_the_machine_did(lab):
     url = urllib.parse.urlsplit(detail["preview_url"])
     again = client.get(f"{url.path}?{url.query}")
     assert again.headers["X-Bootrules-Rule"] == "everyone-else"
-    app.extensions["bootrules.recorder"].flush()
+    services(app).recorder.flush()
     facts = client.get("/api/machines/mac:00:0c:29:00:00:01", environ_base=ADMIN).json["facts"]
     assert facts == detail["facts"] and facts["serial"] == "kiosk 7 &+#%"
 

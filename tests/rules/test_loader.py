@@ -5,7 +5,7 @@ import textwrap
 import pytest
 
 from bootrules.rules.loader import RulesError, load_rules, parse_rules
-from conftest import ROOT
+from support import ROOT
 from bootrules.model import Boot, Chain, Exact, Exit, Glob, Network, Sanboot, Setting
 
 

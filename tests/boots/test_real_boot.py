@@ -21,11 +21,10 @@ from pathlib import Path
 import pytest
 
 from bootrules.decide.render import render_entry
-from conftest import IN_CI, ROOT, free_port, require_server, require_tool
+from support import IN_CI, ROOT, BootrulesServer, free_port, http_get, require_server, require_tool
 from ipxe_builds import IpxeBuild, debian_build, host_build
 import linux_guest
 from markers import disk_image, marker_kernel
-from support import BootrulesServer, http_get
 from vm import HOST_FROM_GUEST, OVMF_CODE, OVMF_VARS, VIRTIO_ROM, FileServer, IscsiTarget, Machine, boot
 
 pytestmark = pytest.mark.qemu

@@ -15,8 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import SAMPLE_RULES, free_port, require_server, wait_until
-from support import ROOT, BootrulesServer, http_get
+from support import ROOT, SAMPLE_RULES, BootrulesServer, free_port, http_get, require_server, wait_until
 
 
 def test_serve_answers_curl_style_requests_on_a_real_port(rules_path, tmp_path, http_server):

@@ -1,4 +1,5 @@
-"""`once:` rules: install once, report done with a token, then fall through (bootrules/once.py, state.py)."""
+"""`once:` rules: install once, report done with a token, then fall through (bootrules/state/once.py,
+once_store.py, tokens.py, arming.py)."""
 
 from __future__ import annotations
 
@@ -8,61 +9,29 @@ import logging
 import re
 import sqlite3
 import struct
-import textwrap
 import time
 from pathlib import Path
 
 import pytest
 
 from app import cli, create_app
-from bootrules.state import store as state_module
+from bootrules.services import services
+from bootrules.state import database as database_module
+from bootrules.state import health as health_module
 from bootrules.state import tokens
 from bootrules.rules.loader import RulesError, parse_rules
 from bootrules.model import Once
 from bootrules.state.once import SHOWN_CHARS, TOKEN
-from conftest import ROOT
-
-MAC_A, MAC_B, MAC_C = "52:54:00:12:34:56", "52:54:00:12:34:57", "52:54:00:99:99:99"
-UUID = "4c4c4544-0042-3510-8052-b4c04f4d4e31"
-ONCE_RULES = """
-rules:
-  - name: install-debian
-    match: {mac: ["52:54:00:12:34:56", "52:54:00:12:34:57", "52:54:00:99:99:99"]}
-    once: LABEL
-    boot:
-      kernel: http://mirror.example.com/debian/linux
-      args: auto=true bootrules.done=${bootrules-done}
-  - name: local-disk
-    exit: true
-"""
-DONE_LINE = re.compile(r"^set bootrules-done (http://[^/]+)/done/([A-Za-z0-9_-]+)$", re.M)
-
-
-def write(path: Path, label: str = "true") -> Path:
-    path.write_text(textwrap.dedent(ONCE_RULES).lstrip().replace("LABEL", label))
-    return path
-
+from support import (MAC_A, MAC_B, MAC_C, ROOT, UUID, ask, lose_unwritten_rows, once_store, rows, wait_until,
+                     write_once_rules)
 
 @pytest.fixture
 def lab(tmp_path):
     """An app with a once: rule and its state in a SQLite file of the test's own."""
-    rules = write(tmp_path / "rules.yaml")
+    rules = write_once_rules(tmp_path / "rules.yaml")
     app = create_app(str(rules), poll_interval=0)
     yield app, app.test_client(), rules, tmp_path / "bootrules-state.db"
-    app.extensions["bootrules"].stop()
-
-
-def ask(client, mac: str = MAC_A, uuid: str | None = None):
-    query = f"/ipxe?mac={mac}" + (f"&uuid={uuid}" if uuid else "")
-    response = client.get(query)
-    assert response.status_code == 200
-    found = DONE_LINE.search(response.get_data(as_text=True))
-    return response.headers["X-Bootrules-Rule"], (found.group(2) if found else None)
-
-
-def rows(state: Path) -> list[tuple]:
-    with sqlite3.connect(state) as db:
-        return db.execute("SELECT machine, rule, label, state FROM bootrules_once ORDER BY machine").fetchall()
+    services(app).stop()
 
 
 # --------------------------------------------------------------------------- rules.yaml
@@ -98,7 +67,7 @@ def test_check_warns_when_a_once_rule_has_nothing_below_to_fall_through_to(runne
     result = runner.invoke(cli, ["check", str(rules)])
     assert f"{rules}:2: warning: rule 'a' has once: but no rule below it answers all its machines" in result.output
     assert "can never match" not in result.output  # a once: rule lets its machines through: it shadows nothing
-    assert runner.invoke(cli, ["check", str(write(rules))]).output.endswith("2 rules, no errors, 0 warnings\n")
+    assert runner.invoke(cli, ["check", str(write_once_rules(rules))]).output.endswith("2 rules, no errors, 0 warnings\n")
 
 
 # --------------------------------------------------------------------------- the boot path and the callback
@@ -131,7 +100,7 @@ def test_the_callback_refuses_get_unknown_malformed_and_expired_tokens(lab):
     assert client.post("/done/" + "A" * 32).status_code == 404
     assert client.post("/done/../../etc/passwd").status_code == 404
     assert client.post("/done/x%0aset").status_code == 404
-    gate = app.extensions["bootrules.once"]
+    gate = services(app).once
     real_clock = gate.clock
     gate.clock = lambda: real_clock() + 86400 + 1  # a day and a second later
     expired = client.post(f"/done/{token}")
@@ -165,11 +134,11 @@ def test_changing_the_label_re_arms_every_machine_of_the_rule(lab):
     for mac in (MAC_A, MAC_B):
         assert client.post(f"/done/{ask(client, mac)[1]}").status_code == 200
         assert ask(client, mac)[0] == "local-disk"
-    write(rules, "debian13-2026-11")
-    assert app.extensions["bootrules"].reload()
+    write_once_rules(rules, "debian13-2026-11")
+    assert services(app).reloader.reload()
     assert ask(client, MAC_A)[0] == "install-debian" and ask(client, MAC_B)[0] == "install-debian"
-    write(rules, "true")  # back to the old label: those machines are done under it
-    assert app.extensions["bootrules"].reload()
+    write_once_rules(rules, "true")  # back to the old label: those machines are done under it
+    assert services(app).reloader.reload()
     assert ask(client, MAC_A)[0] == "local-disk"
 
 
@@ -217,7 +186,7 @@ def test_rules_without_once_never_touch_the_state_store(tmp_path):
         assert client.get(f"/ipxe?mac={mac}").status_code == 200
     assert not (tmp_path / "bootrules-state.db").exists()
     assert "state" not in client.get("/healthz").get_json()
-    app.extensions["bootrules"].stop()
+    services(app).stop()
 
 
 # --------------------------------------------------------------------------- failing safe
@@ -233,11 +202,10 @@ def broken_state(kind: str, tmp_path: Path) -> str:
 
 
 @pytest.mark.parametrize("kind", ["unreachable", "corrupt"])
-def test_a_store_that_cannot_be_used_never_reinstalls_and_says_so(tmp_path, kind, caplog):
-    rules = write(tmp_path / "rules.yaml")
+def test_a_store_that_cannot_be_used_never_reinstalls_and_says_so(tmp_path, kind, caplog, monkeypatch):
+    rules = write_once_rules(tmp_path / "rules.yaml")
+    monkeypatch.setenv("BOOTRULES_STATE", broken_state(kind, tmp_path))
     app = create_app(str(rules), poll_interval=0)
-    gate = app.extensions["bootrules.once"]
-    gate.location = broken_state(kind, tmp_path)
     client = app.test_client()
     with caplog.at_level(logging.INFO, logger="bootrules"):
         assert ask(client) == ("local-disk", None)  # falls through, as if done
@@ -249,13 +217,16 @@ def test_a_store_that_cannot_be_used_never_reinstalls_and_says_so(tmp_path, kind
     assert float(errors.group(1)) >= 1
     callback = client.post("/done/" + "A" * 32)
     assert callback.status_code == 503 and "try again" in callback.get_data(as_text=True)
-    app.extensions["bootrules"].stop()
+    services(app).stop()
 
 
 def test_a_store_locked_past_the_timeout_falls_through_and_the_callback_asks_to_retry(lab, monkeypatch):
-    monkeypatch.setattr(state_module, "LOCK_TIMEOUT", 0.3)
+    """A writer that does not let go: a new machine's row waits, the store counts as degraded
+    while writes fail, and once the lock is gone the installer's retry and the row get through."""
+    monkeypatch.setattr(database_module, "LOCK_TIMEOUT", 0.3)
+    monkeypatch.setattr(health_module, "HOLD", 0.5)
     app, client, _rules, state = lab
-    gate = app.extensions["bootrules.once"]
+    gate = services(app).once
     _rule, token = ask(client, MAC_A)  # this process's first arm: written before the answer
     holder = sqlite3.connect(state, isolation_level=None)
     holder.execute("BEGIN IMMEDIATE")  # another writer that does not let go
@@ -276,7 +247,8 @@ def test_a_store_locked_past_the_timeout_falls_through_and_the_callback_asks_to_
     assert gate.arms.flush() >= 0  # the kept row is written (by this flush, or by the writer's retry)
     assert rows(state) == [(f"mac:{MAC_A}", "install-debian", "true", "done"),
                            (f"mac:{MAC_B}", "install-debian", "true", "armed")]
-    assert client.get("/healthz").get_json()["status"] == "ok"
+    # The prober's next write succeeds: the store is healthy again.
+    assert wait_until(lambda: client.get("/healthz").get_json()["status"] == "ok", timeout=10)
     assert ask(client, MAC_C)[0] == "install-debian"
 
 
@@ -284,9 +256,9 @@ def test_a_store_locked_while_a_worker_first_opens_it_works_once_the_lock_is_gon
     """A worker opens a store another worker made, while a writer holds it: the store is
     used in full (its token key read), and the machine falls through only because its row
     cannot be written before its answer. (It once answered 500 to every new machine.)"""
-    monkeypatch.setattr(state_module, "LOCK_TIMEOUT", 0.3)
-    rules = write(tmp_path / "rules.yaml")
-    state_module.SqliteStore(str(tmp_path / "bootrules-state.db")).check()  # made by another worker
+    monkeypatch.setattr(database_module, "LOCK_TIMEOUT", 0.3)
+    rules = write_once_rules(tmp_path / "rules.yaml")
+    once_store(tmp_path / "bootrules-state.db").check()  # made by another worker
     app = create_app(str(rules), poll_interval=0)
     client = app.test_client()
     holder = sqlite3.connect(tmp_path / "bootrules-state.db", isolation_level=None)
@@ -298,14 +270,14 @@ def test_a_store_locked_while_a_worker_first_opens_it_works_once_the_lock_is_gon
         holder.close()
     rule, token = ask(client, MAC_A)
     assert rule == "install-debian" and client.post(f"/done/{token}").status_code == 200
-    app.extensions["bootrules"].stop()
+    services(app).stop()
 
 
 def test_a_machine_re_armed_while_its_state_is_read_falls_through_without_an_error(lab, monkeypatch, caplog):
     # The race: another server re-arms (deletes) the machine's row between arm's write, which
     # found a live row, and its read, which then finds none. The store says: not done, no row.
     app, client, _rules, _state = lab
-    store = app.extensions["bootrules.once"].store()
+    store = services(app).once.store()
     monkeypatch.setattr(store, "arm", lambda row: (False, None, False))
     with caplog.at_level(logging.INFO, logger="bootrules"):
         assert ask(client, MAC_A) == ("local-disk", None)
@@ -313,11 +285,6 @@ def test_a_machine_re_armed_while_its_state_is_read_falls_through_without_an_err
 
 
 # --------------------------------------------------------------------------- tokens that prove themselves
-
-
-def lose_unwritten_rows(app) -> None:
-    """What a worker killed before its batch was written loses."""
-    app.extensions["bootrules.once"].arms._pending.clear()
 
 
 def test_a_token_carries_its_machine_and_times_and_is_signed_for_one_rule_and_label():
@@ -383,14 +350,14 @@ def test_a_re_arm_voids_the_tokens_issued_before_it(lab, runner):
     assert "rearmed" not in listed and MAC_A not in listed  # a re-armed machine has no state to list
     _rule, second = ask(client, MAC_A)
     assert second != first
-    app.extensions["bootrules.once"].arms.flush()
+    services(app).once.arms.flush()
     assert client.post(f"/done/{first}").status_code == 404  # a later token supersedes it
     assert client.post(f"/done/{second}").status_code == 200
     assert ask(client, MAC_A)[0] == "local-disk"
 
 
 def test_machines_and_rearm_do_not_create_a_state_file(runner, tmp_path):
-    rules = write(tmp_path / "rules.yaml")
+    rules = write_once_rules(tmp_path / "rules.yaml")
     result = runner.invoke(cli, ["machines", "--rules", str(rules)])
     assert result.exit_code == 0 and "no state yet" in result.output
     assert runner.invoke(cli, ["rearm", "--rules", str(rules), "--mac", MAC_A]).exit_code == 0

@@ -6,8 +6,7 @@ import subprocess
 import sys
 import time
 
-from conftest import free_port
-from support import ROOT, first_answer, http_get
+from support import ROOT, first_answer, free_port, http_get
 
 
 def test_waitress_serve_call_uses_create_app_with_environment_settings(rules_path, tmp_path):

@@ -17,8 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import IN_CI, ROOT, free_port, require_tool, wait_until
-from support import BootrulesServer, http_get
+from support import IN_CI, ROOT, BootrulesServer, free_port, http_get, require_tool, wait_until
 
 pytestmark = pytest.mark.browser
 

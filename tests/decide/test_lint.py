@@ -9,7 +9,7 @@ import pytest
 from app import cli
 from bootrules.decide.lint import lint
 from bootrules.rules.loader import parse_rules
-from conftest import ROOT, SAMPLE_RULES
+from support import ROOT, SAMPLE_RULES
 
 
 
