@@ -31,6 +31,23 @@ os.register_at_fork(before=_COUNTING.acquire, after_in_parent=_COUNTING.release,
                     after_in_child=_COUNTING.release)
 
 
+def missing_internals() -> str | None:
+    """Why the installed prometheus_client cannot be used with several workers (None: it can).
+
+    Adding up the workers' files (DecisionCounts, worker_exited) uses prometheus_client's
+    MmapedDict and its file names, which are not its public API: checked once at start.
+    """
+    try:
+        from prometheus_client import multiprocess as mp
+        from prometheus_client.mmap_dict import MmapedDict
+    except ImportError as error:
+        return str(error)
+    needed = [(MmapedDict, name) for name in ("read_value", "write_value", "read_all_values_from_file", "close")]
+    needed.append((mp, "mark_process_dead"))
+    lacking = [f"{getattr(owner, '__name__', owner)}.{name}" for owner, name in needed if not hasattr(owner, name)]
+    return ", ".join(lacking) or None
+
+
 def multiprocess() -> bool:
     """Tell whether metrics are shared through files between worker processes."""
     return bool(os.environ.get(MULTIPROC_ENV))

@@ -108,6 +108,21 @@ def parse_base_url(text: str) -> str | None:
     return f"{parts.scheme}://{parts.netloc}{path}"
 
 
+_HOST_NAME = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,62})(?:\.[A-Za-z0-9-]{1,63})*\.?")
+
+
+def parse_host_names(text: str) -> tuple[str, ...]:
+    """Host names (no port), separated by commas or spaces; compared in lower case."""
+    names = []
+    for item in re.split(r"[,\s]+", text.strip()):
+        if not item:
+            continue
+        if not _HOST_NAME.fullmatch(item):
+            raise ValueError(f"{item!r} is not a host name")
+        names.append(item.lower())
+    return tuple(names)
+
+
 def parse_networks(text: str) -> tuple[Network, ...]:
     """Addresses or CIDR ranges, separated by commas or spaces."""
     networks = []
@@ -173,6 +188,9 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("admin_allow", "--admin-allow",
             "networks that may see `/ui/` and `/api/` (127.0.0.1 and ::1 always may; comma-separated)", (),
             "127.0.0.1 and ::1 only", parse_networks, many=True),
+    Setting("admin_hosts", "--admin-host",
+            "host names `/ui/` and `/api/` answer to, besides addresses, `localhost` and `--base-url`'s (comma-separated)",
+            (), "none", parse_host_names, many=True),
 )
 BY_NAME = {setting.name: setting for setting in SETTINGS}
 
@@ -197,6 +215,7 @@ class Settings:
     machines_keep: int = 30 * 86400
     machines_max: int = 200000
     admin_allow: tuple[Network, ...] = ()
+    admin_hosts: tuple[str, ...] = ()
 
     @classmethod
     def load(cls, given: Mapping[str, Any] | None = None, environ: Mapping[str, str] | None = None) -> "Settings":

@@ -5,10 +5,14 @@ from __future__ import annotations
 import io
 import json
 import logging
+import re
+import urllib.parse
 
 import pytest
 
+from app import create_app
 from bootrules.logs import DECISION_MESSAGE, BatchingHandler, JsonFormatter, SecondCachingFormatter
+from bootrules.services import services
 from support import BootrulesServer, free_port, http_get
 
 
@@ -39,3 +43,27 @@ def test_queued_decision_lines_read_as_logged_records_and_keep_their_order(forma
     lines = stream.getvalue().splitlines()
     assert len(lines) == 2 and "reload failed" in lines[1]
     assert lines[0] == formatter.format(record)
+
+
+LOGFMT_PAIR = re.compile(r'(\w+)=("(?:[^"\\]|\\.)*"|\S*)')
+
+
+@pytest.mark.parametrize("hop", ["1.2.3.4 rule=FORGED action=sanboot", '1.2.3.4" rule="FORGED', "1.2.3.4\trule=X",
+                                 "x\u2028rule=FORGED"])
+def test_no_value_a_client_sends_can_forge_a_key_in_a_log_line(write_rules, hop, caplog):
+    """A trusted proxy's malformed X-Forwarded-For hop, or a bad query value, is written quoted
+    and escaped: a key=value parser finds no `rule` key in the line, whatever the value."""
+    path = write_rules("rules:\n  - name: anyone\n    exit: true\n")
+    app = create_app(str(path), trusted_proxies=["127.0.0.1"], poll_interval=0)
+    client = app.test_client()
+    with caplog.at_level("INFO", logger="bootrules"):
+        client.get("/ipxe?mac=52:54:00:00:00:01", headers={"X-Forwarded-For": hop})
+        client.get("/ipxe?mac=" + urllib.parse.quote(hop))
+    lines = [record.getMessage() for record in caplog.records if "decision" not in record.getMessage()]
+    suspicious = [line for line in lines if "not an IP address" in line or "bad request" in line]
+    assert len(suspicious) == 2, lines
+    for line in suspicious:
+        keys = dict(LOGFMT_PAIR.findall(line))
+        assert "rule" not in keys and "action" not in keys, line
+        assert line.isprintable(), line
+    services(app).stop()

@@ -101,3 +101,16 @@ def test_decision_counts_in_a_reused_process_file_are_kept(tmp_path, monkeypatch
     text = metrics.exposition()[0].decode()
     assert metric(text, 'bootrules_decisions_total{action="chain",rule="lab-rescue"}') == 6
     assert metric(text, 'bootrules_decisions_total{action="exit",rule="everyone-else"}') == 2
+
+
+def test_several_workers_refuse_to_start_on_a_prometheus_client_without_what_they_use(rules_path, monkeypatch,
+                                                                                     runner):
+    """The workers' metrics files are added up with prometheus_client internals: an installed
+    version without them stops `serve` with one line that says what to do."""
+    from app import cli
+    from prometheus_client.mmap_dict import MmapedDict
+
+    monkeypatch.delattr(MmapedDict, "read_all_values_from_file")
+    result = runner.invoke(cli, ["serve", "--rules", str(rules_path), "--workers", "2", "--port", "0"])
+    assert result.exit_code == 1
+    assert "MmapedDict.read_all_values_from_file" in result.output and "--workers 1" in result.output

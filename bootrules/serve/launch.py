@@ -32,7 +32,7 @@ from ..application import probed_stores
 from ..decide.reloader import Reloader
 from ..errors import StartError
 from ..logs import configure_logging
-from ..metrics import MULTIPROC_ENV, Metrics, clear_runtime_files, worker_exited
+from ..metrics import MULTIPROC_ENV, Metrics, clear_runtime_files, missing_internals, worker_exited
 from ..settings import Settings
 from ..state.health import HealthBoard, Prober
 from .forking import exit_after, watch_parents
@@ -52,6 +52,12 @@ def serve(settings: Settings) -> int:
     # Until the handlers are in place, SIGHUP (systemctl reload) must not kill us.
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
     workers = settings.resolved_workers()
+    if workers > 1:
+        lacking = missing_internals()
+        if lacking:
+            raise StartError(f"several workers add up their metrics with prometheus_client internals this "
+                             f"installed version lacks ({lacking}); pip install -r requirements.txt installs one "
+                             "that has them, or run with --workers 1")
     runtime = _runtime_directory() if workers > 1 else None
     prober = None
     try:

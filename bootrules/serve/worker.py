@@ -15,7 +15,7 @@ from ..metrics import Metrics
 from ..services import services
 from ..settings import Settings
 from ..state.health import HealthBoard
-from ..web.boot import SLOW_PATHS
+from ..web.boot import MAX_BODY, SLOW_PATHS
 from . import waitress_loop as server
 
 log = logging.getLogger("bootrules")
@@ -47,7 +47,9 @@ class WorkerPlan:
         return {"ident": "bootrules", "clear_untrusted_proxy_headers": False,
                 "connection_limit": settings.connection_limit, "channel_timeout": settings.channel_timeout,
                 "asyncore_use_poll": True, "cleanup_interval": min(30, settings.channel_timeout),
-                "slow_paths": SLOW_PATHS}
+                # No endpoint takes a body: waitress refuses a larger one (413) before reading it,
+                # where the app would only see it once spooled to disk.
+                "max_request_body_size": MAX_BODY, "slow_paths": SLOW_PATHS}
 
     def build(self, shutdown: server.Shutdown) -> Any:
         self.app = create_app(settings=self.settings, reloader=self.reloader, metrics=self.metrics, board=self.board)

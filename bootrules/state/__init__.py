@@ -12,12 +12,15 @@ Imports the shared vocabulary only.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
+from typing import TYPE_CHECKING
 
 from ..settings import Settings
 from .database import PATIENT_DEADLINE, Database, is_server, open_database
 from .machine_store import MachineStore
 from .once_store import OnceStore
+
+if TYPE_CHECKING:
+    from .health import HealthBoard
 
 # What a store is opened for: (waits its turn for SQLite's write lock, seconds a transaction may take).
 PURPOSES = {
@@ -40,16 +43,18 @@ class Stores:
         self.machines.close()
 
 
-def open_stores(settings: Settings, purpose: str = "request",
-                expected_id: Callable[[], str | None] = lambda: None) -> Stores:
+def open_stores(settings: Settings, purpose: str = "request", board: "HealthBoard | None" = None) -> Stores:
     """Both stores the settings name (connected when first used), opened for `purpose`.
 
-    `expected_id`: the `once:` store's identity this server has been using (None: any); a
-    store with another is refused, and a missing SQLite file is not made again.
+    With the `board` of a server, the `once:` store must be the one the server has been
+    using: a store with another identity is refused, and a missing SQLite file is not made
+    again. The first identity met is written on the board.
     """
     patient, deadline = PURPOSES[purpose]
     state_location, machines_location = settings.state_location(), settings.machines_location()
-    once = open_database(state_location, patient=patient, deadline=deadline, expected_id=expected_id)
+    identity = {} if board is None else {"expected_id": board.expected_id("state"),
+                                         "found_id": lambda store_id, file: board.learned("state", store_id, file)}
+    once = open_database(state_location, patient=patient, deadline=deadline, **identity)
     machines: Database = once if machines_location == state_location else open_database(
         machines_location, patient=patient, deadline=deadline)
     return Stores(OnceStore(once), MachineStore(machines))

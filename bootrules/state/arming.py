@@ -46,7 +46,7 @@ Key = tuple[str, str, str]  # machine, rule, label
 class ArmWriter:
     """Per process: the armed rows not written yet, and the thread that writes them."""
 
-    def __init__(self, open_store: Callable[[], OnceStore], on_error: Callable[[str], None],
+    def __init__(self, open_store: Callable[[], OnceStore], on_error: Callable[[StateError], None],
                  on_written: Callable[[], None], in_force: Callable[[], set[tuple[str, str]]] = set,
                  max_pending: int = MAX_PENDING, max_armed: int = MAX_ARMED_ROWS) -> None:
         self.open_store = open_store
@@ -134,7 +134,7 @@ class ArmWriter:
             except StateError as error:
                 self.writable = False
                 self.failing = f"armed rows not written yet ({len(rows)} kept): {error}"
-                self.on_error(self.failing)
+                self.on_error(type(error)(self.failing))  # the same kind of failure (stalled, replaced…)
                 return -1
             with self._lock:
                 for row in rows:  # a row armed again meanwhile (a new token) stays for the next batch

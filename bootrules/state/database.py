@@ -160,12 +160,14 @@ class Database:
     table_options = ""
 
     def __init__(self, location: str, *, patient: bool = False, deadline: float | None = None,
-                 expected_id: Callable[[], str | None] = lambda: None) -> None:
+                 expected_id: Callable[[], str | None] = lambda: None,
+                 found_id: Callable[[str, tuple[int, int] | None], None] = lambda store_id, file: None) -> None:
         self.location = location
         # Off the request path: may wait its turn for the write lock, and take longer.
         self.patient = patient
         self.deadline = deadline if deadline is not None else PATIENT_DEADLINE if patient else DEADLINE
         self.expected_id = expected_id
+        self.found_id = found_id  # told the identity of a store met while none was expected
         self._lock = threading.Lock()
         self._connection: Any = None
         self._current: Any = None  # the connection a transaction is using now, for the watchdog
@@ -327,6 +329,8 @@ class Database:
         expected = self.expected_id()
         if expected is not None and found["store_id"] != expected:
             raise StoreReplaced(REPLACED)
+        if expected is None:
+            self.found_id(found["store_id"], self.file_identity())
         self.token_key, self.store_id = found["token_key"], found["store_id"]
 
     def _make_schema(self, connection: Any) -> dict[str, str]:
@@ -458,8 +462,9 @@ class SqliteDatabase(Database):
                 large = os.path.getsize(wal) > WAL_LIMIT_BYTES
             except OSError:
                 large = False
-            try:
-                with sqlite3.connect(self.path, timeout=LOCK_TIMEOUT) as connection:
+            try:  # mode=rw: a file that is gone is not made again here
+                with sqlite3.connect(f"file:{urllib.parse.quote(os.path.abspath(self.path))}?mode=rw",
+                                     timeout=LOCK_TIMEOUT, uri=True) as connection:
                     connection.execute(f"PRAGMA wal_checkpoint({'TRUNCATE' if large else 'PASSIVE'})")
                 connection.close()
             except sqlite3.Error:
@@ -530,11 +535,13 @@ def is_server(location: str) -> bool:
 
 
 def open_database(location: str, *, patient: bool = False, deadline: float | None = None,
-                  expected_id: Callable[[], str | None] = lambda: None) -> Database:
+                  expected_id: Callable[[], str | None] = lambda: None,
+                  found_id: Callable[[str, tuple[int, int] | None], None] = lambda store_id, file: None) -> Database:
     """The database at `location`: a postgresql:// URL, or a SQLite file path (connected
-    when first used)."""
+    when first used). `expected_id`: the identity it must have (None: any); `found_id` is
+    told the identity found when none was expected."""
     kind = PostgresDatabase if is_server(location) else SqliteDatabase
-    return kind(location, patient=patient, deadline=deadline, expected_id=expected_id)
+    return kind(location, patient=patient, deadline=deadline, expected_id=expected_id, found_id=found_id)
 
 
 def shown_location(location: str) -> str:

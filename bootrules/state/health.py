@@ -113,6 +113,12 @@ class HealthBoard:
 
         self._update(part, change)
 
+    def learned(self, part: str, store_id: str, file: tuple[int, int] | None) -> None:
+        """A process met the store with this identity while none was known: it is the one."""
+        if self.status(part).store_id is None:
+            self._update(part, lambda status: status if status.store_id is not None
+                         else replace(status, store_id=store_id, file=file))
+
     def probed(self, part: str, started: float, store_id: str | None, file: tuple[int, int] | None,
                sticky_identity: bool) -> None:
         """A probe that started at `started` succeeded on a store with this identity."""

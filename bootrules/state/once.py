@@ -84,13 +84,13 @@ class OnceGate:
         self._lock = threading.Lock()
         self._warned_at = 0.0
         self._suppressed = 0
-        self.arms = ArmWriter(lambda: open_stores(settings, "background", board.expected_id("state")).once,
+        self.arms = ArmWriter(lambda: open_stores(settings, "background", board).once,
                               self._failed, lambda: self._count("once_row_writes"), self._in_force)
 
     def store(self) -> OnceStore:
         with self._lock:
             if self._store is None:
-                self._store = open_stores(self.settings, "request", self.board.expected_id("state")).once
+                self._store = open_stores(self.settings, "request", self.board).once
             return self._store
 
     def _in_force(self) -> set[tuple[str, str]]:

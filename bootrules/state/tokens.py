@@ -65,10 +65,14 @@ def issue(key: str, identities: Iterable[str], rule: str, label: str, issued: fl
 
 
 def read(token: str) -> Claims | None:
-    """The token's claims, or None if it is not a token of this format at all."""
+    """The token's claims, or None if it is not a token of this format at all, or not in the
+    one spelling bootrules writes (the last character's unused bits would let four strings
+    decode to the same bytes)."""
     try:
         raw = base64.urlsafe_b64decode(token + "=" * (-len(token) % 4))
     except (binascii.Error, ValueError):
+        return None
+    if _encode(raw) != token:
         return None
     start = RANDOM_BYTES + _HEAD.size + 1
     if len(raw) < start + TAG_BYTES:

@@ -18,7 +18,7 @@ from bootrules.decide.matching import first_match_linear as first_match
 from bootrules.rules.loader import parse_rules
 from bootrules.services import services
 from bootrules.state.database import SCHEMA_VERSION
-from bootrules.state.machine_store import Filter
+from bootrules.state.machine_store import Filter, Sighting
 from bootrules.state.recorder import Recorder
 from bootrules.web.snippet import PLACEHOLDER, rule_to_paste
 from support import BootrulesServer, free_port, http_get, machine_store, new_database, once_store, wait_until
@@ -293,3 +293,52 @@ def test_no_value_a_machine_sends_can_break_or_change_the_rule_to_paste(serial, 
         ruleset = parse_rules(rules_with(filled_in(uncommented)), "rules.yaml")
         assert first_match(ruleset.rules, facts).name == ruleset.rules[0].name
     assert textwrap.dedent(snippet).startswith("- name: ")
+
+
+def test_a_machine_a_once_rule_finished_is_known_not_unknown(tmp_path):
+    """After it reported done, a machine falls through to the catch-all; it is still a machine
+    the rules name: listed as done by its once: rule, not as unknown, and no rule to paste."""
+    from support import ask, write_once_rules
+
+    app = create_app(str(write_once_rules(tmp_path / "rules.yaml")), poll_interval=0)
+    client = app.test_client()
+    _rule, token = ask(client)
+    assert client.post(f"/done/{token}").status_code == 200
+    assert ask(client) == ("local-disk", None)
+    flush(app)
+    machine = services(app).page_stores().machines.one("mac:52:54:00:12:34:56", services(app).page_stores().once)
+    assert machine.last_rule == "local-disk" and not machine.unknown and machine.done_by == ("install-debian",)
+    detail = client.get("/api/machines/mac:52:54:00:12:34:56").get_json()
+    assert detail["unknown"] is False and detail["rule_to_paste"] is None
+    services(app).stop()
+
+
+def test_the_cap_holds_after_every_batch_not_only_at_the_next_prune(tmp_path):
+    """--machines-max is kept after the batch that crosses it, not a minute later."""
+    store = machine_store(tmp_path / "state.db")
+    now = [1_000_000.0]
+    recorder = Recorder(lambda: store, keep_seconds=86400, max_machines=100, clock=lambda: now[0])
+    for batch in range(5):
+        for number in range(80):
+            now[0] += 0.001
+            recorder.saw({"mac": f"52:54:00:00:{batch:02x}:{number:02x}"}, "10.0.0.1", "r", "exit", True)
+        recorder.flush()
+        assert store.count() <= 100, batch
+
+
+def test_the_wal_of_a_busy_store_is_truncated_once_it_has_grown(tmp_path, monkeypatch):
+    """A flood of writes grows SQLite's WAL; the checkpoint thread truncates it once it is past
+    its limit, instead of keeping the disk space for ever."""
+    from bootrules.state import database as database_module
+
+    monkeypatch.setattr(database_module, "WAL_LIMIT_BYTES", 256 * 1024)
+    monkeypatch.setattr(database_module, "CHECKPOINT_EVERY", 0.2)
+    store = machine_store(tmp_path / "flood.db")
+    now = time.time()
+    for batch in range(40):
+        store.write({f"mac:{batch}:{n}": Sighting({"mac": "52:54:00:00:00:01", "serial": "x" * 200}, "10.0.0.1",
+                                                   now, "r", "exit", True) for n in range(64)}, {})
+    wal = tmp_path / "flood.db-wal"
+    assert wal.stat().st_size > 256 * 1024
+    assert wait_until(lambda: wal.stat().st_size <= 256 * 1024, timeout=10), wal.stat().st_size
+    assert store.count() == 40 * 64

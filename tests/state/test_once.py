@@ -376,3 +376,56 @@ def test_check_stays_linear_with_many_once_rules(monkeypatch):
     monkeypatch.setattr(lint_module, "_implied", lambda selector, rule: compared.append(1) or implied(selector, rule))
     assert lint_module.lint(parse_rules(text)) == []
     assert len(compared) < 5000
+
+
+# --------------------------------------------------------------------------- callbacks that cost nothing
+
+
+def test_a_made_up_token_is_refused_without_touching_the_store(lab, monkeypatch):
+    """A well-formed token signed with another key, or no token at all: 404, and not one
+    statement reaches the store (its tag is checked first, against the rules in force)."""
+    app, client, _rules, _state = lab
+    ask(client, MAC_A)  # the store is open and the key read
+    store = services(app).once.store()
+    touched = []
+    monkeypatch.setattr(store.database, "run", lambda *args, **kwargs: touched.append(args))
+    forged = tokens.issue(tokens.new_key(), [f"mac:{MAC_B}"], "install-debian", "true", time.time(), time.time() + 60)
+    for token in (forged, forged[:-4] + "AAAA", "B" * 64, "Q" * 90):
+        assert client.post(f"/done/{token}").status_code == 404
+    assert touched == []
+
+
+def test_a_token_has_one_spelling(lab):
+    """The unused bits of the last base64 character: the three other spellings of a token
+    that decode to the same bytes are refused, and the real one still works."""
+    _app, client, _rules, _state = lab
+    _rule, token = ask(client, MAC_A)
+    alphabet = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_"
+    last = alphabet.index(token[-1])
+    unused = {1: 0b1111, 2: 0b11}[len(tokens.read(token).signed + tokens.read(token).tag) % 3]
+    variants = {token[:-1] + alphabet[(last & ~unused) | bits] for bits in range(unused + 1)} - {token}
+    assert variants
+    for variant in variants:
+        assert base64.urlsafe_b64decode(variant + "=" * (-len(variant) % 4)) == \
+            base64.urlsafe_b64decode(token + "=" * (-len(token) % 4))
+        assert client.post(f"/done/{variant}").status_code == 404
+    assert client.post(f"/done/{token}").status_code == 200
+
+
+def test_a_flood_of_made_up_machines_stops_adding_rows_but_not_installs(lab):
+    """Past the most armed rows kept, new machines still get tokens that work; no row is
+    written for them."""
+    app, client, _rules, state = lab
+    gate = services(app).once
+    gate.arms.max_armed = 2
+    ask(client, MAC_A)
+    gate.arms.flush()
+    gate.arms.upkeep()  # counts the armed rows: 1
+    ask(client, MAC_B)
+    gate.arms.flush()
+    gate.arms.upkeep()  # 2: full
+    _rule, token = ask(client, MAC_C)
+    gate.arms.flush()
+    assert [row[0] for row in rows(state)] == [f"mac:{MAC_A}", f"mac:{MAC_B}"]
+    assert client.post(f"/done/{token}").status_code == 200
+    assert ask(client, MAC_C)[0] == "local-disk"

@@ -203,3 +203,53 @@ def test_a_client_outside_admin_allow_gets_403_on_a_real_socket(write_rules, tmp
         assert "real-socket-serial" in get_from("127.0.0.1", "/api/machines")[1]
         status, body = get_from("127.0.0.3", "/api/machines")
         assert status == 200 and json.loads(body)["total"] == 1
+
+
+# --------------------------------------------------------------------------- round 3
+
+
+@pytest.mark.parametrize("host, status", [
+    ("attacker.example", 421), ("attacker.example:8080", 421), ("localhost", 200), ("localhost:8080", 200),
+    ("127.0.0.1:8080", 200), ("[::1]:8080", 200), ("10.1.2.3", 200), ("boot.example.com", 200),
+    ("pxe.example.com", 200), ("PXE.Example.COM:80", 200),
+])
+def test_pages_answer_only_to_a_host_name_of_this_server(lab, host, status):
+    """DNS rebinding: a page on a domain pointed at this server reaches it with that domain in
+    Host; /ui/ and /api/ answer addresses, localhost, --base-url's host and --admin-host names only."""
+    _app, client = lab(BOOTRULES_BASE_URL="http://boot.example.com", BOOTRULES_ADMIN_HOSTS="pxe.example.com")
+    for path in ("/ui/", "/api/machines"):
+        assert client.get(path, headers={"Host": host}, environ_base=ADMIN).status_code == status, path
+    assert client.get("/ipxe?mac=52:54:00:00:00:01", headers={"Host": host}).status_code == 200  # boots: any Host
+
+
+def test_a_page_number_past_any_listing_is_a_clear_400(lab):
+    app, client = lab()
+    booted(app, client, "mac=52:54:00:00:00:01")
+    for path in ("/api/machines?page=9223372036854775807", "/ui/machines?page=99999999999"):
+        response = client.get(path, environ_base=ADMIN)
+        assert response.status_code == 400 and "page must be at most" in response.get_data(as_text=True), path
+
+
+@pytest.mark.parametrize("serial", ["\x1b]0;owned\x07", "\x1b[2J\x1b[31mred", "abc\u202edcba", "\u2066x\u2069"])
+def test_terminal_and_bidi_controls_a_machine_sent_are_shown_written_out(lab, serial):
+    """An ESC sequence or U+202E in a serial: the page shows `\\x1b`, `\\u202e`, never the character."""
+    app, client = lab()
+    booted(app, client, "mac=52:54:00:00:00:07&serial_hex=" + hexed(serial))
+    for path in ("/ui/machines", "/ui/machines/mac:52:54:00:00:00:07"):
+        page = client.get(path, environ_base=ADMIN).get_data(as_text=True)
+        assert not any(char in page for char in "\x1b\x07\u202e\u2066\u2069"), path
+        written = "".join(char if char.isprintable() else f"\\x{ord(char):02x}" if ord(char) < 256
+                          else f"\\u{ord(char):04x}" for char in serial.casefold())
+        assert written.replace("<", "&lt;") in page, path
+
+
+def test_the_public_health_check_names_the_failing_part_but_not_the_database(lab, tmp_path):
+    """/healthz says which store is failing to anyone; its error text (which may name the
+    database's address) only to those who may see the status page."""
+    _app, client = lab(BOOTRULES_STATE=f"postgresql://bootrules:pw@127.0.0.1:{free_port()}/x")
+    client.get("/ipxe?mac=52:54:00:12:34:56")
+    public = client.get("/healthz", environ_base={"REMOTE_ADDR": "10.9.9.9"}).get_json()
+    assert public["status"] == "degraded" and public["state"] == {"store": "postgresql", "status": "error"}
+    assert "127.0.0.1" not in json.dumps(public)
+    admin = client.get("/healthz", environ_base=ADMIN).get_json()
+    assert "127.0.0.1" in admin["state"]["error"]
