@@ -279,3 +279,11 @@ def environment_help(settings: Iterable[Setting] = SETTINGS) -> str:
     """The variables, one a line, for `--help`."""
     width = max(len(setting.env) for setting in settings)
     return "\n".join(f"  {setting.env:<{width}}  {setting.flag}" for setting in settings)
+
+
+def settings_table(settings: Iterable[Setting] = SETTINGS) -> str:
+    """The settings as the Markdown table of docs/operations.md (a test holds the two equal)."""
+    rows = ["| variable | flag | meaning | default |", "| --- | --- | --- | --- |"]
+    rows += [f"| `{setting.env}` | `{setting.flag}` | {setting.meaning} | {setting.shown_default} |"
+             for setting in settings]
+    return "\n".join(rows)

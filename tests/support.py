@@ -18,11 +18,14 @@ import urllib.error
 import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import pytest
 
 from bootrules.services import services
+
+if TYPE_CHECKING:
+    from bootrules.state import MachineStore, OnceStore
 
 ROOT = Path(__file__).resolve().parent.parent
 

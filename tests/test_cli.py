@@ -99,6 +99,7 @@ def test_the_bootrules_command_is_installed_with_the_project(tmp_path):
 
 
 def test_check_and_preview_show_a_menu(runner, write_rules):
+    """check accepts a menu rule and preview prints its whole script."""
     path = write_rules(
         """
         rules:

@@ -470,6 +470,7 @@ def test_ipv4_peers_on_an_ipv6_socket_match_ipv4_rules_and_proxies(write_rules, 
 
 
 def test_an_ipv4_mapped_range_in_a_rule_is_an_error_with_the_ipv4_form():
+    """A rule naming an IPv4-mapped IPv6 range is an error that gives the IPv4 form."""
     with pytest.raises(RulesError) as error:
         parse_rules("rules:\n  - name: a\n    match: {client: '::ffff:10.0.0.0/104'}\n    exit: true\n")
     assert error.value.problems == ("rules.yaml:3: rule 'a': match client: '::ffff:10.0.0.0/104' is an "
@@ -513,6 +514,7 @@ def test_a_forwarded_hop_that_is_not_an_address_is_refused_and_logged_escaped(wr
 
 
 def test_a_uuid_glob_without_hyphens_matches_like_a_bare_mac_glob():
+    """A UUID glob written without hyphens matches the UUID without its hyphens."""
     from bootrules.decide.matching import Matcher, first_match_linear
 
     ruleset = parse_rules('rules:\n  - name: dell\n    match: {uuid: "4C4C4544004235*"}\n    exit: true\n')

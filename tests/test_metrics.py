@@ -111,6 +111,20 @@ def test_several_workers_refuse_to_start_on_a_prometheus_client_without_what_the
     from prometheus_client.mmap_dict import MmapedDict
 
     monkeypatch.delattr(MmapedDict, "read_all_values_from_file")
+    monkeypatch.setenv("PROMETHEUS_MULTIPROC_DIR", str(rules_path.parent))  # serve sets it for its process
     result = runner.invoke(cli, ["serve", "--rules", str(rules_path), "--workers", "2", "--port", "0"])
     assert result.exit_code == 1
     assert "MmapedDict.read_all_values_from_file" in result.output and "--workers 1" in result.output
+
+
+def test_with_several_workers_every_metric_is_summed_not_only_decisions(rules_path, tmp_path):
+    """Two workers: /metrics has the latency (7 answers), bad requests and rules of both, not only the
+    decision counts (prometheus_client must be in its multiprocess mode in every worker)."""
+    with BootrulesServer(rules_path, free_port(), tmp_path / "server.log", args=("--workers", "2")) as server:
+        for _ in range(6):
+            http_get(f"{server.url}/ipxe?mac=00:12:34:56:78:90")
+        http_get(f"{server.url}/ipxe?mac=nonsense")
+        metrics = http_get(f"{server.url}/metrics")[2]
+    assert re.search(r"^bootrules_request_duration_seconds_count 7\.0$", metrics, re.M), metrics
+    assert re.search(r"^bootrules_bad_requests_total 1\.0$", metrics, re.M), metrics
+    assert re.search(r"^bootrules_rules_loaded 3\.0$", metrics, re.M), metrics

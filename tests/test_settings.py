@@ -43,16 +43,16 @@ def test_every_setting_can_come_from_the_environment(rules_path, tmp_path):
     assert json.loads(log.read_text().splitlines()[0])["message"].startswith("loaded 3 rules")
 
 
-def readme_settings_table() -> list[tuple[str, str, str, str]]:
-    readme = (ROOT / "README.md").read_text()
+def documented_settings_table() -> list[tuple[str, str, str, str]]:
+    readme = (ROOT / "docs" / "operations.md").read_text()
     rows = re.findall(r"^\| `(BOOTRULES_[A-Z_]+)` \| `(--[a-z-]+)` \| (.+?) \| (.+?) \|$", readme, re.M)
     return rows
 
 
-def test_the_readme_table_help_and_flags_all_come_from_the_one_list(runner):
-    """The README's settings table is SETTINGS, row for row; `--help` names every variable,
+def test_the_documented_table_help_and_flags_all_come_from_the_one_list(runner):
+    """The manual's settings table is SETTINGS, row for row; `--help` names every variable,
     and `serve` has every flag."""
-    assert readme_settings_table() == [(s.env, s.flag, s.meaning, s.shown_default) for s in SETTINGS]
+    assert documented_settings_table() == [(s.env, s.flag, s.meaning, s.shown_default) for s in SETTINGS]
     shown = runner.invoke(cli, ["--help"]).output
     serve_help = runner.invoke(cli, ["serve", "--help"]).output
     for setting in SETTINGS:
@@ -61,6 +61,7 @@ def test_the_readme_table_help_and_flags_all_come_from_the_one_list(runner):
 
 
 def test_every_wrong_setting_is_reported_at_once_by_its_flag_or_variable():
+    """Every wrong setting is reported at once, each named by the flag or variable it came from."""
     environ = {"BOOTRULES_PORT": "eighty", "BOOTRULES_POLL_INTERVAL": "-1", "BOOTRULES_LOG_FORMAT": "xml"}
     given = {"base_url": "ftp://nope", "trusted_proxies": ("10.0.0.0/8", "not-a-net"), "workers": "65"}
     with pytest.raises(SettingsError) as error:
@@ -76,6 +77,7 @@ def test_every_wrong_setting_is_reported_at_once_by_its_flag_or_variable():
 
 
 def test_a_flag_wins_over_its_variable_and_a_variable_over_the_default():
+    """A flag wins over its BOOTRULES_* variable, which wins over the default."""
     environ = {"BOOTRULES_PORT": "8081", "BOOTRULES_HOST": "::1", "BOOTRULES_TRUSTED_PROXIES": "10.0.0.1, 10.0.0.2"}
     settings = Settings.load({"port": "9000"}, environ)
     assert settings.port == 9000 and settings.host == "::1" and settings.channel_timeout == 30
@@ -84,6 +86,7 @@ def test_a_flag_wins_over_its_variable_and_a_variable_over_the_default():
 
 
 def test_serve_reports_every_wrong_setting_in_one_clean_error(runner):
+    """`serve` with wrong settings exits 1 with one error listing them all, no traceback."""
     result = runner.invoke(cli, ["serve", "--port", "x", "--channel-timeout", "0"], env={"BOOTRULES_WORKERS": "-2"})
     assert result.exit_code == 1
     assert result.output.splitlines()[-4:] == [

@@ -6,7 +6,7 @@
       default: local
       items:
         - {key: local, label: Boot from local disk, exit: true}
-        - {key: rescue, label: Rescue, chain: https://boot.netboot.xyz}
+        - {key: rescue, label: Rescue, chain: http://pxe.example.com/rescue.ipxe}
 
 Each item takes exactly the actions a rule takes (not another menu) and `set:`, read by
 the same readers, so it is checked the same way, with file:line.

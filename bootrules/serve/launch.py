@@ -52,16 +52,17 @@ def serve(settings: Settings) -> int:
     # Until the handlers are in place, SIGHUP (systemctl reload) must not kill us.
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
     workers = settings.resolved_workers()
-    if workers > 1:
-        lacking = missing_internals()
+    runtime = _runtime_directory() if workers > 1 else None
+    prober = None
+    try:
+        # prometheus_client decides on its multiprocess mode when it is first imported:
+        # only once the runtime directory is set.
+        lacking = missing_internals() if runtime else None
         if lacking:
             raise StartError(f"several workers add up their metrics with prometheus_client internals this "
                              f"installed version lacks ({lacking}); pip install -r requirements.txt installs one "
                              "that has them, or run with --workers 1")
-    runtime = _runtime_directory() if workers > 1 else None
-    prober = None
-    try:
-        metrics = Metrics()  # made after the runtime directory: it decides the metrics mode
+        metrics = Metrics()
         if settings.server == "granian":
             from .granian_worker import missing
 

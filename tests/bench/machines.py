@@ -30,9 +30,9 @@ sys.path.insert(0, str(HERE.parent.parent))
 
 from run import PYTHON, ROOT, Server, median_storm, storm, wait_http  # noqa: E402
 
-from bootrules.state import machines  # noqa: E402
-from bootrules.state.machines import Sighting  # noqa: E402
-from bootrules.state.store import open_store  # noqa: E402
+from bootrules.state import MachineStore  # noqa: E402
+from bootrules.state.database import open_database  # noqa: E402
+from bootrules.state.machine_store import PAGE_SIZE, Sighting  # noqa: E402
 
 
 def start(rules: Path, port: int, work: Path, workers: int, *extra: str) -> Server:
@@ -58,7 +58,7 @@ def recorded_storm_machines(state: Path, rounds: int) -> tuple[int, int]:
 
 def fill(state: Path, count: int) -> None:
     """`count` machines, as the recorder writes them; one in ten unknown, in 8 products."""
-    store = open_store(str(state))
+    store = MachineStore(open_database(str(state), patient=True))
     now = time.time()
     products = ["poweredge r650", "poweredge r750", "proliant dl360", "sys-1029p-wtr", "thinksystem sr630",
                 "vmware7,1", "standard pc (q35)", "optiplex 7090"]
@@ -77,10 +77,10 @@ def fill(state: Path, count: int) -> None:
             seen.add(facts, seen.client, when, rule, action, unknown)
         batch[f"mac:{mac}"] = seen
         if len(batch) == 5000:
-            machines.write(store, batch, {})
+            store.write(batch, {})
             batch = {}
     if batch:
-        machines.write(store, batch, {})
+        store.write(batch, {})
     store.close()
 
 
@@ -99,6 +99,7 @@ def timed(url: str, times: int = 15) -> tuple[float, float, int]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--no-docs", action="store_true", help="do not write the figures into docs/performance.md")
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--machines", type=int, default=100000)
@@ -149,7 +150,7 @@ def main() -> None:
               f"{state.stat().st_size / 1e6:.0f} MB of SQLite), median / max of 15 requests:")
         big = start(state.parent / "rules.yaml", 18293, work, args.workers)
         servers.append(big)
-        last_page = -(-args.machines // machines.PAGE_SIZE)
+        last_page = -(-args.machines // PAGE_SIZE)
         for label, path in (
                 ("/ui/ (overview)", "/ui/"),
                 ("/ui/machines (newest 50)", "/ui/machines"),
@@ -169,4 +170,7 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    import perfdoc
+
+    with perfdoc.recorded("machines.py", write=not {"--quick", "--no-docs", "--flat-only"} & set(sys.argv)):
+        main()

@@ -47,6 +47,7 @@ def row_writes(url: str) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--no-docs", action="store_true", help="do not write the figures into docs/performance.md")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--workers", type=int, default=2)
     args = parser.parse_args()
@@ -97,4 +98,7 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    import perfdoc
+
+    with perfdoc.recorded("once_storm.py", write=not {"--quick", "--no-docs", "--flat-only"} & set(sys.argv)):
+        main()

@@ -318,6 +318,7 @@ def load_seconds(log: Path, count: int) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--no-docs", action="store_true", help="do not write the figures into docs/performance.md")
     parser.add_argument("--quick", action="store_true", help="shorter runs (figures are rougher)")
     parser.add_argument("--workers", type=int, default=0, help="bootrules workers (default: one per core)")
     args = parser.parse_args()
@@ -466,4 +467,7 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    import perfdoc
+
+    with perfdoc.recorded("run.py", write=not {"--quick", "--no-docs", "--flat-only"} & set(sys.argv)):
+        main()

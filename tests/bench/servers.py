@@ -33,6 +33,7 @@ WORKERS = os.cpu_count() or 1
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--no-docs", action="store_true", help="do not write the figures into docs/performance.md")
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--flat-cycles", type=int, default=30, help="1 s rounds of each 100k-rule case")
     parser.add_argument("--flat-only", action="store_true", help="only the 100,000-rule rows (about 9 minutes)")
@@ -139,4 +140,7 @@ def _quartiles(values: list[float]) -> str:
 
 
 if __name__ == "__main__":
-    main()
+    import perfdoc
+
+    with perfdoc.recorded("servers.py", write=not {"--quick", "--no-docs", "--flat-only"} & set(sys.argv)):
+        main()

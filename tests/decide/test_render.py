@@ -249,6 +249,7 @@ def test_entry_script_reports_every_fact_with_free_text_in_hex():
 
 
 def test_a_once_rule_with_a_menu_sets_the_done_url_before_the_menu():
+    """A `once:` menu rule sets ${bootrules-done} before the menu, for whichever item installs."""
     ruleset = parse_rules("rules:\n  - name: m\n    once: true\n    menu:\n      default: a\n"
                           "      timeout: 0\n      items: [{key: a, label: A, exit: true}]\n")
     lines = render_rule(ruleset.rules[0], done_url="http://b/done/T").splitlines()

@@ -20,7 +20,27 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
-MIRROR = os.environ.get("BOOTRULES_DEBIAN_MIRROR", "http://deb.debian.org/debian")
+def system_mirror() -> str:
+    """The Debian archive this machine's apt uses (the first `debian` URI of its sources), so the
+    tests fetch from wherever this machine's packages come from; BOOTRULES_DEBIAN_MIRROR wins."""
+    given = os.environ.get("BOOTRULES_DEBIAN_MIRROR")
+    if given:
+        return given.rstrip("/")
+    lines: list[str] = []
+    for path in sorted(Path("/etc/apt/sources.list.d").glob("*.sources")):
+        lines += [line.split(":", 1)[1] for line in path.read_text().splitlines() if line.startswith("URIs:")]
+    sources_list = Path("/etc/apt/sources.list")
+    if sources_list.exists():
+        lines += [line.split()[1] for line in sources_list.read_text().splitlines()
+                  if line.startswith("deb ") and len(line.split()) > 2 and "[" not in line.split()[1]]
+    for uris in lines:
+        for uri in uris.split():
+            if uri.rstrip("/").endswith("/debian"):
+                return uri.rstrip("/")
+    raise RuntimeError("no Debian archive in /etc/apt/sources.list(.d); set BOOTRULES_DEBIAN_MIRROR")
+
+
+MIRROR = system_mirror()
 CACHE = Path(os.environ.get("BOOTRULES_TEST_CACHE", Path.home() / ".cache" / "bootrules-tests"))
 ROM = "efi-virtio.rom"
 HOST_ROM_DIRS = (Path("/usr/lib/ipxe/qemu"), Path("/usr/share/qemu"))

@@ -53,6 +53,8 @@ def flush(app) -> int:
 
 
 def test_every_decision_is_recorded_per_machine_with_what_it_sent(lab):
+    """Each decision adds to its machine's row: the facts it sent last (normalised), counts, last
+    answer, recent decisions."""
     app, client, store = lab
     for platform in ("pcbios", "efi", "efi"):
         client.get(f"/ipxe?mac=00-12-34-56-78-90&platform={platform}&serial_hex={hexed('  SN 42 ')}")
@@ -75,6 +77,7 @@ def test_every_decision_is_recorded_per_machine_with_what_it_sent(lab):
 
 
 def test_a_machine_is_one_row_however_often_it_asks_and_from_whichever_nic(lab):
+    """A machine is one row under its UUID, however often it asks and through whichever NIC."""
     app, client, store = lab
     for _ in range(100):
         client.get(f"/ipxe?mac=52:54:00:00:00:01&uuid={UUID}")
@@ -87,6 +90,8 @@ def test_a_machine_is_one_row_however_often_it_asks_and_from_whichever_nic(lab):
 
 
 def test_unknown_means_answered_by_a_catch_all_or_by_no_rule(write_rules, tmp_path):
+    """Unknown: answered by a rule without match: or by no rule; a machine with neither MAC nor UUID
+    is kept under its address."""
     rules = write_rules("rules:\n  - name: only-vms\n    match: {mac: '00:0c:29:*'}\n    exit: true\n")
     app = create_app(str(rules), poll_interval=0)
     client = app.test_client()
@@ -102,6 +107,8 @@ def test_unknown_means_answered_by_a_catch_all_or_by_no_rule(write_rules, tmp_pa
 
 
 def test_filters_and_pages_over_many_machines(lab):
+    """Pages, the unknown and rule filters and the substring search find exactly their machines (a
+    LIKE wildcard is a plain character)."""
     app, client, store = lab
     for number in range(120):
         serial = hexed(f"SER{number:04d}")
@@ -121,6 +128,8 @@ def test_filters_and_pages_over_many_machines(lab):
 
 
 def test_retention_forgets_machines_not_seen_for_long_and_caps_the_count(tmp_path):
+    """Machines not seen for --machines-keep are forgotten, and at most --machines-max are kept, the
+    oldest going first."""
     store = machine_store(tmp_path / "state.db")
     now = [1_000_000.0]
     recorder = Recorder(lambda: store, keep_seconds=3600, max_machines=100, clock=lambda: now[0])
@@ -137,6 +146,8 @@ def test_retention_forgets_machines_not_seen_for_long_and_caps_the_count(tmp_pat
 
 
 def test_a_store_that_fails_never_fails_a_boot_and_what_was_seen_waits_for_it(write_rules, tmp_path):
+    """A store that cannot be written: boots are answered, /healthz says machines_seen failed, and
+    what was seen is written once it can be."""
     rules = write_rules(RULES)
     state = tmp_path / "not-yet" / "state.db"  # its directory does not exist yet
     app = create_app(str(rules), poll_interval=0)
@@ -158,6 +169,7 @@ def test_a_store_that_fails_never_fails_a_boot_and_what_was_seen_waits_for_it(wr
 
 
 def test_recording_off_writes_nothing(write_rules, tmp_path, monkeypatch):
+    """--machines-keep 0: no recorder, and no state file is made."""
     monkeypatch.setenv("BOOTRULES_MACHINES_KEEP", "0")
     app = create_app(str(write_rules(RULES)), poll_interval=0)
     assert app.test_client().get("/ipxe?mac=52:54:00:00:00:01").status_code == 200
@@ -180,6 +192,8 @@ def test_a_stopping_server_writes_what_it_saw_before_it_exits(write_rules, tmp_p
 
 
 def test_machines_command_lists_unknown_machines_and_json(lab, runner, tmp_path):
+    """`machines` marks unknown machines, prints what they sent with escapes (never raw control
+    characters), and has --json."""
     app, client, _store = lab
     client.get("/ipxe?mac=00:12:34:56:78:90")
     client.get("/ipxe?mac=52:54:00:00:00:07&serial_hex=" + hexed("evil\x1b[31m\nserial"))
@@ -198,6 +212,8 @@ def test_machines_command_lists_unknown_machines_and_json(lab, runner, tmp_path)
 
 
 def test_an_older_schema_is_migrated_keeping_once_state_and_its_tokens(tmp_path):
+    """A store of an older release is migrated in place: its once: rows, and a token of that
+    release, still count."""
     path = tmp_path / "state.db"
     with sqlite3.connect(path) as db:  # a store made by the release before machines were recorded
         db.execute("CREATE TABLE bootrules_meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)")
@@ -260,6 +276,8 @@ def rules_with(snippet: str) -> str:
 
 
 def test_the_rule_to_paste_names_the_machine_and_passes_check_once_filled_in(tmp_path, runner):
+    """The rule to paste is named from product and serial, matches the MAC, and passes check as
+    written and once filled in."""
     facts = {"mac": "52:54:00:12:34:56", "serial": "4bx2k3", "product": "poweredge r640", "manufacturer": "dell inc.",
              "uuid": UUID, "platform": "efi"}
     snippet = rule_to_paste(facts, "10.0.0.5", taken={"poweredge-r640-4bx2k3"})

@@ -42,6 +42,7 @@ def lab(tmp_path):
     ("{label: v2, expires: 36h}", Once("v2", 129600)), ("{expires: 90m}", Once("true", 5400)),
 ])
 def test_once_takes_true_a_label_or_a_label_with_an_expiry(value, expected):
+    """`once:` takes true, a label, or a mapping with a label and an expiry."""
     ruleset = parse_rules(f"rules:\n  - name: a\n    once: {value}\n    exit: true\n")
     assert ruleset.rules[0].once == expected
 
@@ -55,12 +56,14 @@ def test_once_takes_true_a_label_or_a_label_with_an_expiry(value, expected):
     ("{lable: x}", "rules.yaml:3: rule 'a': once: unknown key 'lable' (did you mean 'label'? expected one of: label, expires)"),
 ])
 def test_a_wrong_once_is_reported_with_its_line(value, problem):
+    """A wrong `once:` (false, a bad label, a bad expiry) is a file:line error."""
     with pytest.raises(RulesError) as error:
         parse_rules(f"rules:\n  - name: a\n    once: {value}\n    exit: true\n")
     assert error.value.problems == (problem,)
 
 
 def test_check_warns_when_a_once_rule_has_nothing_below_to_fall_through_to(runner, tmp_path):
+    """check warns when nothing below a once: rule answers its machines once they are done."""
     rules = tmp_path / "rules.yaml"
     rules.write_text('rules:\n  - name: a\n    match: {mac: "52:54:00:*"}\n    once: v1\n    exit: true\n'
                      '  - name: b\n    match: {mac: "52:54:00:12:*"}\n    exit: true\n')
@@ -74,6 +77,8 @@ def test_check_warns_when_a_once_rule_has_nothing_below_to_fall_through_to(runne
 
 
 def test_a_machine_installs_once_reports_done_and_then_boots_from_disk(lab):
+    """Armed with one live token until it reports done; then the rules below answer it; a repeated
+    callback changes nothing."""
     app, client, _rules, state = lab
     rule, token = ask(client)
     assert rule == "install-debian" and len(token) >= 22  # at least 128 random bits
@@ -93,6 +98,8 @@ def test_a_machine_installs_once_reports_done_and_then_boots_from_disk(lab):
 
 
 def test_the_callback_refuses_get_unknown_malformed_and_expired_tokens(lab):
+    """GET is 405, unknown and malformed tokens 404, an expired one 410; a new boot gets a new token
+    that works."""
     app, client, _rules, state = lab
     _rule, token = ask(client)
     assert client.get(f"/done/{token}").status_code == 405  # a crawler or a prefetch disarms nothing
@@ -111,6 +118,7 @@ def test_the_callback_refuses_get_unknown_malformed_and_expired_tokens(lab):
 
 
 def test_a_token_only_disarms_the_machine_it_was_issued_to(lab):
+    """A token disarms its own machine, never another."""
     _app, client, _rules, state = lab
     _rule, token_a = ask(client, MAC_A)
     _rule, token_b = ask(client, MAC_B)
@@ -130,6 +138,7 @@ def test_a_machine_with_two_nics_does_not_reinstall_through_the_other(lab):
 
 
 def test_changing_the_label_re_arms_every_machine_of_the_rule(lab):
+    """A new label re-arms every machine of the rule; the old label again finds them done."""
     app, client, rules, state = lab
     for mac in (MAC_A, MAC_B):
         assert client.post(f"/done/{ask(client, mac)[1]}").status_code == 200
@@ -143,6 +152,8 @@ def test_changing_the_label_re_arms_every_machine_of_the_rule(lab):
 
 
 def test_rearm_and_machines_from_the_command_line(lab, runner):
+    """`machines --once` lists the state without tokens; `rearm --mac` re-arms a machine under every
+    name it has."""
     _app, client, rules, state = lab
     _rule, token = ask(client, MAC_A, UUID)
     assert client.post(f"/done/{token}").status_code == 200
@@ -161,6 +172,7 @@ def test_rearm_and_machines_from_the_command_line(lab, runner):
 
 
 def test_tokens_never_appear_whole_in_logs_health_or_metrics(lab, caplog):
+    """Logs show a token's first 6 characters only; /healthz and /metrics never show it."""
     _app, client, _rules, _state = lab
     with caplog.at_level(logging.INFO, logger="bootrules"):
         _rule, token = ask(client)
@@ -203,6 +215,8 @@ def broken_state(kind: str, tmp_path: Path) -> str:
 
 @pytest.mark.parametrize("kind", ["unreachable", "corrupt"])
 def test_a_store_that_cannot_be_used_never_reinstalls_and_says_so(tmp_path, kind, caplog, monkeypatch):
+    """An unreachable or corrupt store: the machine falls through, the log and /healthz say why, a
+    callback asks to retry."""
     rules = write_once_rules(tmp_path / "rules.yaml")
     monkeypatch.setenv("BOOTRULES_STATE", broken_state(kind, tmp_path))
     app = create_app(str(rules), poll_interval=0)
@@ -276,6 +290,8 @@ def test_a_store_locked_while_a_worker_first_opens_it_works_once_the_lock_is_gon
 def test_a_machine_re_armed_while_its_state_is_read_falls_through_without_an_error(lab, monkeypatch, caplog):
     # The race: another server re-arms (deletes) the machine's row between arm's write, which
     # found a live row, and its read, which then finds none. The store says: not done, no row.
+    """A re-arm between a row's write and its read makes the machine fall through for this boot,
+    with a log line, not an error."""
     app, client, _rules, _state = lab
     store = services(app).once.store()
     monkeypatch.setattr(store, "arm", lambda row: (False, None, False))
@@ -288,6 +304,8 @@ def test_a_machine_re_armed_while_its_state_is_read_falls_through_without_an_err
 
 
 def test_a_token_carries_its_machine_and_times_and_is_signed_for_one_rule_and_label():
+    """A token carries its machine's names and times, is signed for one rule and label, and its
+    logged prefix tells tokens apart."""
     key = tokens.new_key()
     token = tokens.issue(key, [f"uuid:{UUID}", f"mac:{MAC_A}"], "install", "v1", 100.5, 200.25)
     claims = tokens.read(token)
@@ -303,6 +321,7 @@ def test_a_token_carries_its_machine_and_times_and_is_signed_for_one_rule_and_la
 
 
 def test_a_token_whose_row_was_lost_still_reports_done(lab):
+    """A token whose row was never written still reports done, for every name of its machine."""
     app, client, _rules, state = lab
     ask(client, MAC_A)  # the first arm is written before its answer; the next ones after
     _rule, token = ask(client, MAC_B, UUID)
@@ -319,6 +338,7 @@ def test_a_token_whose_row_was_lost_still_reports_done(lab):
 
 
 def test_a_forged_or_altered_token_disarms_nothing(lab):
+    """A token with its tag, MAC or expiry altered, or signed with another key, is 404."""
     app, client, _rules, _state = lab
     ask(client, MAC_A)
     _rule, token = ask(client, MAC_B)
@@ -341,6 +361,7 @@ def test_a_forged_or_altered_token_disarms_nothing(lab):
 
 
 def test_a_re_arm_voids_the_tokens_issued_before_it(lab, runner):
+    """Tokens issued before a re-arm, or before a later token, are refused."""
     app, client, rules, _state = lab
     _rule, first = ask(client, MAC_A)
     assert runner.invoke(cli, ["rearm", "--rules", str(rules), "--mac", MAC_A]).exit_code == 0
@@ -357,6 +378,7 @@ def test_a_re_arm_voids_the_tokens_issued_before_it(lab, runner):
 
 
 def test_machines_and_rearm_do_not_create_a_state_file(runner, tmp_path):
+    """Commands that only look or re-arm never make a state file."""
     rules = write_once_rules(tmp_path / "rules.yaml")
     result = runner.invoke(cli, ["machines", "--rules", str(rules)])
     assert result.exit_code == 0 and "no state yet" in result.output

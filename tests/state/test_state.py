@@ -70,6 +70,7 @@ def test_a_machine_is_armed_once_and_a_live_token_is_never_replaced(database):
 
 
 def test_done_counts_under_every_name_and_a_callback_may_be_repeated(database):
+    """Done is written under every name of the machine; the same callback again is `already`."""
     store = OnceStore(database())
     now = time.time()
     claim = armed("uuid:1", "T" * 64, now, now + 60, names=("uuid:1", "mac:a"))
@@ -80,6 +81,7 @@ def test_done_counts_under_every_name_and_a_callback_may_be_repeated(database):
 
 
 def test_an_expired_or_superseded_token_changes_nothing(database):
+    """A token superseded by a later one is unknown, an expired one expired; neither writes."""
     store = OnceStore(database())
     now = time.time()
     first = armed("mac:a", "T" * 64, now, now + 60)
@@ -91,6 +93,7 @@ def test_an_expired_or_superseded_token_changes_nothing(database):
 
 
 def test_a_re_arm_voids_tokens_issued_before_it_and_is_not_listed(database):
+    """A re-arm leaves a tombstone: not listed, and the tokens issued before it are unknown."""
     store = OnceStore(database())
     now = time.time()
     token = armed("mac:a", "T" * 64, now - 5, now + 60)
@@ -101,6 +104,7 @@ def test_a_re_arm_voids_tokens_issued_before_it_and_is_not_listed(database):
 
 
 def test_an_unsigned_token_of_an_older_bootrules_is_found_by_its_row(database):
+    """A 32-character token of an older release is found by its row, once."""
     store = OnceStore(database())
     now = time.time()
     store.write_arms([armed("mac:a", "A" * 32, now, now + 60)])
@@ -126,6 +130,8 @@ def test_upkeep_forgets_what_can_no_longer_matter_and_keeps_what_can(database):
 
 
 def test_machines_seen_are_written_in_batches_listed_and_capped(database):
+    """Machines are written in a batch, paged newest first, filtered, counted per minute, and pruned
+    to the cap oldest first."""
     store = MachineStore(database())
     now = time.time()
     batch = {f"mac:{n:02x}": Sighting({"mac": f"52:54:00:00:00:{n:02x}", "serial": f"sn{n}"}, "10.0.0.9",
@@ -141,6 +147,7 @@ def test_machines_seen_are_written_in_batches_listed_and_capped(database):
 
 
 def test_a_store_made_by_a_newer_bootrules_is_refused_not_rewritten(database):
+    """A store with a newer schema version is refused with a message, and left as it is."""
     OnceStore(database()).check()
     database().run(lambda cursor: cursor.execute("UPDATE bootrules_meta SET value = '99' WHERE key = 'schema_version'"),
                    write=True)

@@ -70,6 +70,7 @@ def booted(app, client, *queries: str) -> None:
 
 
 def test_pages_answer_this_host_and_admin_networks_only(lab):
+    """The pages and the API answer this host and --admin-allow networks, and 403 anyone else."""
     app, client = lab(BOOTRULES_ADMIN_ALLOW="10.9.0.0/16")
     booted(app, client, "mac=52:54:00:99:00:01&serial_hex=" + hexed("SN-SECRET-SIGHTING"))
     for path in ("/ui/", "/ui/machines", "/ui/machines/mac:52:54:00:99:00:01", "/api/machines",
@@ -84,6 +85,7 @@ def test_pages_answer_this_host_and_admin_networks_only(lab):
 
 
 def test_behind_a_proxy_the_real_client_is_judged(lab):
+    """Behind a trusted proxy, the client it names is judged, not the proxy."""
     app, client = lab(BOOTRULES_TRUSTED_PROXIES="127.0.0.1")
     through = {"REMOTE_ADDR": "127.0.0.1"}
     assert client.get("/ui/", environ_base=through, headers={"X-Forwarded-For": "10.0.0.7"}).status_code == 403
@@ -99,6 +101,7 @@ def test_a_proxy_bootrules_does_not_trust_gets_nothing(lab):
 
 
 def test_a_hostile_serial_is_text_everywhere_and_no_page_may_run_a_script(lab):
+    """A serial holding HTML is shown as text on every page, and the pages forbid every script."""
     app, client = lab()
     product = hexed('a"b<i>x</i>')
     booted(app, client, f"mac=52:54:00:66:00:01&serial_hex={hexed(HOSTILE)}&product_hex={product}")
@@ -116,6 +119,7 @@ def test_a_hostile_serial_is_text_everywhere_and_no_page_may_run_a_script(lab):
 
 
 def test_no_secret_appears_on_any_page_or_in_the_api(lab):
+    """No CHAP password or token appears on a page or in the API."""
     app, client = lab()
     answer = client.get("/ipxe?mac=52:54:00:12:34:56").get_data(as_text=True)
     token = re.search(r"/done/([A-Za-z0-9_-]{32})", answer).group(1)
@@ -129,6 +133,8 @@ def test_no_secret_appears_on_any_page_or_in_the_api(lab):
 
 
 def test_the_overview_shows_rules_hits_never_hit_rules_and_the_reload_error(lab, write_rules):
+    """The overview lists each rule with its hits, marks rules never hit, and shows a broken edit's
+    file:line."""
     app, client = lab()
     booted(app, client, "mac=00:11:22:33:44:55", "mac=00:11:22:33:44:55", "mac=aa:bb:cc:00:00:01")
     page = client.get("/ui/", environ_base=ADMIN).get_data(as_text=True)
@@ -144,12 +150,14 @@ def test_the_overview_shows_rules_hits_never_hit_rules_and_the_reload_error(lab,
 
 
 def test_ui_without_its_slash_is_sent_to_the_page(lab):
+    """/ui redirects to ui/, relative, so a proxy's prefix is kept."""
     _app, client = lab()
     response = client.get("/ui", environ_base=ADMIN)
     assert response.status_code in (301, 302, 308) and response.headers["Location"].endswith("ui/")
 
 
 def test_the_api_pages_and_filters(lab):
+    """The API pages and filters like the page; bad numbers take their defaults."""
     app, client = lab()
     booted(app, client, *[f"mac=aa:bb:cc:00:00:{n:02x}" for n in range(30)], "mac=00:11:22:33:44:55")
     first = client.get("/api/machines?per_page=20", environ_base=ADMIN).json
@@ -166,6 +174,7 @@ def test_the_api_pages_and_filters(lab):
 
 
 def test_the_preview_url_on_a_machine_page_asks_as_the_machine_did(lab):
+    """A machine's preview URL, fetched, is answered by the rule that answered the machine."""
     app, client = lab()
     booted(app, client, "mac=00:0c:29:00:00:01&serial_hex=" + hexed("Kiosk 7 &+#%") + "&platform=efi")
     detail = client.get("/api/machines/mac:00:0c:29:00:00:01", environ_base=ADMIN).json
@@ -223,6 +232,7 @@ def test_pages_answer_only_to_a_host_name_of_this_server(lab, host, status):
 
 
 def test_a_page_number_past_any_listing_is_a_clear_400(lab):
+    """A page number past any listing is a 400 that says so, not a traceback."""
     app, client = lab()
     booted(app, client, "mac=52:54:00:00:00:01")
     for path in ("/api/machines?page=9223372036854775807", "/ui/machines?page=99999999999"):

@@ -116,6 +116,7 @@ def no_script_ran(driver) -> bool:
 
 
 def test_the_overview_shows_each_rule_its_hits_and_the_decisions_chart(browser, served):
+    """In Chromium, the overview shows each rule, its hits and the decisions chart."""
     from selenium.webdriver.common.by import By
 
     server, _rules = served
@@ -133,6 +134,7 @@ def test_the_overview_shows_each_rule_its_hits_and_the_decisions_chart(browser, 
 
 
 def test_the_machines_page_lists_unknown_machines_and_its_filters_work(browser, served):
+    """In Chromium, the machines page marks unknown machines and its filters narrow the list."""
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import Select
 
@@ -170,6 +172,7 @@ def test_the_machines_page_lists_unknown_machines_and_its_filters_work(browser, 
 
 
 def test_an_unknown_machines_rule_to_paste_passes_check_and_then_answers_it(browser, served, tmp_path):
+    """The rule to paste, copied from the browser, passes check and then answers that machine."""
     from selenium.webdriver.common.by import By
 
     server, rules = served
@@ -200,6 +203,7 @@ def test_an_unknown_machines_rule_to_paste_passes_check_and_then_answers_it(brow
 
 
 def test_a_broken_edit_shows_its_file_and_line_on_the_overview(browser, served):
+    """In Chromium, a broken edit shows its file:line on the overview."""
     from selenium.webdriver.common.by import By
 
     server, rules = served
