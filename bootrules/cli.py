@@ -19,7 +19,6 @@ from .clock import utc
 from .decide import matching
 from .decide.engine import Snapshot
 from .decide.lint import lint
-from .decide.render import render_rule
 from .errors import RulesError, SettingsError, StartError, StateError
 from .rules.loader import load_rules
 from .settings import BY_NAME, SETTINGS, Settings, environment_help
@@ -131,17 +130,27 @@ def check(path: str, strict: bool) -> None:
 @click.option("--buildarch", help="i386, x86_64, arm64…")
 @click.option("--ip", help="The address iPXE reports for itself.")
 @click.option("--client", help="The address the request comes from.")
-@click.option("--show-secrets", is_flag=True, help="Print secret settings (CHAP passwords…) instead of ********.")
-@click.option("--explain", is_flag=True, help="Also say, for each rule above the answer, why it did not match.")
-def preview(rules: str | None, show_secrets: bool, explain: bool, **given: str | None) -> None:
+@click.option("--show-secrets", is_flag=True, help="Print secrets (CHAP passwords, secret inventory columns…) "
+              "instead of ********.")
+@click.option("--explain", is_flag=True, help="Also say why each rule above the answer did not match, and where "
+              "each variable of its templates comes from.")
+@click.option("--file", "file_name", metavar="NAME", help="Print this file of the rule's files: instead of the script.")
+def preview(rules: str | None, show_secrets: bool, explain: bool, file_name: str | None, **given: str | None) -> None:
     """Print the script a machine would get, and which rule answered, without a server.
 
-    Secret settings are masked unless --show-secrets is given.
+    The machine's inventory row counts as the server's would. Secrets are masked unless
+    --show-secrets is given; URLs only a server knows read http://BASE and TOKEN.
 
-    Example:
+    Examples:
 
         python app.py preview --mac 00:11:22:33:44:55 --platform efi
+
+        python app.py preview --mac 52:54:00:12:34:56 --explain --file preseed.cfg
     """
+    from .decide.preview import preview as preview_of
+    from .decide.preview import preview_file
+    from .decide.templating import RenderFailure
+
     rules_path = load_settings({"rules": rules}).rules
     try:
         ruleset = load_rules(rules_path)
@@ -154,21 +163,41 @@ def preview(rules: str | None, show_secrets: bool, explain: bool, **given: str |
         raise SystemExit(1) from None
     except ValueError as error:
         raise click.ClickException(str(error)) from None
-    # A `once:` rule is shown as answering: whether this machine has reported done is in
-    # the state store, which the server reads.
-    placeholder = "http://BASE/done/TOKEN"
-    rule, script = Snapshot(ruleset=ruleset, loaded_at=datetime.now(UTC)).decide(facts, lambda r: placeholder)
-    if rule is not None and not show_secrets:
-        script = render_rule(rule, reveal_secrets=False, done_url=placeholder if rule.once else None)
+    snapshot = Snapshot(ruleset=ruleset, loaded_at=datetime.now(UTC))
+    shown = preview_of(snapshot, facts, reveal=show_secrets)
+    rule = shown.rule
+    if shown.row is not None:
+        row = shown.row.values if show_secrets else shown.row.shown()
+        click.echo(f"# inventory ({shown.row.where}): " + " ".join(f"{key}={_quoted(value)}" for key, value in row.items()),
+                   err=True)
     if rule is not None and rule.once is not None:
         click.echo(f"# rule '{rule.name}' has once: {rule.once.label}: it answers until the machine reports done "
                    "(python app.py machines shows which have)", err=True)
     if explain:
-        for skipped, reason in matching.explain(ruleset.rules, facts):
+        for skipped, reason in matching.explain(ruleset.rules, shown.matching):
+            if rule is not None and skipped is rule:
+                break
             click.echo(f"# rule '{skipped.name}' (line {skipped.line}) did not match: {reason}", err=True)
+        for name, value, source in shown.sources:
+            click.echo(f"# variable {name} = {_quoted(value)}: {source}", err=True)
     where = f"rule '{rule.name}' ({ruleset.source}:{rule.line}), action {rule.action_name}" if rule else "no rule matched (exit)"
     click.echo(f"# answered by {where}", err=True)
-    click.echo(script, nl=False)
+    if shown.failed:
+        click.echo(f"# the rule cannot be rendered for this machine: {shown.failed}", err=True)
+    if file_name is None:
+        click.echo(shown.script, nl=False)
+        return
+    try:
+        _rule, text = preview_file(snapshot, facts, file_name, reveal=show_secrets)
+    except (LookupError, RenderFailure) as error:
+        raise click.ClickException(str(error)) from None
+    click.echo(text, nl=False)
+
+
+def _quoted(value: str) -> str:
+    """A value as a terminal may show it: printable ASCII, escapes written out, quoted if it has spaces."""
+    text = ascii(value)[1:-1]
+    return f'"{text}"' if " " in text or not text else text
 
 
 def _stores(rules: str | None, state: str | None) -> "Stores | None":

@@ -20,7 +20,12 @@ class ProblemsError(BootrulesError):
 
 
 class RulesError(ProblemsError):
-    """The rules file (or a file it names) cannot be used; each problem is `file:line: …`."""
+    """The rules file (or a file it names) cannot be used; each problem is `file:line: …`.
+    `watched`: the other files read (an inventory, templates), so that their fix is noticed."""
+
+    def __init__(self, problems: list[str] | tuple[str, ...], watched: tuple[str, ...] = ()) -> None:
+        super().__init__(problems)
+        self.watched = tuple(watched)
 
 
 class SettingsError(ProblemsError):

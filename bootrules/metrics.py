@@ -87,8 +87,17 @@ class Metrics:
         self.machine_records_dropped = Counter("bootrules_machine_records_dropped",
                                                "Machines seen not recorded: the batch was full (the store slow or down)",
                                                registry=registry)
+        self.template_failures = Counter("bootrules_template_failures",
+                                         "Rules and files that could not be rendered for a machine", registry=registry)
+        self.files_served = Counter("bootrules_files", "GET /files/: answers by status", ["status"], registry=registry)
         self.latency = Histogram("bootrules_request_duration_seconds", "Time to answer a decision request",
                                  buckets=LATENCY_BUCKETS, registry=registry)
+
+    def template_failed(self) -> None:
+        self.template_failures.inc()
+
+    def file_served(self, status: str) -> None:
+        self.files_served.labels(status).inc()
 
     def decided(self, rule: str, action: str, seconds: float) -> None:
         """Count one decision and its latency."""

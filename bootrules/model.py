@@ -9,7 +9,7 @@ from __future__ import annotations
 import ipaddress
 import re
 from dataclasses import dataclass, field
-from typing import Mapping, Union
+from typing import Any, Callable, Mapping, Union
 
 Facts = Mapping[str, str]
 """What a machine told us, by selector key, each value already normalised."""
@@ -171,6 +171,31 @@ class Once:
     expires: int  # seconds a token lives once issued (0: the server's default)
 
 
+# --------------------------------------------------------------------------- templates
+
+
+@dataclass(frozen=True, slots=True)
+class Variable:
+    """One of a rule's `vars:`: a default for its templates (a machine's inventory row wins)."""
+
+    name: str
+    value: str
+    secret: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class FieldTemplate:
+    """A value of a rule that is a template: rendered for each machine, then checked as the
+    value written there would be at load time (`check` says why a value cannot go there)."""
+
+    text: str  # as written: the field holds this text until rendered
+    template: Any  # bootrules.rules.templates.Template
+    check: Callable[[str], str | None]
+    what: str  # the field, for messages: "boot args"
+    line: int
+    words: bool = False  # a value with spaces may go in (a label, a setting), not split anything
+
+
 # --------------------------------------------------------------------------- rules
 
 
@@ -184,6 +209,14 @@ class Rule:
     action: Action
     settings: tuple[Setting, ...] = ()
     once: Once | None = None
+    vars: tuple[Variable, ...] = ()
+    files: tuple[str, ...] = ()  # templates served to the machine under its files URL
+    templates: tuple[FieldTemplate, ...] = ()  # the values that are templates
+
+    @property
+    def rendered(self) -> bool:
+        """Whether the script depends on the machine (templates, or a files URL)."""
+        return bool(self.templates or self.files)
 
     def matches(self, facts: Facts) -> bool:
         """Tell whether every selector of this rule fits the machine (no selector: everyone)."""
@@ -200,10 +233,18 @@ class Rule:
 
 @dataclass(frozen=True, slots=True)
 class RuleSet:
-    """The ordered rules of one file; the first rule that matches a machine wins."""
+    """The ordered rules of one file; the first rule that matches a machine wins.
+
+    `inventory` gives machines their variables (bootrules.rules.inventory.Inventory),
+    `files` the compiled templates rules serve, by name; `watched` every file the rules
+    were read from, so that an edit of any of them reloads.
+    """
 
     source: str
     rules: tuple[Rule, ...]
+    inventory: Any = None
+    files: Mapping[str, Any] = field(default_factory=dict)
+    watched: tuple[str, ...] = ()
 
     def __len__(self) -> int:
         return len(self.rules)

@@ -3,13 +3,31 @@
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Callable
+from typing import Protocol
 
-from .matching import Matcher
 from ..model import Facts, Rule, RuleSet
-from .render import DONE_SETTING, render_no_match, render_rule
+from .matching import Matcher
+from .render import DONE_SETTING, render_no_match, render_rule, render_template_failure
+from .templating import RenderFailure, rendered_rule, variables
 
 NO_MATCH_SCRIPT = render_no_match()
+DONE_PATH = "/done/"
+FILES_PATH = "/files/"
+
+
+class Request(Protocol):
+    """What a decision needs from the request it answers, beyond the machine's facts."""
+
+    base: str | None  # the URL machines reach bootrules at; None if the request cannot say
+
+    def once_token(self, rule: Rule) -> str | None:
+        """The live token of a `once:` rule that still answers this machine; None: it falls through."""
+
+    def files_token(self, rule: Rule) -> str | None:
+        """A token for the files of a rule without `once:`; None if none can be made now."""
+
+    def template_failed(self, rule: Rule, reason: str) -> None:
+        """A rule could not be rendered for this machine (it is answered with its failure path)."""
 
 
 class Snapshot:
@@ -19,47 +37,87 @@ class Snapshot:
     same text for the same rule, so requests share it without a lock.
     """
 
-    __slots__ = ("ruleset", "loaded_at", "matcher", "has_once", "_scripts", "_positions")
+    __slots__ = ("ruleset", "loaded_at", "matcher", "has_once", "inventory", "matches_columns", "_scripts",
+                 "_positions")
 
     def __init__(self, ruleset: RuleSet, loaded_at: datetime) -> None:
         self.ruleset = ruleset
         self.loaded_at = loaded_at
         self.matcher = Matcher(ruleset.rules)
         self.has_once = any(rule.once is not None for rule in ruleset.rules)
+        self.inventory = ruleset.inventory if ruleset.inventory is not None and len(ruleset.inventory) else None
+        # A rule matches on an inventory column: the machine's row is looked up for every decision.
+        known = {selector.key for rule in ruleset.rules for selector in rule.selectors}
+        self.matches_columns = bool(self.inventory) and not known.isdisjoint(self.inventory.columns)
         self._scripts: dict[int, str] = {}
         self._positions: dict[int, int] | None = None
 
-    def decide(self, facts: Facts, once: Callable[[Rule], str | None] | None = None) -> tuple[Rule | None, str]:
+    def decide(self, facts: Facts, request: Request | None = None) -> tuple[Rule | None, str]:
         """Return the rule that answers for `facts` (None: no rule) and the script to send.
 
-        `once(rule)` is asked for each matching `once:` rule: the URL the machine reports
-        done to, or None to let it fall through to the rules below. Without it, `once:`
-        rules are passed over.
+        `request` is asked for a `once:` rule's token (without one, `once:` rules are passed
+        over), and gives templates their URLs.
         """
-        rule = self.matcher.first_match(facts)
+        row = None
+        matching = facts
+        if self.matches_columns:
+            row = self.inventory.find(facts)
+            if row is not None:
+                matching = {**row.match_facts, **facts}
+        rule = self.matcher.first_match(matching)
         if rule is None:
             return None, NO_MATCH_SCRIPT
-        if rule.once is not None:
-            return self._decide_once(rule, facts, once)
-        script = self._scripts.get(id(rule))  # _script, inline: this is every machine's path
-        return rule, script if script is not None else self._script(rule)
+        if rule.once is None and not rule.rendered:
+            script = self._scripts.get(id(rule))  # _script, inline: this is every machine's path
+            return rule, script if script is not None else self._script(rule)
+        return self._decide_slowly(rule, facts, matching, row, request)
 
-    def _decide_once(self, rule: Rule | None, facts: Facts,
-                     once: Callable[[Rule], str | None] | None) -> tuple[Rule | None, str]:
+    def _decide_slowly(self, rule: Rule | None, facts: Facts, matching: Facts, row: object,
+                       request: Request | None) -> tuple[Rule | None, str]:
+        """A `once:` rule (which may let the machine fall through), or one with templates."""
         if self._positions is None:
             self._positions = {id(each): position for position, each in enumerate(self.ruleset.rules)}
-        while rule is not None and rule.once is not None:
-            done_url = once(rule) if once is not None else None
-            if done_url is not None:
-                # The rule's script with the done URL set after its two header lines (as
-                # render_rule(rule, done_url=…) writes it), without rendering it again.
-                script = self._script(rule)
-                cut = script.index("\n", script.index("\n") + 1) + 1
-                return rule, f"{script[:cut]}set {DONE_SETTING} {done_url}\n{script[cut:]}"
-            rule = self.matcher.first_match_after(facts, self._positions[id(rule)])
-        if rule is None:
-            return None, NO_MATCH_SCRIPT
-        return rule, self._script(rule)
+        while rule is not None:
+            token = None
+            if rule.once is not None:
+                token = request.once_token(rule) if request is not None else None
+                if token is None:
+                    rule = self.matcher.first_match_after(matching, self._positions[id(rule)])
+                    continue
+            if rule.rendered:
+                if row is None and self.inventory is not None:
+                    row = self.inventory.find(facts)
+                return rule, self._rendered(rule, facts, row, request, token)
+            if token is None:
+                return rule, self._script(rule)
+            done_url = f"{request.base}{DONE_PATH}{token}" if request is not None else ""
+            # The rule's script with the done URL set after its two header lines (as
+            # render_rule(rule, done_url=…) writes it), without rendering it again.
+            script = self._script(rule)
+            cut = script.index("\n", script.index("\n") + 1) + 1
+            return rule, f"{script[:cut]}set {DONE_SETTING} {done_url}\n{script[cut:]}"
+        return None, NO_MATCH_SCRIPT
+
+    def _rendered(self, rule: Rule, facts: Facts, row: object, request: Request | None, token: str | None) -> str:
+        """The script of a rule with templates or files, for this machine."""
+        base = request.base if request is not None else None
+        own = {"rule": rule.name}
+        try:
+            if base is not None:
+                own["base"] = base
+            if token is not None:
+                own["done"] = f"{base}{DONE_PATH}{token}"
+            if rule.files:
+                files_token = token if token is not None else (request.files_token(rule) if request else None)
+                if files_token is None or base is None:
+                    raise RenderFailure("no files URL can be given now (see the log)")
+                own["files"] = f"{base}{FILES_PATH}{files_token}/"
+            concrete = rendered_rule(rule, variables(rule, facts, row, own))
+        except RenderFailure as failure:
+            if request is not None:
+                request.template_failed(rule, str(failure))
+            return render_template_failure(rule, str(failure))
+        return render_rule(concrete, done_url=own.get("done"))
 
     def _script(self, rule: Rule) -> str:
         key = id(rule)

@@ -51,6 +51,7 @@ def lint(ruleset: RuleSet) -> list[Warning]:
             # A shadowed rule is not filed: whatever it would cover, the rule covering it covers too.
             broad.add(rule)
     warnings.extend(_once_without_fallthrough(rules))
+    warnings.extend(_variables_some_machines_lack(ruleset))
     if all(rule.selectors for rule in rules):
         last = rules[-1].line if rules else 1
         warnings.append(Warning(last, "no catch-all rule at the end: a machine no rule matches is sent on with "
@@ -124,6 +125,53 @@ class _BroadRules:
                     mask = ((1 << length) - 1) << (total - length)
                     hits += by_network.get(bits & mask, ())
         return hits
+
+
+MAX_ROWS_NAMED = 5
+
+
+def _variables_some_machines_lack(ruleset: RuleSet) -> list[Warning]:
+    """A template's variable that only the inventory gives, which some of the rows the rule can
+    match lack (those machines would get the rule's failure path)."""
+    inventory = ruleset.inventory
+    if inventory is None or not len(inventory):
+        return []
+    found = []
+    for rule in ruleset.rules:
+        given = {variable.name for variable in rule.vars} | {"base", "rule", "files", "done"}
+        needed = {name for field in rule.templates for name in field.template.names} - given - set(values.SELECTOR_KEYS)
+        needed |= {name for file in rule.files if file in ruleset.files
+                   for name in ruleset.files[file].names} - given - {"mac", "uuid"}
+        if not needed:
+            continue
+        rows = [row for row in inventory.rows if _may_match(rule, row, inventory.columns)]
+        for name in sorted(needed):
+            lacking = [row.where for row in rows if name not in row.values]
+            outside = not any(selector.key in inventory.columns for selector in rule.selectors)
+            if not lacking and not outside:
+                continue
+            named = ", ".join(lacking[:MAX_ROWS_NAMED]) + (f" and {len(lacking) - MAX_ROWS_NAMED} more"
+                                                            if len(lacking) > MAX_ROWS_NAMED else "")
+            who = (f"the inventory rows {named}" if lacking else "") + \
+                  (" and " if lacking and outside else "") + \
+                  ("machines not in the inventory (the rule does not match on a column)" if outside else "")
+            found.append(Warning(rule.line, f"rule '{rule.name}': variable '{name}' is given by the inventory only, "
+                                            f"and {who} lack it: those machines get the rule's failure path"))
+    return found
+
+
+def _may_match(rule: Rule, row: object, columns: frozenset[str]) -> bool:
+    """Whether `rule` may match the machine of inventory `row` (selectors on what only the
+    machine can say, such as its platform, are taken to match)."""
+    facts = dict(row.match_facts)  # type: ignore[attr-defined]
+    for name in row.names:  # type: ignore[attr-defined]
+        key, _, value = name.partition(":")
+        facts[key] = value
+    for selector in rule.selectors:
+        if (selector.key in columns or selector.key in ("mac", "uuid", "serial")) and not selector.matches(facts):
+            if selector.key in facts or selector.key in columns:
+                return False
+    return True
 
 
 def _once_without_fallthrough(rules: tuple[Rule, ...]) -> list[Warning]:

@@ -66,13 +66,15 @@ class Reloader:
         self._thread: threading.Thread | None = None
         # The file version last loaded or tried, and the one seen at the previous poll.
         self._attempted: object = None
-        self._previous_tick: FileSignature | None = None
+        self._previous_tick: object = None
+        # The other files the rules were read from (inventory, templates): an edit of any reloads.
+        self.watched: tuple[str, ...] = ()
 
     # ------------------------------------------------------------ loading
 
     def reload(self) -> bool:
         """Load the file now; on success serve it, on failure keep the last good rules."""
-        before = file_signature(self.path)
+        before = self.signature()
         self._attempted = before
         if self.on_changed is not None:
             self.on_changed()
@@ -81,16 +83,18 @@ class Reloader:
         try:
             ruleset = load_rules(self.path)
         except RulesError as error:
+            self.watch(error.watched)
             self._record_failure(error)
             if self.metrics is not None:
                 self.metrics.load_failed()
             self._write_status()
             return False
-        after = file_signature(self.path)
+        after = self.signature()
         if before != after:
             # Written to while we read it: this may be half a file. The next tick retries.
             self.retry()
             return False
+        self.watch(ruleset.watched)
         first = self.snapshot is None and not self.counts_as_reload
         self.snapshot = Snapshot(ruleset=ruleset, loaded_at=datetime.now(timezone.utc))
         if self.metrics is not None:  # the load at start-up is not a reload
@@ -102,6 +106,22 @@ class Reloader:
         log.info("loaded %d rules from %s in %.2f s", len(ruleset), self.path, time.monotonic() - started)
         self._write_status()
         return True
+
+    def signature(self) -> tuple[FileSignature | None, ...]:
+        """One version of the rules file and of every file it names."""
+        return (file_signature(self.path), *(file_signature(path) for path in self.watched))
+
+    def watch(self, paths: tuple[str, ...]) -> None:
+        """Follow these files too (the rules' inventory and templates, as the last load named
+        them); what was last attempted stays attempted."""
+        paths = tuple(paths)
+        if paths == self.watched:
+            return
+        attempted_now = self._attempted == self.signature()
+        self.watched = paths
+        if attempted_now:
+            self._attempted = self.signature()
+        self._previous_tick = self.signature()
 
     def retry(self) -> None:
         """Load again at the next tick, even if the file looks the same (it changed while read)."""
@@ -154,7 +174,7 @@ class Reloader:
         Waiting for the file to settle skips the moment between an editor truncating a
         file and writing it back, which would otherwise be read as an empty file.
         """
-        signature = file_signature(self.path)
+        signature = self.signature()
         if signature == self._attempted:
             return False  # nothing new since the last attempt, good or bad
         if signature != self._previous_tick:
@@ -173,7 +193,7 @@ class Reloader:
         """Start the background thread that follows the file; idempotent."""
         if self._thread is not None or self.poll_interval <= 0:
             return
-        self._previous_tick = file_signature(self.path)
+        self._previous_tick = self.signature()
         self._thread = threading.Thread(target=self._watch, name="bootrules-rules-watcher", daemon=True)
         self._thread.start()
 

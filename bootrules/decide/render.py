@@ -179,3 +179,17 @@ def _render_item_action(name: str, item: MenuItem) -> str:
         return (f"echo bootrules: rule '{name}', item '{item.key}': booting from the next boot device\n"
                 f"exit {item.action.status}\n")
     return _render_action(item.action) + "exit 0\n"
+
+
+_UNSAFE_IN_ECHO = re.compile(r"[^A-Za-z0-9 ._:,'()/=-]")
+
+
+def render_template_failure(rule: Rule, reason: str) -> str:
+    """The script of a rule that could not be rendered for this machine: say which rule and
+    why (the reason names a variable or a field, never a value), then leave iPXE."""
+    shown = _UNSAFE_IN_ECHO.sub("?", reason)[:200]
+    return (
+        f"#!ipxe\n# bootrules: rule '{rule.name}' (line {rule.line})\n"
+        f"echo bootrules: rule '{rule.name}': {shown}; falling back to the next boot device\n"
+        "exit 1\n"
+    )

@@ -45,11 +45,9 @@ def read_sanboot(reader: NodeReader, node: yaml.Node) -> Action | None:
 def _san_uris(reader: NodeReader, node: yaml.Node) -> list[str]:
     uris = []
     for text, item in reader.texts(node, "sanboot"):
-        reason = san_uri_problem(text)
-        if reason:
-            reader.problem(item, f"sanboot: {reason}")
-        else:
-            uris.append(text)
+        uri = reader.value(text, item, "sanboot", san_uri_problem)
+        if uri is not None:
+            uris.append(uri)
     return uris
 
 
@@ -67,12 +65,10 @@ def read_boot(reader: NodeReader, node: yaml.Node) -> Action | None:
             broken |= kernel is None
         elif key == "initrd":
             for text, item in reader.texts(value_node, "boot initrd"):
-                reason = url_problem(text)
-                if reason:
-                    reader.problem(item, f"boot initrd: {reason}")
-                    broken = True
-                else:
-                    initrds.append(text)
+                url = reader.value(text, item, "boot initrd", url_problem)
+                broken |= url is None
+                if url is not None:
+                    initrds.append(url)
         else:
             text = reader.checked(value_node, "boot args", words_problem)
             broken |= text is None

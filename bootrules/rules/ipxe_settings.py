@@ -57,8 +57,5 @@ def _read_setting(reader: NodeReader, name: str, node: yaml.Node) -> Setting | N
 def _checked(reader: NodeReader, name: str, node: yaml.Node, text: str | None, secret: bool) -> Setting | None:
     if text is None:
         return None
-    reason = words_problem(text, show=not secret)
-    if reason:
-        reader.problem(node, f"set {name}: {reason}")
-        return None
-    return Setting(name=name, value=text, secret=secret)
+    value = reader.value(text, node, f"set {name}", lambda given: words_problem(given, show=not secret), words=True)
+    return None if value is None else Setting(name=name, value=value, secret=secret)

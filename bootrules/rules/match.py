@@ -24,7 +24,13 @@ def read_match(reader: NodeReader, node: yaml.Node) -> tuple[Selector, ...]:
         reader.problem(node, "'match:' is empty; to match every machine, leave 'match:' out")
         return ()
     selectors = []
-    for key, _key_node, value_node in reader.mapping(node, "match", values.SELECTOR_KEYS):
+    if not isinstance(node, yaml.MappingNode):
+        reader.problem(node, f"match must be a mapping of {', '.join(values.SELECTOR_KEYS)}, or inventory columns")
+        return ()
+    for key, key_node, value_node in reader.entries(node, "match", lambda key: _key_problem(key)):
+        if key not in values.SELECTOR_KEYS:
+            # A column of the inventory, if there is one by that name (checked once it is read).
+            reader.columns.append((key, key_node, reader.rule_name, len(reader.problems)))
         patterns = []
         for text, item in reader.texts(value_node, f"match {key}"):
             try:
@@ -34,6 +40,14 @@ def read_match(reader: NodeReader, node: yaml.Node) -> tuple[Selector, ...]:
         if patterns:
             selectors.append(Selector(key=key, patterns=tuple(patterns)))
     return tuple(selectors)
+
+
+def _key_problem(key: str) -> str | None:
+    from .inventory import VARIABLE_NAME
+
+    if key in values.SELECTOR_KEYS or VARIABLE_NAME.fullmatch(key):
+        return None
+    return f"unknown key '{key}' {suggest(key, values.SELECTOR_KEYS)}"
 
 
 def compile_pattern(key: str, text: str) -> Pattern:

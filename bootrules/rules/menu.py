@@ -41,7 +41,7 @@ def read_menu(reader: NodeReader, node: yaml.Node) -> Action | None:
     items_node = default_node = None
     for key, _key_node, value_node in reader.mapping(node, "menu", MENU_KEYS):
         if key == "title":
-            title = reader.checked(value_node, "menu title", words_problem) or ""
+            title = reader.checked(value_node, "menu title", words_problem, words=True) or ""
             broken |= not title
         elif key == "timeout":
             found = _timeout(reader, value_node)
@@ -125,7 +125,7 @@ def _item(reader: NodeReader, node: yaml.Node, position: int, seen: dict[str, in
             elif key is not None:
                 seen[key] = line_of(node)
         elif name == "label":
-            label = reader.checked(value_node, "menu item label", words_problem)
+            label = reader.checked(value_node, "menu item label", words_problem, words=True)
         elif name == "set":
             settings = read_settings(reader, value_node)
         else:

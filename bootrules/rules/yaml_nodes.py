@@ -8,11 +8,12 @@ of the node and the name of the rule being read.
 from __future__ import annotations
 
 import difflib
-from typing import Callable, Iterator
+from typing import Any, Callable, Iterator
 
 import yaml
 
 from ..errors import RulesError
+from ..model import FieldTemplate
 from .yaml_events import YAML_NULL
 
 __all__ = ["NodeReader", "RulesError", "line_of", "parse_flag", "suggest"]
@@ -53,6 +54,13 @@ class NodeReader:
         self.problems: list[str] = []
         self.rule_name: str | None = None
         self.visited = 0
+        # The values of the rule being read that are templates (bootrules.rules.templates),
+        # and the sandbox they are compiled in (made when a first one is met).
+        self.templates: list[FieldTemplate] = []
+        self._sandbox: Any = None
+        # match: keys that are no selector, for the inventory's columns: (key, its node, the
+        # rule, where its problem goes among the others if it is none).
+        self.columns: list[tuple[str, yaml.Node, str | None, int]] = []
 
     # ------------------------------------------------------------ reporting
 
@@ -158,13 +166,30 @@ class NodeReader:
             return None
         return number
 
-    def checked(self, node: yaml.Node, what: str, check: Callable[[str], str | None]) -> str | None:
+    def checked(self, node: yaml.Node, what: str, check: Callable[[str], str | None],
+                words: bool = False) -> str | None:
         """A scalar that `check` (a URL or word check) has nothing against, or None with the problem."""
         text = self.text(node, what)
-        if text is None:
+        return None if text is None else self.value(text, node, what, check, words)
+
+    def value(self, text: str, node: yaml.Node, what: str, check: Callable[[str], str | None],
+              words: bool = False) -> str | None:
+        """`text` if `check` has nothing against it, or None with the problem. A template is
+        compiled instead, and checked once rendered for each machine."""
+        from .templates import CompileError, compile_text, environment, is_template
+
+        if not is_template(text):
+            reason = check(text)
+            if reason:
+                self.problem(node, f"{what}: {reason}")
+                return None
+            return text
+        if self._sandbox is None:
+            self._sandbox = environment()
+        try:
+            template = compile_text(self._sandbox, text)
+        except CompileError as error:
+            self.problem(node, f"{what}: {error}")
             return None
-        reason = check(text)
-        if reason:
-            self.problem(node, f"{what}: {reason}")
-            return None
+        self.templates.append(FieldTemplate(text, template, check, what, line_of(node), words))
         return text

@@ -12,8 +12,9 @@ starts again any that dies. Once a new leader's workers run, the old leader reti
 workers and exits, and the old rules leave with its process, no page of them touched.
 
 A leader reports to the parent through a pipe, one JSON object per line:
-`{"event": "worker", "pid": N}` for each worker it forks, `{"event": "ready", "rules": N}`
-once its workers run, `{"event": "failed", "problems": "..."}` when the file does not load
+`{"event": "worker", "pid": N}` for each worker it forks, `{"event": "ready", "rules": N,
+"watched": [...]}` once its workers run (with the other files the rules were read from, which
+the parent follows too), `{"event": "failed", "problems": "...", "watched": [...]}` when the file does not load
 (it has logged why and published it for /healthz), `{"event": "retry"}` when the file
 changed while it was read. After the last two it exits.
 
@@ -68,6 +69,7 @@ class Generations:
         self.lead = lead
         self.exited = exited
         self.retry = retry  # the file changed while a leader read it: follow it again
+        self.watch: Callable[[tuple[str, ...]], None] = lambda paths: None  # the files a leader read
         self.generation = 0
         self.leaders: dict[int, Leader] = {}
         self.current: Leader | None = None
@@ -202,6 +204,8 @@ class Generations:
 
     def _on_report(self, leader: Leader, report: dict) -> None:
         event = report.get("event")
+        if event in ("ready", "failed") and isinstance(report.get("watched"), list):
+            self.watch(tuple(str(path) for path in report["watched"]))
         if event == "worker":
             leader.workers.add(int(report["pid"]))
         elif event == "ready" and leader.state == "loading":

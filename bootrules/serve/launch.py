@@ -107,6 +107,7 @@ def _serve_generations(settings: Settings, metrics: Metrics, board: HealthBoard,
     generations = Generations(lead, exited=worker_exited)
     reloader = Reloader(settings.rules, settings.poll_interval, on_changed=generations.request_new)
     generations.retry = reloader.retry
+    generations.watch = reloader.watch
     generations.install_signal_handlers(on_hup=reloader.request_reload)
     try:
         reloader.reload()  # notes the version the first leader loads
@@ -139,14 +140,14 @@ def _lead(settings: Settings, metrics: Metrics, board: HealthBoard, sock: socket
                             counts_as_reload=generation > 1)
         if not reloader.reload():
             if reloader.last_error is not None:
-                report(report_fd, "failed", problems=str(reloader.last_error))
+                report(report_fd, "failed", problems=str(reloader.last_error), watched=list(reloader.watched))
             else:
                 report(report_fd, "retry")
             return
         release_free_memory()
         plan = WorkerPlan(settings, reloader, metrics, sock, board)
-        supervisor.run(plan.serve_as_worker,
-                       started=lambda: report(report_fd, "ready", rules=len(reloader.snapshot.ruleset)))
+        supervisor.run(plan.serve_as_worker, started=lambda: report(
+            report_fd, "ready", rules=len(reloader.snapshot.ruleset), watched=list(reloader.watched)))
 
     exit_after(lead, f"the leader of generation {generation}")
 

@@ -43,6 +43,9 @@ log = logging.getLogger("bootrules")
 
 DONE_PATH = "/done/"
 DONE = "done"  # token_for's answer for a machine that has reported done (never a token: too short)
+# What a files token of a rule without `once:` is signed for, in place of a `once:` label
+# (which can never be this: a token of one is never a token of the other).
+FILES_LABEL = "\x00files"
 TOKEN = re.compile(r"[A-Za-z0-9_-]{32,128}")
 UNSIGNED_LENGTH = 32  # a random token of bootrules before signed ones
 SHOWN_CHARS = 6  # of a token, in logs: enough to correlate, far too few to use
@@ -190,6 +193,45 @@ class OnceGate:
             log.error("once: callback token=%s from=%s not stored: %s", shown(token), peer, error)
             return Callback("503 Service Unavailable", "the state store is unavailable; try again")
         return self._answer(token, peer, outcome, row)
+
+    # ------------------------------------------------------------ files
+
+    def files_token(self, rule: Rule, facts: Facts) -> str | None:
+        """A token for the files of `rule` (without `once:`), bound to this machine; None if
+        none can be made now (no MAC or UUID, or no key: the state store is unavailable)."""
+        names = machine_names(facts)
+        if not names:
+            self._skip(rule, "-", "the machine sent neither a MAC nor a UUID, so its files URL cannot be bound to it")
+            return None
+        if self.board.blocked("state"):
+            return None
+        try:
+            key = self.store().token_key()
+        except StateError as error:
+            self._failed(error)
+            self._skip(rule, names[0], f"no files URL: the state store is unavailable ({error})")
+            return None
+        now = self.clock()
+        return tokens.issue(key, names, rule.name, FILES_LABEL, now, now + self.default_lifetime)
+
+    def files_claim(self, token: str, rules: Iterable[Rule]) -> tuple[Rule, tokens.Claims, bool] | None:
+        """The rule whose files `token` opens, what the token says, and whether it has expired;
+        None for a token of no such rule (made up, altered, another store's)."""
+        if not TOKEN.fullmatch(token):
+            return None
+        claims = tokens.read(token)
+        if claims is None or self.board.blocked("state"):
+            return None
+        try:
+            key = self.store().token_key()
+        except StateError as error:
+            self._failed(error)
+            return None
+        for rule in rules:
+            label = rule.once.label if rule.once is not None else FILES_LABEL
+            if tokens.signed_for(key, claims, rule.name, label):
+                return rule, claims, claims.expires <= self.clock()
+        return None
 
     def _claimed(self, claims: tokens.Claims, key: str, token: str) -> OnceRow | None:
         """The row a token's claims stand for, if its tag is one of a `once:` rule in force."""

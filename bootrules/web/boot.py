@@ -1,4 +1,5 @@
-"""The boot endpoints: GET /boot.ipxe, GET /ipxe and POST /done/<token>, as bare WSGI.
+"""The boot endpoints: GET /boot.ipxe, GET /ipxe, GET /files/<token>/<name> and POST /done/<token>,
+as bare WSGI.
 
 /boot.ipxe and /ipxe, the two requests every booting machine makes, are answered by
 `BootEndpoints`, a bare WSGI callable in front of Flask: Flask's per-request machinery
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 import email.utils
 import logging
+import mimetypes
 import os
 import re
 import time
@@ -21,13 +23,14 @@ from werkzeug.wsgi import get_host
 
 from .. import values
 from ..clock import PerSecond
-from ..decide.engine import NO_MATCH_SCRIPT
+from ..decide.engine import FILES_PATH, NO_MATCH_SCRIPT
 from ..decide.render import render_entry
+from ..decide.templating import RenderFailure, render_file, variables
 from ..errors import FactsError
-from ..logs import escaped, log_decision
-from ..model import Rule
+from ..logs import escaped, log_decision, log_fields
+from ..model import Facts, Rule, machine_names
 from ..settings import HOST_PATTERN, PREFIX_PATTERN
-from ..state.once import DONE, DONE_PATH
+from ..state.once import DONE, DONE_PATH, OnceGate, shown
 from .proxies import WSGIApp
 
 if TYPE_CHECKING:
@@ -48,6 +51,9 @@ SLOW_PATHS = frozenset({METRICS_PATH, "/ui/", "/api/", DONE_PATH})
 ENTRY_SCRIPTS_KEPT = 64
 MAX_BODY = 4096  # bytes; no endpoint needs a body
 INTERNAL_ERROR = "500 internal error (see the bootrules log)\n"
+FILE_FIELDS = ("token", "machine", "file", "status")
+TOKEN_SHAPE = re.compile(r"[A-Za-z0-9_-]{1,128}")
+_HEADER_UNSAFE = re.compile(r"[^A-Za-z0-9 ._:,'()/=-]")
 TOO_LARGE = "413 Payload Too Large: bootrules takes no request body\n"
 _PARAM_NAME = re.compile(r"[A-Za-z0-9_.-]{1,40}")
 
@@ -57,7 +63,7 @@ class BootEndpoints:
 
     def __init__(self, services: "Services", fallback: WSGIApp) -> None:
         self.reloader = services.reloader
-        self.once = services.once
+        self.once: OnceGate = services.once
         self.recorder = services.recorder
         self.metrics = services.metrics
         self.base_url = services.settings.base_url
@@ -76,6 +82,8 @@ class BootEndpoints:
             answer = self.entry
         elif path.startswith(DONE_PATH):
             return self.done(environ, start_response)
+        elif path.startswith(FILES_PATH):
+            answer = self.file
         else:
             return self.fallback(environ, start_response)
         method = environ.get("REQUEST_METHOD")
@@ -120,13 +128,11 @@ class BootEndpoints:
         except ValueError:
             pass  # a unix socket or similar: no client address to match on
         snapshot = self.reloader.snapshot
-        done_by: list[str] = []
+        request = MachineRequest(self, environ, facts, client)
         if snapshot is None:
             rule, script = None, NO_MATCH_SCRIPT
-        elif snapshot.has_once:
-            rule, script = snapshot.decide(facts, self._once_answer(environ, facts, client, done_by))
         else:
-            rule, script = snapshot.decide(facts)
+            rule, script = snapshot.decide(facts, request)
         if rule is None:
             headers = [("X-Bootrules-Rule", "(none)"), ("X-Bootrules-Action", "exit")]
         else:
@@ -136,6 +142,8 @@ class BootEndpoints:
                 # The file's base name: the full path says more about the server than a machine needs.
                 ("X-Bootrules-Source", f"{os.path.basename(snapshot.ruleset.source)}:{rule.line}"),
             ]
+        if request.failed:
+            headers.append(("X-Bootrules-Template-Error", _HEADER_UNSAFE.sub("?", request.failed)[:200]))
         if ignored:
             # Names come from the client: only a safe alphabet is echoed into a header.
             shown = sorted({name if _PARAM_NAME.fullmatch(name) else "(unprintable)" for name in ignored})
@@ -146,29 +154,59 @@ class BootEndpoints:
             # Unknown: a catch-all (no match:) or no rule answered, and no `once:` rule has
             # finished with this machine (one that has knows it).
             self.recorder.saw(facts, client, rule_name, action,
-                              (rule is None or not rule.selectors) and not done_by)
+                              (rule is None or not rule.selectors) and not request.done_by)
         self.metrics.decided(rule_name, action, time.perf_counter() - started)
         return _respond(start_response, "200 OK", script, headers, method)
 
-    def _once_answer(self, environ: dict, facts: dict, client: str,
-                     done_by: list[str]) -> Callable[[Rule], str | None]:
-        """For Snapshot.decide: the done URL for a `once:` rule that still answers this machine
-        (a rule it has finished is added to `done_by`)."""
-        gate = self.once
+    def file(self, environ: dict, start_response: Callable[..., Any], method: str) -> Iterable[bytes]:
+        """GET /files/<token>/<name>: a file a rule serves, rendered for the machine the token
+        was issued to. Unknown or forged: 404; expired: 410."""
+        token, _, name = environ.get("PATH_INFO", "")[len(FILES_PATH):].partition("/")
+        snapshot = self.reloader.snapshot
+        served = [rule for rule in snapshot.ruleset.rules if rule.files] if snapshot is not None else []
+        found = self.once.files_claim(token, served) if served else None
+        if found is None or name not in found[0].files:
+            return self._file_answer(start_response, method, "404 Not Found", "404 Not Found: no such file\n", token,
+                                     None, name)
+        rule, claims, expired = found
+        machine = claims.identities[0]
+        if expired:
+            return self._file_answer(start_response, method, "410 Gone", "410 Gone: this files URL has expired; "
+                                     "boot the machine again for a new one\n", token, machine, name)
+        try:
+            base = self.base_url or request_url_root(environ)
+        except ValueError as error:
+            return _respond(start_response, "400 Bad Request", f"{error}; set --base-url\n", (), method)
+        facts = {name.split(":", 1)[0]: name.split(":", 1)[1] for name in claims.identities}
+        row = snapshot.ruleset.inventory.find(facts) if snapshot.ruleset.inventory is not None else None
+        own = {"base": base, "rule": rule.name, "files": f"{base}{FILES_PATH}{token}/"}
+        if rule.once is not None:
+            own["done"] = f"{base}{DONE_PATH}{token}"
+        try:
+            body = render_file(snapshot.ruleset.files[name], variables(rule, facts, row, own))
+        except RenderFailure as failure:
+            log.warning("files: rule %s file %s cannot be rendered for machine=%s: %s", rule.name, name, machine,
+                        failure)
+            self.metrics.template_failed()
+            return self._file_answer(start_response, method, "500 Internal Server Error",
+                                     "500: this file cannot be rendered for this machine (see the bootrules log)\n",
+                                     token, machine, name)
+        return self._file_answer(start_response, method, "200 OK", body, token, machine, name,
+                                 mimetypes.guess_type(name)[0])
 
-        def done_url(rule: Rule) -> str | None:
-            try:
-                base = self.base_url or request_url_root(environ)
-            except ValueError as error:
-                log.warning("once: rule %s skipped: no URL to report done to (%s; set --base-url)", rule.name, error)
-                return None
-            token = gate.token_for(rule, facts, client)
-            if token is DONE:
-                done_by.append(rule.name)
-                return None
-            return None if token is None else f"{base}{DONE_PATH}{token}"
-
-        return done_url
+    def _file_answer(self, start_response: Callable[..., Any], method: str, status: str, body: str, token: str,
+                     machine: str | None, name: str, content_type: str | None = None) -> list[bytes]:
+        """The answer to a file fetch, and its one log line (never the body: it may hold secrets)."""
+        log_fields("files: token=%s machine=%s file=%s status=%s",
+                   (shown(token) if TOKEN_SHAPE.fullmatch(token) else "-", machine or "-", escaped(name[:80]),
+                    status.split(" ", 1)[0]), FILE_FIELDS)
+        self.metrics.file_served(status.split(" ", 1)[0])
+        data = body.encode()
+        headers = text_headers(data)
+        if content_type and not content_type.startswith("text/"):
+            headers[1] = ("Content-Type", content_type)
+        start_response(status, headers)
+        return [] if method == "HEAD" else [data]
 
     def done(self, environ: dict, start_response: Callable[..., Any]) -> Iterable[bytes]:
         """POST /done/<token>: the installed machine reports done. GET is refused, so a crawler
@@ -184,6 +222,51 @@ class BootEndpoints:
             log.exception("unexpected error on the done callback")
             return _respond(start_response, "500 Internal Server Error", INTERNAL_ERROR, (), method)
         return _respond(start_response, outcome.status, outcome.message + "\n", (), method)
+
+
+class MachineRequest:
+    """What one decision needs from its request (bootrules.decide.engine.Request): the URL
+    machines reach bootrules at, `once:` and files tokens, and where failures are told."""
+
+    __slots__ = ("endpoints", "environ", "facts", "client", "done_by", "failed", "_base")
+
+    def __init__(self, endpoints: BootEndpoints, environ: dict, facts: Facts, client: str) -> None:
+        self.endpoints = endpoints
+        self.environ = environ
+        self.facts = facts
+        self.client = client
+        self.done_by: list[str] = []  # the once: rules this machine has finished
+        self.failed: str | None = None  # why a rule could not be rendered for it
+        self._base: str | None | bool = False
+
+    @property
+    def base(self) -> str | None:
+        if self._base is False:
+            try:
+                self._base = self.endpoints.base_url or request_url_root(self.environ)
+            except ValueError as error:
+                log.warning("no URL to give the machine (%s; set --base-url)", error)
+                self._base = None
+        return self._base  # type: ignore[return-value]
+
+    def once_token(self, rule: Rule) -> str | None:
+        if self.base is None:
+            log.warning("once: rule %s skipped: no URL to report done to", rule.name)
+            return None
+        token = self.endpoints.once.token_for(rule, self.facts, self.client)
+        if token is DONE:
+            self.done_by.append(rule.name)
+            return None
+        return token
+
+    def files_token(self, rule: Rule) -> str | None:
+        return self.endpoints.once.files_token(rule, self.facts)
+
+    def template_failed(self, rule: Rule, reason: str) -> None:
+        self.failed = reason
+        log.warning("template: rule %s cannot be rendered for machine=%s client=%s: %s", rule.name,
+                    escaped(next(iter(machine_names(self.facts)), "-")), self.client, reason)
+        self.endpoints.metrics.template_failed()
 
 
 def _body_refused(environ: dict, start_response: Callable[..., Any]) -> list[bytes] | None:

@@ -112,7 +112,7 @@ BAD_DOCUMENTS = [
             chian: http://x/
         """,
         [
-            "rules.yaml:4: rule 'lab': rule: unknown key 'chian' (did you mean 'chain'? expected one of: name, match, set, once, chain, sanboot, boot, exit, menu)",
+            "rules.yaml:4: rule 'lab': rule: unknown key 'chian' (did you mean 'chain'? expected one of: name, match, set, once, vars, files, chain, sanboot, boot, exit, menu)",
             "rules.yaml:2: rule 'lab': no action (expected exactly one of: chain, sanboot, boot, exit, menu)",
         ],
         id="unknown-rule-key-and-no-action",
@@ -229,7 +229,7 @@ BAD_DOCUMENTS = [
     pytest.param("- name: a\n  exit: true\n", ["rules.yaml:1: the file must be a mapping of rules"], id="top-level-list"),
     pytest.param(
         "rule:\n  - name: a\n    exit: true\n",
-        ["rules.yaml:1: the file: unknown key 'rule' (did you mean 'rules'? expected one of: rules)", "rules.yaml:1: missing 'rules:' (the list of rules)"],
+        ["rules.yaml:1: the file: unknown key 'rule' (did you mean 'rules'? expected one of: rules, inventory, templates)", "rules.yaml:1: missing 'rules:' (the list of rules)"],
         id="top-level-typo",
     ),
     pytest.param(
