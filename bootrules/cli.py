@@ -218,10 +218,12 @@ def _stores(rules: str | None, state: str | None) -> "Stores | None":
 @click.option("--unknown", is_flag=True, help="Only machines no rule names: answered by a catch-all, or by no rule.")
 @click.option("--once", "once_rows", is_flag=True, help="List the state of once: rules instead: one line per "
               "machine, rule and label, armed (installing) or done.")
+@click.option("--expected", is_flag=True, help="List the machines of the inventory that never asked instead.")
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per line, for scripts.")
 @click.option("--limit", default=1000, show_default=True, type=click.IntRange(1, 10_000_000),
               help="At most this many machines, newest first.")
-def machines(rules: str | None, state: str | None, unknown: bool, once_rows: bool, as_json: bool, limit: int) -> None:
+def machines(rules: str | None, state: str | None, unknown: bool, once_rows: bool, expected: bool, as_json: bool,
+             limit: int) -> None:
     """List the machines that asked, newest first: what they sent, what they got, their
     once: state. Unknown machines (a catch-all or no rule answered them) are marked `?`.
 
@@ -230,9 +232,14 @@ def machines(rules: str | None, state: str | None, unknown: bool, once_rows: boo
         python app.py machines --unknown
 
         python app.py machines --once --state /var/lib/bootrules/state.db
+
+        python app.py machines --expected
     """
     from .state.machine_store import Filter
 
+    if expected:
+        _list_expected(rules, state, as_json, limit)
+        return
     stores = _stores(rules, state)
     if stores is None:
         return
@@ -256,6 +263,35 @@ def machines(rules: str | None, state: str | None, unknown: bool, once_rows: boo
         once = " ".join(f"{row.rule}/{row.label}:{row.state}" for row in machine.once) or "-"
         click.echo(f"{'?' if machine.unknown else ' '} {utc(machine.last_seen):<20} {machine.machine:<44} "
                    f"{_cell(facts.get('serial'), 16)} {_cell(facts.get('product'), 20)} {_cell(answer, 28)} {once}")
+
+
+def _list_expected(rules: str | None, state: str | None, as_json: bool, limit: int) -> None:
+    """The machines of the inventory that never asked (the server's machines seen as the record)."""
+    settings = load_settings({"rules": rules, "state": state})
+    try:
+        ruleset = load_rules(settings.rules)
+    except RulesError as error:
+        click.echo(str(error), err=True)
+        raise SystemExit(1) from None
+    inventory = ruleset.inventory
+    if inventory is None or not len(inventory):
+        raise click.ClickException(f"{settings.rules} names no inventory (inventory:)")
+    stores = _stores(rules, state)
+    try:
+        seen = stores.machines.seen_names() if stores is not None else set()
+    except StateError as error:
+        raise click.ClickException(f"cannot read the state store: {error}") from None
+    finally:
+        if stores is not None:
+            stores.close()
+    missing = [row for row in inventory.rows if seen.isdisjoint(row.names)]
+    for row in missing[:limit]:
+        if as_json:
+            click.echo(json.dumps({"names": list(row.names), "where": row.where, "columns": row.shown()}))
+        else:
+            click.echo(f"{' '.join(row.names):<60} {row.where}")
+    if not as_json:
+        click.echo(f"{len(missing)} of {len(inventory)} machines of the inventory never asked", err=True)
 
 
 def _cell(value: str | None, width: int) -> str:

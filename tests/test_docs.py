@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import re
 import shlex
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -39,6 +40,17 @@ def rules_examples() -> list[tuple[str, str]]:
     return examples
 
 
+def example_files_quoted() -> list[tuple[str, str, str]]:
+    """Every block that quotes a file of docs/example (its first line names it): (page, path, text)."""
+    found = []
+    for page, kind in [(page, kind) for page in ("inventory.md",) for kind in ("yaml", "")]:
+        for text in re.findall(rf"^ *```{kind}\n( *# docs/example/\S+\n.*?) *```", (ROOT / "docs" / page).read_text(),
+                               re.S | re.M):
+            first, _, rest = textwrap.dedent(text).partition("\n")
+            found.append((page, first[2:], rest))
+    return found
+
+
 def test_every_rules_example_in_the_manual_passes_the_schema_and_the_loader():
     """A rules example that the loader or the editors' schema would refuse is a broken manual."""
     import json
@@ -50,7 +62,19 @@ def test_every_rules_example_in_the_manual_passes_the_schema_and_the_loader():
     assert len(examples) >= 5
     for page, text in examples:
         assert list(jsonschema.Draft7Validator(schema).iter_errors(yaml.safe_load(text))) == [], (page, text)
-        parse_rules(text, page)
+        parse_rules(text, page, str(ROOT / "docs" / "example"))
+
+
+def test_what_the_manual_quotes_of_the_example_files_is_in_them():
+    """A block that quotes a file of docs/example quotes it truly: its lines are in the file, in order."""
+    quoted = example_files_quoted()
+    assert len(quoted) >= 3
+    for page, path, text in quoted:
+        lines = (ROOT / path).read_text().splitlines()
+        position = 0
+        for line in text.strip("\n").splitlines():
+            assert line in lines[position:], (page, path, line)
+            position = lines.index(line, position) + 1
 
 
 def test_the_settings_table_is_the_one_list_of_settings():
@@ -139,6 +163,7 @@ def test_every_console_example_prints_what_the_manual_shows(tmp_path, page, comm
     """The command is run as written (python app.py in a directory holding the files it names,
     curl against a real server on the bundled rules.yaml); it prints exactly what is shown."""
     (tmp_path / "rules.yaml").write_text((ROOT / "rules.yaml").read_text())
+    shutil.copytree(ROOT / "docs" / "example", tmp_path / "docs" / "example")
     for key, files in EXAMPLE_FILES.items():
         if key in command:
             for name, text in files.items():

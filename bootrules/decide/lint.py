@@ -147,7 +147,9 @@ def _variables_some_machines_lack(ruleset: RuleSet) -> list[Warning]:
         rows = [row for row in inventory.rows if _may_match(rule, row, inventory.columns)]
         for name in sorted(needed):
             lacking = [row.where for row in rows if name not in row.values]
-            outside = not any(selector.key in inventory.columns for selector in rule.selectors)
+            # Only a column no machine sends (role:, rack:) keeps out machines the inventory lacks.
+            outside = not any(selector.key in inventory.columns and selector.key not in values.SELECTOR_KEYS
+                              for selector in rule.selectors)
             if not lacking and not outside:
                 continue
             named = ", ".join(lacking[:MAX_ROWS_NAMED]) + (f" and {len(lacking) - MAX_ROWS_NAMED} more"

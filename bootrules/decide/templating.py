@@ -50,7 +50,7 @@ def value_problem(value: str) -> str | None:
     if any(char.isspace() for char in value):
         return "holds a space"
     if "${" in value:
-        return "holds '${'"
+        return "holds an iPXE setting expansion"
     if any(separator in value for separator in SEPARATORS):
         return "holds a command separator"
     return None

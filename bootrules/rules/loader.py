@@ -88,6 +88,9 @@ def load_rules(path: str | os.PathLike[str]) -> RuleSet:
 
 
 def _no_source(name: str, given: set[str]) -> str:
+    if name in ("done", "files"):
+        return (f"variable '{name}' is one of bootrules' own, which this rule has not: done only with once:, "
+                "files only with files:")
     if name in values.SELECTOR_KEYS:
         return (f"variable '{name}' is what a machine sent when it asked for its script; a served file "
                 f"knows only {', '.join(FILE_FACTS)}, the inventory row, the rule's vars and {', '.join(OWN_VARIABLES)}")
@@ -305,19 +308,19 @@ class DocumentReader(NodeReader):
     def finish(self, rules: list[Rule], base: str) -> RuleSet:
         """Read the inventory and the files the rules serve, check what needs them, and
         return the rules; RulesError with every problem of the document and its files."""
-        inventory = Inventory()
+        inventory, broken = Inventory(), False
         if self.inventory_patterns:
             try:
                 inventory = load_inventory(self.inventory_patterns, base)
             except RulesError as error:
                 self.problems += error.problems
-                inventory = Inventory(watched=error.watched)
+                inventory, broken = Inventory(watched=error.watched), True
         for key, node, rule, position in reversed(self.columns):
-            if key in inventory.columns:
+            if key in inventory.columns or broken:  # a broken inventory's columns are not known
                 continue
             where = f"{self.source}:{line_of(node)}: " + (f"rule '{rule}': " if rule else "")
             if self.inventory_patterns:
-                known = tuple(sorted(inventory.columns)) + values.SELECTOR_KEYS
+                known = tuple(sorted(inventory.columns - set(values.SELECTOR_KEYS))) + values.SELECTOR_KEYS
                 reason = f"(not a selector, nor a column of the inventory) {suggest(key, known)}"
             else:
                 reason = suggest(key, values.SELECTOR_KEYS)
@@ -325,7 +328,7 @@ class DocumentReader(NodeReader):
         folder = self.templates_folder[0] if self.templates_folder else TEMPLATES_FOLDER
         folder = folder if os.path.isabs(folder) else os.path.join(base, folder)
         files = self.compile_files(rules, folder)
-        for rule in rules:
+        for rule in rules if not broken else ():
             self.check_variables(rule, inventory, files)
         watched = [*inventory.watched, *(os.path.join(folder, name) for rule in rules for name in rule.files)]
         if any(rule.files for rule in rules):
@@ -341,7 +344,9 @@ class DocumentReader(NodeReader):
         if not names:
             return files
         sandbox = environment(folder)
-        shown_folder = os.path.relpath(folder) if not os.path.relpath(folder).startswith("..") else folder
+        base = os.path.dirname(os.path.abspath(self.source))
+        relative = os.path.relpath(folder, base)
+        shown_folder = folder if relative.startswith("..") else relative
         for name, rule in names.items():
             try:
                 files[name] = compile_file(sandbox, folder, name)

@@ -238,6 +238,22 @@ class MachineStore:
 
         return self.database.run(work, write=True)
 
+    def seen_names(self) -> set[str]:
+        """Every name a machine seen is known by: its key, its MAC and its serial (`mac:…`, `serial:…`)."""
+
+        def work(cursor: Any) -> set[str]:
+            cursor.execute("SELECT machine, mac, serial FROM bootrules_machines")
+            found: set[str] = set()
+            for machine, mac, serial in cursor.fetchall():
+                found.add(machine)
+                if mac:
+                    found.add(f"mac:{mac}")
+                if serial:
+                    found.add(f"serial:{serial}")
+            return found
+
+        return self.database.run(work)
+
     def count(self) -> int:
         def work(cursor: Any) -> int:
             cursor.execute("SELECT COUNT(*) FROM bootrules_machines")

@@ -18,6 +18,7 @@ from typing import Any
 from flask import Blueprint, Response, jsonify, render_template, request
 
 from ..clock import utc
+from ..decide.preview import preview
 from ..errors import StateError
 from ..model import Exact, Glob, Rule
 from ..services import services
@@ -143,9 +144,13 @@ def taken_names() -> set[str]:
 
 
 def machine_detail(machine: Machine) -> dict[str, Any]:
+    snapshot = services().reloader.snapshot
+    inventory = snapshot.ruleset.inventory if snapshot is not None else None
+    row = inventory.find(machine.facts) if inventory is not None else None
     return {**machine.public(), "rule_to_paste": rule_to_paste(machine.facts, machine.client, taken_names())
             if machine.unknown else None,
-            "preview_url": preview_url(public_base(), machine.facts)}
+            "preview_url": preview_url(public_base(), machine.facts),
+            "inventory": {"where": row.where, "columns": row.shown()} if row is not None else None}
 
 
 # --------------------------------------------------------------------------- the overview
@@ -270,9 +275,43 @@ def machine_page(machine: str) -> str | tuple[str, int]:
     if found is None:
         return render_template("ui/machine.html", page="machines", machine=None, store_error=None), 404
     detail = machine_detail(found)
+    snapshot = services().reloader.snapshot
+    rendered = None
+    if snapshot is not None:
+        facts = {**found.facts, **({"client": found.client} if found.client else {})}
+        rendered = preview(snapshot, facts)
     return render_template("ui/machine.html", page="machines", machine=found, detail=detail, store_error=None,
-                           curl=f"curl -s '{detail['preview_url']}'",
+                           curl=f"curl -s '{detail['preview_url']}'", rendered=rendered,
+                           inventory=rendered.row if rendered else None,
                            preview=preview_command(found.facts, found.client), now=time.time())
+
+
+MAX_EXPECTED_SHOWN = 1000
+
+
+def expected_not_seen() -> tuple[list, int]:
+    """The inventory rows of machines that never asked, and how many rows the inventory has;
+    StateError if the store fails."""
+    snapshot = services().reloader.snapshot
+    inventory = snapshot.ruleset.inventory if snapshot is not None else None
+    if inventory is None or not len(inventory):
+        return [], 0
+    stores = services().page_stores()
+    seen = stores.machines.seen_names() if stores is not None else set()
+    return [row for row in inventory.rows if seen.isdisjoint(row.names)], len(inventory)
+
+
+@ui.get("/expected")
+def expected() -> str:
+    """Machines of the inventory that never asked: the first thing to look at after powering on a rack."""
+    missing, rows, store_error = [], 0, None
+    try:
+        missing, rows = expected_not_seen()
+    except StateError as failure:
+        store_error = str(failure)
+    return render_template("ui/expected.html", page="expected", missing=missing, inventory_rows=rows,
+                           shown=MAX_EXPECTED_SHOWN, store_error=store_error, now=time.time(),
+                           recording=services().settings.machines_keep > 0)
 
 
 @ui.app_template_filter("utc")
@@ -307,6 +346,16 @@ def api_machines() -> Response | tuple[Response, int]:
     listed = [machine.public() for machine in found.machines] if found else []
     return jsonify({"machines": listed, "page": number, "per_page": per_page, "total": found.total if found else 0,
                     "pages": found.pages if found else 1})
+
+
+@api.get("/expected")
+def api_expected() -> Response | tuple[Response, int]:
+    try:
+        missing, rows = expected_not_seen()
+    except StateError as failure:
+        return jsonify({"error": f"the state store is unavailable: {failure}"}), 503
+    return jsonify({"inventory": rows, "not_seen": [{"names": list(row.names), "where": row.where,
+                                                      "columns": row.shown()} for row in missing]})
 
 
 @api.get("/machines/<machine>")

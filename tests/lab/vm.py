@@ -191,6 +191,8 @@ def boot(
     keys_when: Callable[[], bool] | None = None,
     rom_dir: Path | None = None,
     serial: Path | None = None,
+    netns: str | None = None,
+    memory: int = 256,
 ) -> BootResult:
     """Power on a VM that network-boots `boot_url` first, then its disk; wait for it to finish.
 
@@ -203,6 +205,9 @@ def boot(
     `serial`: a file that receives the VM's first serial port (a Linux guest's console).
     `rom_dir`: a directory whose efi-virtio.rom the NIC runs instead of the host's (an iPXE
     build of another generation: tests/ipxe_builds.py).
+    `netns`: run QEMU (and its user-mode network) inside that namespace: a guest there reaches
+    only what listens in the namespace (its 10.0.2.2 is the namespace's loopback).
+    `memory`: MB of RAM (Debian's installer wants 1024).
     `keys` (QEMU key names: `down`, `ret`, `a`…) are typed at the console through QEMU's
     monitor, KEY_DELAY seconds after `keys_when()` first turns true (say, once the server
     answered with a menu), so that iPXE has drawn what they answer.
@@ -211,7 +216,7 @@ def boot(
     debugcon = workdir / f"debugcon-{time.monotonic_ns()}.txt"
     nic = f"virtio-net-pci,netdev=n0,mac={machine.mac}"
     command = [
-        qemu, "-machine", "pc", "-m", "256", "-display", "none", "-vga", "std",
+        qemu, "-machine", "pc", "-m", str(memory), "-display", "none", "-vga", "std",
         "-no-reboot", "-serial", f"file:{serial}" if serial else "none", "-parallel", "none",
         "-netdev", f"tap,id=n0,ifname={tap[1]},script=no,downscript=no" if tap
         else f"user,id=n0,bootfile={boot_url}" + (f",tftp={tftp_root}" if tftp_root else ""),
@@ -247,8 +252,8 @@ def boot(
     if machine.asset is not None:
         command += ["-smbios", f"type=3,asset={machine.asset.replace(',', ',,')}"]
 
-    if tap:
-        command = ["ip", "netns", "exec", tap[0], *command]
+    if tap or netns:
+        command = ["ip", "netns", "exec", tap[0] if tap else netns, *command]
     started = time.monotonic()
     process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     status: int | None = None
