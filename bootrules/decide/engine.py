@@ -8,10 +8,11 @@ from typing import Protocol
 from ..model import Facts, Rule, RuleSet
 from .matching import Matcher
 from .render import DONE_SETTING, render_no_match, render_rule, render_template_failure
-from .templating import RenderFailure, rendered_rule, variables
+from .templating import RenderFailure, rendered_script, variables
 
 NO_MATCH_SCRIPT = render_no_match()
 DONE_PATH = "/done/"
+PER_ROW_KEPT = 50_000  # rendered scripts kept per worker (a storm of new machines renders each once)
 FILES_PATH = "/files/"
 
 
@@ -38,7 +39,7 @@ class Snapshot:
     """
 
     __slots__ = ("ruleset", "loaded_at", "matcher", "has_once", "inventory", "matches_columns", "_scripts",
-                 "_positions")
+                 "_positions", "_templated", "_per_row")
 
     def __init__(self, ruleset: RuleSet, loaded_at: datetime) -> None:
         self.ruleset = ruleset
@@ -51,6 +52,12 @@ class Snapshot:
         self.matches_columns = bool(self.inventory) and not known.isdisjoint(self.inventory.columns)
         self._scripts: dict[int, str] = {}
         self._positions: dict[int, int] | None = None
+        # A rule with templates: its vars as a mapping, its templates longest first, and the
+        # names its templates use.
+        self._templated: dict[int, tuple[dict[str, str], tuple, frozenset[str]]] = {}
+        # Scripts that depend on a machine's inventory row alone (not on what it sent, nor on
+        # a token), by (rule, row, base URL): rendered once per machine, not per request.
+        self._per_row: dict[tuple[int, int, str | None], str] = {}
 
     def decide(self, facts: Facts, request: Request | None = None) -> tuple[Rule | None, str]:
         """Return the rule that answers for `facts` (None: no rule) and the script to send.
@@ -99,25 +106,49 @@ class Snapshot:
         return None, NO_MATCH_SCRIPT
 
     def _rendered(self, rule: Rule, facts: Facts, row: object, request: Request | None, token: str | None) -> str:
-        """The script of a rule with templates or files, for this machine."""
+        """The script of a rule with templates or files, for this machine: the rule's script,
+        rendered once with its templates' texts in place, with each rendered for the machine."""
         base = request.base if request is not None else None
         own = {"rule": rule.name}
+        if base is not None:
+            own["base"] = base
+        if token is not None:
+            own["done"] = f"{base}{DONE_PATH}{token}"
+        prepared = self._templated.get(id(rule))
+        if prepared is None:
+            prepared = self._templated[id(rule)] = (
+                {variable.name: variable.value for variable in rule.vars},
+                tuple(sorted(rule.templates, key=lambda field: len(field.text), reverse=True)),
+                frozenset(name for field in rule.templates for name in field.template.names))
+        rule_vars, fields, names = prepared
+        key = (id(rule), id(row), base)
+        if not rule.files and token is None:
+            script = self._per_row.get(key)
+            if script is not None:
+                return script
         try:
-            if base is not None:
-                own["base"] = base
-            if token is not None:
-                own["done"] = f"{base}{DONE_PATH}{token}"
             if rule.files:
                 files_token = token if token is not None else (request.files_token(rule) if request else None)
                 if files_token is None or base is None:
                     raise RenderFailure("no files URL can be given now (see the log)")
                 own["files"] = f"{base}{FILES_PATH}{files_token}/"
-            concrete = rendered_rule(rule, variables(rule, facts, row, own))
+            script = rendered_script(self._script(rule), fields, variables(rule_vars, facts, row, own))
         except RenderFailure as failure:
             if request is not None:
                 request.template_failed(rule, str(failure))
             return render_template_failure(rule, str(failure))
-        return render_rule(concrete, done_url=own.get("done"))
+        if token is None:
+            if not rule.files and names <= {"base", "rule", *rule_vars, *(row.values if row is not None else ())}:
+                if len(self._per_row) >= PER_ROW_KEPT:
+                    self._per_row.clear()
+                self._per_row[key] = script
+            return script
+        cut = script.index("\n", script.index("\n") + 1) + 1
+        return f"{script[:cut]}set {DONE_SETTING} {own['done']}\n{script[cut:]}"
+
+    def variables_of(self, rule: Rule, facts: Facts, row: object, own: dict[str, str]):
+        """The variables `rule`'s templates see for a machine (bootrules.decide.templating)."""
+        return variables({variable.name: variable.value for variable in rule.vars}, facts, row, own)
 
     def _script(self, rule: Rule) -> str:
         key = id(rule)

@@ -13,8 +13,8 @@ from typing import Any
 
 from ..model import Facts, Rule
 from .engine import DONE_PATH, FILES_PATH, Snapshot
-from .render import SECRET_MASK, render_rule
-from .templating import RenderFailure, render_file, rendered_rule, variables
+from .render import SECRET_MASK
+from .templating import render_file
 
 BASE = "http://BASE"
 TOKEN = "TOKEN"
@@ -58,21 +58,15 @@ def preview(snapshot: Snapshot, facts: Facts, reveal: bool = False) -> Preview:
     if rule is None:
         return Preview(None, script, row, matching=matching)
     own = _own(rule)
-    found = variables(rule, facts, row, own)
+    found = snapshot.variables_of(rule, facts, row, own)
     secrets = _secret_values(rule, row)
-    if not request.failed:
-        try:
-            concrete = rendered_rule(rule, found) if rule.templates else rule
-            script = render_rule(concrete, reveal_secrets=reveal, done_url=own.get("done"))
-        except RenderFailure as failure:  # the server would have said so too
-            request.failed = str(failure)
     if not reveal:
         for secret in secrets:
             script = script.replace(secret, SECRET_MASK)
     names = sorted({name for template in rule.templates for name in template.template.names}
                    | {name for file in rule.files if file in snapshot.ruleset.files
                       for name in snapshot.ruleset.files[file].names})
-    sources = [(name, _shown(found.get(name), name, secrets, reveal), _source(name, rule, facts, row, own))
+    sources = [(name, _shown(found.get(name), secrets, reveal), _source(name, rule, facts, row, own))
                for name in names]
     return Preview(rule, script, row, sources, request.failed, matching)
 
@@ -86,7 +80,7 @@ def preview_file(snapshot: Snapshot, facts: Facts, name: str, reveal: bool = Fal
     inventory = snapshot.ruleset.inventory
     row = inventory.find(facts) if inventory is not None else None
     carried = {key: facts[key] for key in ("mac", "uuid") if facts.get(key)}
-    text = render_file(snapshot.ruleset.files[name], variables(rule, carried, row, _own(rule)))
+    text = render_file(snapshot.ruleset.files[name], snapshot.variables_of(rule, carried, row, _own(rule)))
     if not reveal:
         for secret in _secret_values(rule, row):
             text = text.replace(secret, SECRET_MASK)
@@ -103,15 +97,24 @@ def _own(rule: Rule) -> dict[str, str]:
 
 
 def _secret_values(rule: Rule, row: Any) -> list[str]:
+    """What to mask: secret settings (as written), secret vars, and the row's secret columns."""
     from ..rules.inventory import is_secret_column
 
     found = [variable.value for variable in rule.vars if variable.secret]
+    found += [setting.value for setting in _settings_of(rule) if setting.secret and "{{" not in setting.value]
     if row is not None:
         found += [value for column, value in row.values.items() if is_secret_column(column)]
     return sorted((value for value in found if len(value) >= 3), key=len, reverse=True)
 
 
-def _shown(value: str | None, name: str, secrets: list[str], reveal: bool) -> str:
+def _settings_of(rule: Rule) -> list:
+    settings = list(rule.settings)
+    for item in getattr(rule.action, "items", ()):
+        settings += list(item.settings)
+    return settings
+
+
+def _shown(value: str | None, secrets: list[str], reveal: bool) -> str:
     if value is None:
         return "(unset)"
     if not reveal and value in secrets:

@@ -19,35 +19,32 @@ only those its token carries (`mac`, `uuid`).
 
 from __future__ import annotations
 
-import dataclasses
-from typing import Any, Mapping
+import re
+from typing import Any, Mapping, Sequence
 
-from ..model import Facts, FieldTemplate, Rule
-from ..rules.templates import MAX_FILE_CHARS, TemplateFailure
+from ..model import Facts, FieldTemplate
+from ..rules.templates import MAX_FILE_CHARS, Lookup, TemplateFailure
 
 SEPARATORS = ("||", "&&")
+_WHITESPACE = re.compile(r"\s")
+NOTHING: Mapping[str, str] = {}
 
 
 class RenderFailure(Exception):
     """The rule cannot be rendered for this machine; the message names the variable or field."""
 
 
-def variables(rule: Rule, facts: Facts, row: Any, own: Mapping[str, str]) -> dict[str, str]:
-    """The machine's variables for `rule`, by the precedence of the module's doc."""
-    found = dict(facts)
-    for variable in rule.vars:
-        found[variable.name] = variable.value
-    if row is not None:
-        found.update(row.values)
-    found.update(own)
-    return found
+def variables(rule_vars: Mapping[str, str], facts: Facts, row: Any, own: Mapping[str, str]) -> Lookup:
+    """The machine's variables for a rule whose `vars:` are `rule_vars`, by the precedence of
+    the module's doc."""
+    return Lookup(own, row.values if row is not None else NOTHING, rule_vars, facts)
 
 
 def value_problem(value: str) -> str | None:
     """Why a variable's value cannot go into an iPXE script line, or None."""
     if not value.isprintable():
         return "holds a line break or a control character"
-    if any(char.isspace() for char in value):
+    if _WHITESPACE.search(value):
         return "holds a space"
     if "${" in value:
         return "holds an iPXE setting expansion"
@@ -56,11 +53,12 @@ def value_problem(value: str) -> str | None:
     return None
 
 
-def rendered_rule(rule: Rule, found: Mapping[str, str]) -> Rule:
-    """`rule` with every template rendered for these variables; RenderFailure if one cannot be."""
-    rendered: dict[str, str] = {}
-    for field in rule.templates:
-        for name in sorted(field.template.names):
+def rendered_script(script: str, fields: Sequence[FieldTemplate], found: Lookup) -> str:
+    """`script` (a rule's, with its templates' texts where their values go) with every template
+    rendered for these variables; RenderFailure if one cannot be. `fields` longest first, so
+    that a template inside another's text is rendered as part of it."""
+    for field in fields:
+        for name in field.template.names:
             value = found.get(name)
             if value is None:
                 raise RenderFailure(f"variable '{name}' is not set for this machine ({field.what})")
@@ -68,32 +66,18 @@ def rendered_rule(rule: Rule, found: Mapping[str, str]) -> Rule:
             if reason and not (field.words and reason == "holds a space"):
                 raise RenderFailure(f"variable '{name}' {reason} ({field.what})")
         try:
-            text = field.template.render(found)
+            text = field.template.render_in(found)
         except TemplateFailure as failure:
             raise RenderFailure(f"{field.what}: {failure}") from None
-        reason = field.check(text)
-        if reason:
+        if field.check(text):
             raise RenderFailure(f"{field.what}: the rendered value cannot go into the script")
-        rendered[field.text] = text
-    return _substituted(rule, rendered)
+        script = script.replace(field.text, text)
+    return script
 
 
-def _substituted(value: Any, rendered: Mapping[str, str]) -> Any:
-    """`value` with every string that is a template's text replaced by its rendering."""
-    if isinstance(value, str):
-        return rendered.get(value, value)
-    if isinstance(value, tuple):
-        return tuple(_substituted(item, rendered) for item in value)
-    if dataclasses.is_dataclass(value) and not isinstance(value, FieldTemplate):
-        changes = {field.name: _substituted(getattr(value, field.name), rendered)
-                   for field in dataclasses.fields(value) if field.name not in ("templates", "selectors")}
-        return dataclasses.replace(value, **changes)
-    return value
-
-
-def render_file(template: Any, found: Mapping[str, str]) -> str:
+def render_file(template: Any, found: Lookup) -> str:
     """A served file for a machine; RenderFailure if it cannot be rendered."""
     try:
-        return template.render(found, limit=MAX_FILE_CHARS)
+        return template.render_in(found, limit=MAX_FILE_CHARS)
     except TemplateFailure as failure:
         raise RenderFailure(str(failure)) from None

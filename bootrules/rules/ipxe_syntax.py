@@ -11,6 +11,7 @@ import re
 import urllib.parse
 
 URL_SCHEMES = ("http", "https", "tftp", "ftp", "nfs", "file")
+_WHITESPACE = re.compile(r"\s")
 SAN_SCHEMES = ("iscsi", "http", "https", "aoe", "ib_srp", "fcp")
 
 
@@ -22,7 +23,7 @@ def word_problem(word: str, show: bool = True) -> str | None:
     With show=False the message does not quote the value (it is a secret).
     """
     shown = repr(word) if show else "the (secret) value"
-    if any(not char.isprintable() or char.isspace() for char in word):
+    if not word.isprintable() or _WHITESPACE.search(word):
         return f"{shown} contains a space, line break or control character"
     if word.startswith("#"):
         return f"{shown} starts with '#', which iPXE reads as a comment"

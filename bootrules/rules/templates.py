@@ -139,13 +139,59 @@ def environment(folder: str | None = None) -> BootrulesSandbox:
 # --------------------------------------------------------------------------- compiled templates
 
 
+class Lookup:
+    """A machine's variables as templates see them: looked up in turn, never merged, until a
+    template with logic needs them as one mapping."""
+
+    __slots__ = ("sources",)
+
+    def __init__(self, *sources: Mapping[str, str]) -> None:
+        self.sources = sources  # the first that has a name wins
+
+    def get(self, name: str) -> str | None:
+        for source in self.sources:
+            value = source.get(name)
+            if value is not None:
+                return value
+        return None
+
+    def mapping(self) -> dict[str, str]:
+        merged: dict[str, str] = {}
+        for source in reversed(self.sources):
+            merged.update(source)
+        return merged
+
+
 @dataclass(frozen=True)
 class Template:
-    """A compiled template and the variables it names (beyond its own)."""
+    """A compiled template and the variables it names (beyond its own).
+
+    `parts`: for a template that only puts variables between text (most of them), the text
+    and the variable names in turn, rendered without Jinja; None for one with logic.
+    """
 
     text: str
     compiled: Any = field(compare=False, repr=False)
     names: frozenset[str] = frozenset()
+    parts: tuple[tuple[bool, str], ...] | None = field(default=None, compare=False, repr=False)
+
+    def render_in(self, found: Lookup, limit: int = MAX_FIELD_CHARS) -> str:
+        """The text for the variables `found` gives; TemplateFailure as render()."""
+        if self.parts is None:
+            return self.render(found.mapping(), limit)
+        out = []
+        for is_name, text in self.parts:
+            if not is_name:
+                out.append(text)
+                continue
+            value = found.get(text)
+            if value is None:
+                raise TemplateFailure(f"variable '{text}' is not set for this machine")
+            out.append(value)
+        rendered = "".join(out)
+        if len(rendered) > limit:
+            raise TemplateFailure(f"the output is longer than {limit:,} characters")
+        return rendered
 
     def render(self, variables: Mapping[str, str], limit: int = MAX_FIELD_CHARS) -> str:
         """The text for these variables; TemplateFailure if a bound is broken or a variable is unset."""
@@ -208,13 +254,31 @@ def compile_text(sandbox: BootrulesSandbox, text: str, name: str | None = None) 
         if included.startswith("/") or ".." in included.split("/"):
             raise CompileError(f"template: {included!r} is outside the templates folder")
     names = set(meta.find_undeclared_variables(tree)) - set(sandbox.globals)
+    parts = _plain_parts(tree)
     try:
         compiled = sandbox.from_string(tree) if name is None else sandbox.get_template(name)
     except jinja2.TemplateNotFound as missing:
         raise CompileError(f"template: {missing.name!r} is not in the templates folder") from None
     except jinja2.TemplateSyntaxError as error:
         raise CompileError(f"template: {error.message}", error.lineno or 1) from None
-    return Template(text, compiled, frozenset(names))
+    return Template(text, compiled, frozenset(names), parts)
+
+
+def _plain_parts(tree: nodes.Template) -> tuple[tuple[bool, str], ...] | None:
+    """The template as text and variable names in turn, if that is all it is (no filter, no
+    test, no logic, no attribute): (is a name, text or name)."""
+    parts: list[tuple[bool, str]] = []
+    for statement in tree.body:
+        if not isinstance(statement, nodes.Output):
+            return None
+        for node in statement.nodes:
+            if isinstance(node, nodes.TemplateData):
+                parts.append((False, node.data))
+            elif isinstance(node, nodes.Name) and node.ctx == "load":
+                parts.append((True, node.name))
+            else:
+                return None
+    return tuple(parts)
 
 
 def compile_file(sandbox: BootrulesSandbox, folder: str, name: str) -> Template:
@@ -230,6 +294,8 @@ def compile_file(sandbox: BootrulesSandbox, folder: str, name: str) -> Template:
     except (OSError, UnicodeDecodeError) as error:
         raise CompileError(f"{name!r}: cannot read: {getattr(error, 'strerror', None) or error}") from None
     template = compile_text(sandbox, text, name)
+    if template.parts is not None:
+        return template  # it includes nothing
     names = set(template.names)
     seen = {name}
     todo = list(meta.find_referenced_templates(sandbox.parse(text)))

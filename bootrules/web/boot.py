@@ -25,7 +25,7 @@ from .. import values
 from ..clock import PerSecond
 from ..decide.engine import FILES_PATH, NO_MATCH_SCRIPT
 from ..decide.render import render_entry
-from ..decide.templating import RenderFailure, render_file, variables
+from ..decide.templating import RenderFailure, render_file
 from ..errors import FactsError
 from ..logs import escaped, log_decision, log_fields
 from ..model import Facts, Rule, machine_names
@@ -183,7 +183,7 @@ class BootEndpoints:
         if rule.once is not None:
             own["done"] = f"{base}{DONE_PATH}{token}"
         try:
-            body = render_file(snapshot.ruleset.files[name], variables(rule, facts, row, own))
+            body = render_file(snapshot.ruleset.files[name], snapshot.variables_of(rule, facts, row, own))
         except RenderFailure as failure:
             log.warning("files: rule %s file %s cannot be rendered for machine=%s: %s", rule.name, name, machine,
                         failure)
