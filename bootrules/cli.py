@@ -93,7 +93,8 @@ def serve(**given: Any) -> None:
 @cli.command()
 @click.argument("path", default=DEFAULT_RULES, type=click.Path(dir_okay=False))
 @click.option("--strict", is_flag=True, help="Exit 1 on warnings too, not only on errors.")
-def check(path: str, strict: bool) -> None:
+@settings_options("ipxe_dir", "shim_file", "grub_file")
+def check(path: str, strict: bool, **served: str | None) -> None:
     """Check a rules file: list every error as FILE:LINE (exit 1), then warnings.
 
     Warnings (exit 0 unless --strict) flag rules that can never match because an
@@ -104,6 +105,10 @@ def check(path: str, strict: bool) -> None:
 
         python app.py check --strict rules.yaml
     """
+    missing = load_settings(served).missing_binaries()
+    if missing:
+        click.echo("\n".join(f"{line}" for line in missing), err=True)
+        raise SystemExit(1)
     try:
         ruleset = load_rules(path)
     except RulesError as error:

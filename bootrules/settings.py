@@ -21,6 +21,8 @@ __all__ = ["SETTINGS", "Settings", "SettingsError", "MAX_DURATION", "Network", "
 
 
 LOG_FORMATS = ("text", "json")
+DEFAULT_IPXE_DIR = "/usr/lib/ipxe"  # Debian's ipxe package
+IPXE_BINARIES = ("ipxe.efi", "snponly.efi", "undionly.kpxe")
 SERVERS = ("waitress", "granian")
 # The peer names itself in the Host header; only this alphabet reaches the entry script.
 HOST_PATTERN = re.compile(
@@ -76,6 +78,11 @@ def parse_state(text: str) -> str | None:
     if "://" in text and not text.startswith(("postgresql://", "postgres://")):
         raise ValueError(f"{text!r}: give a file path (SQLite) or a postgresql:// URL")
     return text
+
+
+def parse_path(text: str) -> str | None:
+    """A file or folder path (empty: not given)."""
+    return text.strip() or None
 
 
 def parse_keep(text: str) -> int:
@@ -188,6 +195,13 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("admin_allow", "--admin-allow",
             "networks that may see `/ui/` and `/api/` (127.0.0.1 and ::1 always may; comma-separated)", (),
             "127.0.0.1 and ::1 only", parse_networks, many=True),
+    Setting("ipxe_dir", "--ipxe-dir",
+            "folder of the iPXE binaries served over HTTP (`ipxe.efi`, `snponly.efi`, `undionly.kpxe`); given, all must be there",
+            None, "`/usr/lib/ipxe`, if there", parse_path),
+    Setting("shim_file", "--shim-file", "the signed shim served as `/shimx64.efi`, for Secure Boot machines", None,
+            "none", parse_path),
+    Setting("grub_file", "--grub-file", "the signed GRUB (with `http`) served as `/grubx64.efi` after the shim", None,
+            "none", parse_path),
     Setting("admin_hosts", "--admin-host",
             "host names `/ui/` and `/api/` answer to, besides addresses, `localhost` and `--base-url`'s (comma-separated)",
             (), "none", parse_host_names, many=True),
@@ -215,6 +229,9 @@ class Settings:
     machines_keep: int = 30 * 86400
     machines_max: int = 200000
     admin_allow: tuple[Network, ...] = ()
+    ipxe_dir: str | None = None
+    shim_file: str | None = None
+    grub_file: str | None = None
     admin_hosts: tuple[str, ...] = ()
 
     @classmethod
@@ -266,6 +283,25 @@ class Settings:
             return location
         root, extension = os.path.splitext(location)
         return f"{root}-machines{extension or '.db'}"
+
+    def served_binaries(self) -> dict[str, str]:
+        """The boot programs served over HTTP, by path (`/ipxe.efi` → its file): iPXE's from
+        --ipxe-dir (Debian's folder if it is there), and the shim and GRUB if given."""
+        folder = self.ipxe_dir or (DEFAULT_IPXE_DIR if os.path.isdir(DEFAULT_IPXE_DIR) else None)
+        served = {f"/{name}": os.path.join(folder, name) for name in IPXE_BINARIES} if folder else {}
+        if self.shim_file:
+            served["/shimx64.efi"] = self.shim_file
+        if self.grub_file:
+            served["/grubx64.efi"] = self.grub_file
+        return served
+
+    def missing_binaries(self) -> list[str]:
+        """What is given but not there: each a line for a clear error at start."""
+        served = self.served_binaries()
+        given = {path for path, file in served.items()
+                 if (self.ipxe_dir and path[1:] in IPXE_BINARIES) or file in (self.shim_file, self.grub_file)}
+        return [f"{served[path]}: not there ({BY_NAME['ipxe_dir'].flag if path[1:] in IPXE_BINARIES else 'given'})"
+                for path in sorted(given) if not os.path.isfile(served[path])]
 
     def resolved_workers(self) -> int:
         """The number of worker processes: as set, or one per CPU core."""

@@ -22,8 +22,8 @@ Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 MAC_KEYS = ("mac",)
 UUID_KEYS = ("uuid",)
 TEXT_KEYS = ("serial", "product", "manufacturer", "asset", "hostname")
-WORD_KEYS = ("platform", "buildarch")
-ADDRESS_KEYS = ("ip", "client")
+WORD_KEYS = ("platform", "buildarch", "loader")
+ADDRESS_KEYS = ("ip", "ip6", "client")
 SELECTOR_KEYS = MAC_KEYS + UUID_KEYS + TEXT_KEYS + WORD_KEYS + ADDRESS_KEYS
 
 # Keys a machine may send in the /ipxe query; `client` is never sent: it is the peer.
@@ -33,6 +33,8 @@ QUERY_KEYS = tuple(key for key in SELECTOR_KEYS if key != "client")
 KNOWN_WORDS = {
     "platform": ("pcbios", "efi", "linux", "sbi"),
     "buildarch": ("i386", "x86_64", "arm32", "arm64", "riscv32", "riscv64", "loong64"),
+    # Who asks, when it is not iPXE: GRUB, for machines with Secure Boot (bootrules.decide.grub).
+    "loader": ("grub",),
 }
 
 # Firmware without a real UUID reports one of these; they identify no machine.
@@ -261,6 +263,8 @@ def facts_from_query(params: Mapping[str, Sequence[str]]) -> tuple[dict[str, str
         if key in facts and facts[key] != value:
             raise FactsError(f"{key} and {key}_hex disagree; send one")
         facts[key] = value
+    if "ip6" in facts and "ip" not in facts:
+        facts["ip"] = facts["ip6"]  # an IPv6-only machine: `ip:` rules see its IPv6 address
     return facts, ignored
 
 

@@ -28,7 +28,7 @@ def test_check_lists_every_problem_and_exits_1(runner, write_rules):
     result = runner.invoke(cli, ["check", str(path)])
     assert result.exit_code == 1
     assert result.output.splitlines() == [
-        f"{path}:3: rule 'a': match: unknown key 'mack' (did you mean 'mac'? expected one of: mac, uuid, serial, product, manufacturer, asset, hostname, platform, buildarch, ip, client)",
+        f"{path}:3: rule 'a': match: unknown key 'mack' (did you mean 'mac'? expected one of: mac, uuid, serial, product, manufacturer, asset, hostname, platform, buildarch, loader, ip, ip6, client)",
         f"{path}:6: rule 'b': chain: 'ftp//oops' is not a URL (expected http://, https://, tftp://, ftp://, nfs://, file://, or a path starting with /)",
     ]
     assert result.exception is None or isinstance(result.exception, SystemExit)

@@ -8,7 +8,8 @@ from typing import Protocol
 from ..model import Facts, Rule, RuleSet
 from .matching import Matcher
 from .render import DONE_SETTING, render_no_match, render_rule, render_template_failure
-from .templating import RenderFailure, rendered_script, variables
+from .grub import render_grub, render_grub_no_match
+from .templating import RenderFailure, rendered_script, rendered_values, substituted, variables
 
 NO_MATCH_SCRIPT = render_no_match()
 DONE_PATH = "/done/"
@@ -59,11 +60,12 @@ class Snapshot:
         # a token), by (rule, row, base URL): rendered once per machine, not per request.
         self._per_row: dict[tuple[int, int, str | None], str] = {}
 
-    def decide(self, facts: Facts, request: Request | None = None) -> tuple[Rule | None, str]:
+    def decide(self, facts: Facts, request: Request | None = None, grub: bool = False) -> tuple[Rule | None, str]:
         """Return the rule that answers for `facts` (None: no rule) and the script to send.
 
         `request` is asked for a `once:` rule's token (without one, `once:` rules are passed
-        over), and gives templates their URLs.
+        over), and gives templates their URLs. `grub`: the script in GRUB's language, for a
+        machine booting through GRUB (bootrules.decide.grub).
         """
         row = None
         matching = facts
@@ -73,14 +75,14 @@ class Snapshot:
                 matching = {**row.match_facts, **facts}
         rule = self.matcher.first_match(matching)
         if rule is None:
-            return None, NO_MATCH_SCRIPT
-        if rule.once is None and not rule.rendered:
+            return None, render_grub_no_match() if grub else NO_MATCH_SCRIPT
+        if rule.once is None and not rule.rendered and not grub:
             script = self._scripts.get(id(rule))  # _script, inline: this is every machine's path
             return rule, script if script is not None else self._script(rule)
-        return self._decide_slowly(rule, facts, matching, row, request)
+        return self._decide_slowly(rule, facts, matching, row, request, grub)
 
     def _decide_slowly(self, rule: Rule | None, facts: Facts, matching: Facts, row: object,
-                       request: Request | None) -> tuple[Rule | None, str]:
+                       request: Request | None, grub: bool = False) -> tuple[Rule | None, str]:
         """A `once:` rule (which may let the machine fall through), or one with templates."""
         if self._positions is None:
             self._positions = {id(each): position for position, each in enumerate(self.ruleset.rules)}
@@ -91,6 +93,10 @@ class Snapshot:
                 if token is None:
                     rule = self.matcher.first_match_after(matching, self._positions[id(rule)])
                     continue
+            if grub:
+                if row is None and self.inventory is not None:
+                    row = self.inventory.find(facts)
+                return rule, self._grub(rule, facts, row, request, token)
             if rule.rendered:
                 if row is None and self.inventory is not None:
                     row = self.inventory.find(facts)
@@ -103,7 +109,7 @@ class Snapshot:
             script = self._script(rule)
             cut = script.index("\n", script.index("\n") + 1) + 1
             return rule, f"{script[:cut]}set {DONE_SETTING} {done_url}\n{script[cut:]}"
-        return None, NO_MATCH_SCRIPT
+        return None, render_grub_no_match() if grub else NO_MATCH_SCRIPT
 
     def _rendered(self, rule: Rule, facts: Facts, row: object, request: Request | None, token: str | None) -> str:
         """The script of a rule with templates or files, for this machine: the rule's script,
@@ -145,6 +151,30 @@ class Snapshot:
             return script
         cut = script.index("\n", script.index("\n") + 1) + 1
         return f"{script[:cut]}set {DONE_SETTING} {own['done']}\n{script[cut:]}"
+
+    def _grub(self, rule: Rule, facts: Facts, row: object, request: Request | None, token: str | None) -> str:
+        """The GRUB script of a rule for this machine (its templates rendered first)."""
+        base = request.base if request is not None else None
+        own = {"rule": rule.name, **({"base": base} if base is not None else {})}
+        done_url = f"{base}{DONE_PATH}{token}" if token is not None else None
+        if done_url is not None:
+            own["done"] = done_url
+        try:
+            if rule.files:
+                files_token = token if token is not None else (request.files_token(rule) if request else None)
+                if files_token is None or base is None:
+                    raise RenderFailure("no files URL can be given now (see the log)")
+                own["files"] = f"{base}{FILES_PATH}{files_token}/"
+            if rule.templates:
+                found = self.variables_of(rule, facts, row, own)
+                rule = substituted(rule, rendered_values(rule.templates, found))
+        except RenderFailure as failure:
+            if request is not None:
+                request.template_failed(rule, str(failure))
+            return (f"# bootrules: rule '{rule.name}' (line {rule.line})\n"
+                    f"echo 'bootrules: rule {rule.name} cannot be rendered for this machine; booting the next device'\n"
+                    "exit\n")
+        return render_grub(rule, done_url)
 
     def variables_of(self, rule: Rule, facts: Facts, row: object, own: dict[str, str]):
         """The variables `rule`'s templates see for a machine (bootrules.decide.templating)."""

@@ -27,17 +27,24 @@ ENTRY_FACTS = (
     ("asset_hex", "${asset:hexraw}"),
     ("hostname_hex", "${hostname:hexraw}"),
     ("ip", "${netX/ip}"),
+    ("ip6", "${netX/ip6}"),  # empty (so absent) where the build or the network has no IPv6
     ("platform", "${platform}"),
     ("buildarch", "${buildarch}"),
 )
 
 
-def render_entry(decision_url: str) -> str:
-    """Return the entry script that sends a machine's facts to `decision_url` (…/ipxe)."""
+def render_entry(decision_url: str, open_network: bool = False) -> str:
+    """Return the entry script that sends a machine's facts to `decision_url` (…/ipxe).
+
+    `open_network`: first open the network device and make sure it has an address (iPXE
+    loaded by the firmware over HTTP runs `autoexec.ipxe` with its device closed).
+    """
     query = "&".join(f"{key}={expansion}" for key, expansion in ENTRY_FACTS)
+    opening = (f"ifopen{OR_FAIL}\nisset ${{ip}} || isset ${{net0/ip6}} || dhcp{OR_FAIL}\n" if open_network else "")
     return (
         "#!ipxe\n"
         "# bootrules entry script: report what this machine is, then run what rules.yaml decides.\n"
+        f"{opening}"
         f"chain --replace --autofree {decision_url}?{query}{OR_FAIL}\n"
         f":{FAILED_LABEL}\n"
         f"echo bootrules: could not fetch the boot decision from {decision_url}\n"

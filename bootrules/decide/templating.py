@@ -19,6 +19,7 @@ only those its token carries (`mac`, `uuid`).
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from typing import Any, Mapping, Sequence
 
@@ -50,13 +51,14 @@ def value_problem(value: str) -> str | None:
         return "holds an iPXE setting expansion"
     if any(separator in value for separator in SEPARATORS):
         return "holds a command separator"
+    if "'" in value:
+        return "holds a quote"
     return None
 
 
-def rendered_script(script: str, fields: Sequence[FieldTemplate], found: Lookup) -> str:
-    """`script` (a rule's, with its templates' texts where their values go) with every template
-    rendered for these variables; RenderFailure if one cannot be. `fields` longest first, so
-    that a template inside another's text is rendered as part of it."""
+def rendered_values(fields: Sequence[FieldTemplate], found: Lookup) -> dict[str, str]:
+    """Each template's text and its rendering for these variables; RenderFailure if one cannot be."""
+    rendered: dict[str, str] = {}
     for field in fields:
         for name in field.template.names:
             value = found.get(name)
@@ -71,8 +73,31 @@ def rendered_script(script: str, fields: Sequence[FieldTemplate], found: Lookup)
             raise RenderFailure(f"{field.what}: {failure}") from None
         if field.check(text):
             raise RenderFailure(f"{field.what}: the rendered value cannot go into the script")
-        script = script.replace(field.text, text)
+        rendered[field.text] = text
+    return rendered
+
+
+def rendered_script(script: str, fields: Sequence[FieldTemplate], found: Lookup) -> str:
+    """`script` (a rule's, with its templates' texts where their values go) with every template
+    rendered for these variables; RenderFailure if one cannot be. `fields` longest first, so
+    that a template inside another's text is rendered as part of it."""
+    for text, rendered in rendered_values(fields, found).items():
+        script = script.replace(text, rendered)
     return script
+
+
+def substituted(value: Any, rendered: Mapping[str, str]) -> Any:
+    """`value` (a rule, an action…) with every string that is a template's text replaced by
+    its rendering, for a renderer that needs the values themselves (GRUB's)."""
+    if isinstance(value, str):
+        return rendered.get(value, value)
+    if isinstance(value, tuple):
+        return tuple(substituted(item, rendered) for item in value)
+    if dataclasses.is_dataclass(value) and not isinstance(value, FieldTemplate):
+        changes = {field.name: substituted(getattr(value, field.name), rendered)
+                   for field in dataclasses.fields(value) if field.name not in ("templates", "selectors")}
+        return dataclasses.replace(value, **changes)
+    return value
 
 
 def render_file(template: Any, found: Lookup) -> str:

@@ -264,6 +264,10 @@ class DocumentReader(NodeReader):
             return None
         action = actions[0][2]
         assert action is not None
+        if any(selector.key == "loader" for selector in selectors) and actions[0][0] not in ("boot", "exit"):
+            self.problem(actions[0][1], f"a rule for loader: grub must boot or exit: GRUB cannot "
+                                            f"{actions[0][0]} (bootrules.decide.grub)")
+            return None
         return Rule(name=name, line=line_of(node), selectors=selectors, action=action, settings=settings, once=once,
                     vars=variables, files=files, templates=tuple(self.templates))
 

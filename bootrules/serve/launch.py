@@ -49,6 +49,9 @@ OWNER_FILE = "owner.pid"
 def serve(settings: Settings) -> int:
     """Serve until stopped; return the exit status."""
     configure_logging(settings.log_format)
+    missing = settings.missing_binaries()
+    if missing:
+        raise StartError("boot programs to serve are not there:\n" + "\n".join(missing))
     # Until the handlers are in place, SIGHUP (systemctl reload) must not kill us.
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
     workers = settings.resolved_workers()

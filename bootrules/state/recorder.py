@@ -38,6 +38,7 @@ CHUNK = 64  # machines written per transaction
 MAX_PENDING = 20000  # machines waiting to be written, per process
 PRUNE_EVERY = 60.0  # seconds between two passes of the retention limits
 WARN_EVERY = 60.0  # seconds between two warnings that recording fails
+LAST_FLUSH_PATIENCE = 6.0  # seconds a stopping worker keeps trying to write what it saw
 RECORDER_NICENESS = 10  # the writer thread's nice value (Linux schedules threads one by one)
 DISK_RESERVE = 64 * 1024 * 1024  # bytes left free for `once:` state; 5% of a disk smaller than 1.3 GB
 
@@ -217,6 +218,12 @@ class Recorder:
             log.warning("machines seen not recorded (%s): %s", what, reason)
 
     def close(self) -> None:
-        """Write what is left (a stopping worker)."""
-        if self._thread_pid == os.getpid():
+        """Write what is left (a stopping worker): tried again for a few seconds, since
+        what is not written now is lost with the process."""
+        if self._thread_pid != os.getpid():
+            return
+        give_up = time.monotonic() + LAST_FLUSH_PATIENCE
+        self.flush()
+        while self.last_error is not None and self._pending and time.monotonic() < give_up:
+            time.sleep(0.2)
             self.flush()

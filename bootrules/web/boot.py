@@ -24,6 +24,7 @@ from werkzeug.wsgi import get_host
 from .. import values
 from ..clock import PerSecond
 from ..decide.engine import FILES_PATH, NO_MATCH_SCRIPT
+from ..decide.grub import render_grub_entry
 from ..decide.render import render_entry
 from ..decide.templating import RenderFailure, render_file
 from ..errors import FactsError
@@ -42,6 +43,11 @@ SCRIPT_TYPE = "text/plain; charset=utf-8"
 DECISION_PATH = "/ipxe"
 # /boot.ipxe.0: the same script under the name a PXE ROM is given by proxy DHCP.
 ENTRY_PATHS = frozenset({"/boot.ipxe", "/boot.ipxe.0"})
+# What iPXE loaded over HTTP by the firmware runs first, from the folder it was loaded from.
+AUTOEXEC_PATH = "/autoexec.ipxe"
+GRUB_ENTRY_PATH = "/grub/grub.cfg"  # what GRUB loaded over HTTP reads first
+GRUB_DECISION_PATH = "/grub/decide"
+BINARY_TYPE = "application/efi"
 METRICS_PATH = "/metrics"
 # Answered off the server's loop, so that machines do not wait for them (serve.waitress_loop):
 # a scrape of 100,000 rules' counts, pages that read the store, callbacks that write it.
@@ -52,6 +58,7 @@ ENTRY_SCRIPTS_KEPT = 64
 MAX_BODY = 4096  # bytes; no endpoint needs a body
 INTERNAL_ERROR = "500 internal error (see the bootrules log)\n"
 FILE_FIELDS = ("token", "machine", "file", "status")
+SERVED_FIELDS = ("file", "client")
 TOKEN_SHAPE = re.compile(r"[A-Za-z0-9_-]{1,128}")
 _HEADER_UNSAFE = re.compile(r"[^A-Za-z0-9 ._:,'()/=-]")
 TOO_LARGE = "413 Payload Too Large: bootrules takes no request body\n"
@@ -67,6 +74,7 @@ class BootEndpoints:
         self.recorder = services.recorder
         self.metrics = services.metrics
         self.base_url = services.settings.base_url
+        self.binaries = services.settings.served_binaries()
         self.fallback = fallback
         self._entry_scripts: dict[tuple[str | None, ...], str] = {}
 
@@ -84,6 +92,12 @@ class BootEndpoints:
             return self.done(environ, start_response)
         elif path.startswith(FILES_PATH):
             answer = self.file
+        elif path == AUTOEXEC_PATH:
+            answer = self.autoexec
+        elif path in (GRUB_ENTRY_PATH, GRUB_DECISION_PATH):
+            answer = self.grub_entry if path == GRUB_ENTRY_PATH else self.grub_decide
+        elif "/" + path.lstrip("/") in self.binaries:  # shim asks for //grubx64.efi
+            answer = self.binary
         else:
             return self.fallback(environ, start_response)
         method = environ.get("REQUEST_METHOD")
@@ -112,7 +126,50 @@ class BootEndpoints:
             script = self._entry_scripts[key] = render_entry(url)
         return _respond(start_response, "200 OK", script, (), method)
 
-    def decide(self, environ: dict, start_response: Callable[..., Any], method: str) -> Iterable[bytes]:
+    def autoexec(self, environ: dict, start_response: Callable[..., Any], method: str) -> Iterable[bytes]:
+        """GET /autoexec.ipxe: what iPXE loaded by the firmware over HTTP runs first (its network
+        device closed): the entry script, opening the device first."""
+        try:
+            url = (self.base_url or request_url_root(environ)) + DECISION_PATH
+        except ValueError as error:
+            return _respond(start_response, "400 Bad Request", f"{error}; set --base-url\n", (), method)
+        log_fields("served file=%s client=%s", ("autoexec.ipxe", environ.get("REMOTE_ADDR") or "-"), SERVED_FIELDS)
+        return _respond(start_response, "200 OK", render_entry(url, open_network=True), (), method)
+
+    def grub_entry(self, environ: dict, start_response: Callable[..., Any], method: str) -> Iterable[bytes]:
+        """GET /grub/grub.cfg: GRUB's entry script (bootrules.decide.grub)."""
+        try:
+            url = (self.base_url or request_url_root(environ)) + GRUB_DECISION_PATH
+        except ValueError as error:
+            return _respond(start_response, "400 Bad Request", f"{error}; set --base-url\n", (), method)
+        log_fields("served file=%s client=%s", ("grub/grub.cfg", environ.get("REMOTE_ADDR") or "-"), SERVED_FIELDS)
+        return _respond(start_response, "200 OK", render_grub_entry(url), (), method)
+
+    def grub_decide(self, environ: dict, start_response: Callable[..., Any], method: str) -> Iterable[bytes]:
+        """GET /grub/decide: the decision, in GRUB's language."""
+        return self.decide(environ, start_response, method, grub=True)
+
+    def binary(self, environ: dict, start_response: Callable[..., Any], method: str) -> Iterable[bytes]:
+        """GET or HEAD /ipxe.efi, /snponly.efi, /undionly.kpxe, /shimx64.efi, /grubx64.efi: a boot
+        program, with its length (the firmware asks HEAD first, for the size)."""
+        path = self.binaries["/" + environ.get("PATH_INFO", "").lstrip("/")]
+        try:
+            with open(path, "rb") as stream:
+                data = b"" if method == "HEAD" else stream.read()
+                size = os.fstat(stream.fileno()).st_size
+        except OSError as error:
+            log.error("cannot read %s: %s", path, error.strerror or error)
+            return _respond(start_response, "404 Not Found", f"404 Not Found: {os.path.basename(path)} cannot be read "
+                            "on the server (see its log)\n", (), method)
+        if method != "HEAD":
+            log_fields("served file=%s client=%s", (os.path.basename(environ.get("PATH_INFO", "")),
+                                                     environ.get("REMOTE_ADDR") or "-"), SERVED_FIELDS)
+        start_response("200 OK", [("Date", http_date()), ("Content-Type", BINARY_TYPE), ("Content-Length", str(size)),
+                                  ("Cache-Control", "no-cache")])
+        return [data] if method != "HEAD" else []
+
+    def decide(self, environ: dict, start_response: Callable[..., Any], method: str,
+               grub: bool = False) -> Iterable[bytes]:
         """GET /ipxe: answer one decision request."""
         started = time.perf_counter()
         client = environ.get("REMOTE_ADDR") or "-"
@@ -131,6 +188,8 @@ class BootEndpoints:
         request = MachineRequest(self, environ, facts, client)
         if snapshot is None:
             rule, script = None, NO_MATCH_SCRIPT
+        elif grub:
+            rule, script = snapshot.decide(facts, request, grub=True)
         else:
             rule, script = snapshot.decide(facts, request)
         if rule is None:

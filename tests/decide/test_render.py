@@ -239,7 +239,7 @@ def test_entry_script_reports_every_fact_with_free_text_in_hex():
         """
         #!ipxe
         # bootrules entry script: report what this machine is, then run what rules.yaml decides.
-        chain --replace --autofree http://boot.example.com/pxe/ipxe?mac=${netX/mac:hexhyp}&uuid=${uuid}&serial_hex=${serial:hexraw}&product_hex=${product:hexraw}&manufacturer_hex=${manufacturer:hexraw}&asset_hex=${asset:hexraw}&hostname_hex=${hostname:hexraw}&ip=${netX/ip}&platform=${platform}&buildarch=${buildarch} || goto bootrules_failed
+        chain --replace --autofree http://boot.example.com/pxe/ipxe?mac=${netX/mac:hexhyp}&uuid=${uuid}&serial_hex=${serial:hexraw}&product_hex=${product:hexraw}&manufacturer_hex=${manufacturer:hexraw}&asset_hex=${asset:hexraw}&hostname_hex=${hostname:hexraw}&ip=${netX/ip}&ip6=${netX/ip6}&platform=${platform}&buildarch=${buildarch} || goto bootrules_failed
         :bootrules_failed
         echo bootrules: could not fetch the boot decision from http://boot.example.com/pxe/ipxe
         echo bootrules: falling back to the next boot device

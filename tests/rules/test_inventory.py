@@ -118,7 +118,7 @@ def test_a_match_key_that_is_no_selector_nor_column_is_an_error_with_a_suggestio
     path = lab(tmp_path, rules=RULES.replace("match: {role: web}", "match: {rol: web}"))
     assert problems(path) == [f"{path}:4: rule 'web': match: unknown key 'rol' (not a selector, nor a column of "
                               "the inventory) (did you mean 'role'? expected one of: disk, role, mac, uuid, serial, "
-                              "product, manufacturer, asset, hostname, platform, buildarch, ip, client)"]
+                              "product, manufacturer, asset, hostname, platform, buildarch, loader, ip, ip6, client)"]
 
 
 def test_an_inventory_edit_is_picked_up_and_a_broken_one_keeps_the_last_good(tmp_path):

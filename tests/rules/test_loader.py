@@ -101,7 +101,7 @@ BAD_DOCUMENTS = [
             match: {mack: "00:11:22:33:44:55"}
             exit: true
         """,
-        ["rules.yaml:3: rule 'lab': match: unknown key 'mack' (did you mean 'mac'? expected one of: mac, uuid, serial, product, manufacturer, asset, hostname, platform, buildarch, ip, client)"],
+        ["rules.yaml:3: rule 'lab': match: unknown key 'mack' (did you mean 'mac'? expected one of: mac, uuid, serial, product, manufacturer, asset, hostname, platform, buildarch, loader, ip, ip6, client)"],
         id="unknown-selector-suggests",
     ),
     pytest.param(
