@@ -17,6 +17,20 @@ from app import cli, create_app
 from bootrules.services import services
 from support import SAMPLE_RULES, SERVERS, free_port, pg_tool, require_root, require_server
 
+def pytest_addoption(parser) -> None:
+    parser.addoption("--slow", action="store_true",
+                     help="also run the slow combinations (marked slow): each repeats a boot path another test proves")
+
+
+def pytest_collection_modifyitems(config, items) -> None:
+    if config.getoption("--slow"):
+        return
+    skip = pytest.mark.skip(reason="a slow combination of a path proved elsewhere: run with --slow")
+    for item in items:
+        if "slow" in item.keywords:
+            item.add_marker(skip)
+
+
 @pytest.fixture(params=SERVERS)
 def http_server(request) -> tuple[str, ...]:
     """`serve`'s arguments for each HTTP server: waitress (the default) and granian (the extra)."""

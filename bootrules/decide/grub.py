@@ -84,7 +84,9 @@ def render_grub(rule: Rule, done_url: str | None = None) -> str:
     if kernel is None or None in initrds:
         return head + f"echo {quoted(f'bootrules: rule {rule.name}: GRUB fetches http:// URLs only')}\nexit\n"
     args = action.args.replace("${bootrules-done}", done_url or "")
-    lines = [f"if linux {kernel}{' ' + quoted(args) if args else ''}; then"]
+    # One GRUB word per argument: GRUB hands a word with a space to the kernel in double quotes.
+    words = "".join(" " + quoted(word) for word in args.split())
+    lines = [f"if linux {kernel}{words}; then"]
     if initrds:
         lines += [f"  if initrd {' '.join(initrds)}; then", "    boot", "  fi"]
     else:

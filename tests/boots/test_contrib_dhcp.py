@@ -240,3 +240,73 @@ def test_a_real_ipxe_leases_from_contrib_dnsmasq_and_reaches_bootrules(tftp_root
     assert "client=10.99.0." in log and f"mac={mac} rule=chain-test action=exit" in log, log + result.describe()
     assert f"Filename: {BOOTRULES_URL}/boot.ipxe" in result.screen_text(), result.describe()
     assert result.marker() == "LOCALDISK-OK", result.describe()
+
+
+# --------------------------------------------------------------------------- UEFI HTTP Boot
+
+SECURE_MAC = "52:54:00:5b:00:01"
+HTTP_CLIENTS = [
+    pytest.param("httpclient", 16, "52:54:00:42:42:42", f"{BOOTRULES_URL}/ipxe.efi", id="uefi-http"),
+    pytest.param("httpclient", 16, SECURE_MAC, f"{BOOTRULES_URL}/shimx64.efi", id="uefi-http-secure-boot"),
+    pytest.param("ipxe", 7, "52:54:00:42:42:42", f"{BOOTRULES_URL}/boot.ipxe", id="ipxe"),
+    pytest.param("ipxe", 7, SECURE_MAC, f"{BOOTRULES_URL}/boot.ipxe", id="ipxe-on-a-secure-boot-machine"),
+    pytest.param("pxe", 7, "52:54:00:42:42:42", None, id="pxe-gets-no-file"),
+]
+
+
+def dnsmasq_httpboot(net: Network) -> None:
+    config = contrib("dnsmasq-httpboot.conf", INTERFACE="eth0", RANGE_START="10.99.0.100", RANGE_END="10.99.0.200",
+                     NETMASK="255.255.255.0", ROUTER=ROUTER, BOOTRULES_URL=BOOTRULES_URL, SECURE_BOOT_MACS=SECURE_MAC)
+    start_dnsmasq(net, config, "dnsmasq-httpboot")
+
+
+def kea_httpboot(net: Network) -> None:
+    require_tool("kea-dhcp4", "from Debian's kea-dhcp4-server package")
+    work = net.lab.workdir
+    config = contrib("kea-dhcp4-httpboot.conf", INTERFACE="eth0", SUBNET="10.99.0.0/24", RANGE_START="10.99.0.100",
+                     RANGE_END="10.99.0.200", ROUTER=ROUTER, BOOTRULES_URL=BOOTRULES_URL, SECURE_BOOT_MAC=SECURE_MAC,
+                     LEASE_FILE=str(work / "kea-leases4.csv"))
+    (work / "kea-dhcp4-httpboot.conf").write_text(config)
+    os.environ["KEA_LOCKFILE_DIR"] = str(work)
+    os.environ["KEA_PIDFILE_DIR"] = str(work)
+    net.lab.start(net.server, ["kea-dhcp4", "-c", str(work / "kea-dhcp4-httpboot.conf")], "kea.log")
+    net.daemon_log = "kea.log"
+    net.wait_for("kea.log", r"DHCP4_STARTED")
+
+
+HTTP_SETUPS = {"dnsmasq-httpboot": dnsmasq_httpboot, "kea-httpboot": kea_httpboot}
+
+
+@pytest.fixture(scope="module", params=sorted(HTTP_SETUPS))
+def http_network(request, tmp_path_factory):
+    require_root("network namespaces and DHCP daemons")
+    require_tool("ip", "from Debian's iproute2 package")
+    require_tool("dnsmasq", "from Debian's dnsmasq-base package")
+    lab = NetLab(tmp_path_factory.mktemp(request.param))
+    try:
+        net = Network(lab, Path("/nonexistent"))
+        net.setup = request.param
+        HTTP_SETUPS[request.param](net)
+        yield net
+    finally:
+        lab.close()
+
+
+@pytest.mark.parametrize("kind,arch,mac,expected", HTTP_CLIENTS)
+def test_http_boot_clients_get_a_url_and_their_vendor_class_back(http_network, kind, arch, mac, expected):
+    """The firmware's HTTP Boot client gets bootrules' iPXE (or, on a Secure Boot machine, the
+    shim) as a URL, with option 60 saying HTTPClient back (or it ignores the offer); iPXE
+    gets the entry script; a PXE client gets no file: there is no TFTP server."""
+    reply = http_network.lab.dhcp(http_network.client, kind, arch, mac)
+    log = http_network.lab.log(http_network.daemon_log)[-3000:]
+    assert reply["ack"] is not None, f"no lease for {kind}: {reply}\n{log}"
+    answer = reply["ack"]
+    if expected is None:
+        assert not boot_file(answer), f"{reply}\n{log}"
+        return
+    assert boot_file(answer) == expected, f"{reply}\n{log}"
+    offer = next(each for each in reply["offers"] if each["yiaddr"] == answer["yiaddr"])
+    if kind == "httpclient":
+        assert offer["vendor_class"] == "HTTPClient" and answer["vendor_class"] == "HTTPClient", reply
+    else:
+        assert answer["vendor_class"] != "HTTPClient", reply

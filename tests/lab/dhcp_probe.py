@@ -4,8 +4,8 @@
     ip netns exec NS python dhcp_probe.py tftp --server 10.99.0.1 --file undionly.kpxe --out F
 
 `dhcp` sends DISCOVER (and REQUEST for the offered lease) the way the chosen firmware
-does: legacy PXE (vendor class PXEClient, option 93), UEFI, arm64, iPXE (user class
-"iPXE" plus option 175) or gPXE. It prints one JSON object with every OFFER and the ACK.
+does: legacy PXE (vendor class PXEClient, option 93), UEFI, arm64, UEFI HTTP Boot (vendor
+class HTTPClient), iPXE (user class "iPXE" plus option 175) or gPXE. It prints one JSON object with every OFFER and the ACK.
 It must only ever run inside a namespace a test made: it broadcasts DHCP.
 """
 
@@ -97,7 +97,7 @@ def firmware_options(kind: str, arch: int | None, guid: bytes) -> list[tuple[int
         (93, struct.pack("!H", arch_value)),
         (94, bytes([1, 3, 16])),  # UNDI 3.16
         (97, b"\0" + guid),
-        (60, f"PXEClient:Arch:{arch_value:05d}:UNDI:003016".encode()),
+        (60, f"{'HTTPClient' if kind == 'httpclient' else 'PXEClient'}:Arch:{arch_value:05d}:UNDI:003016".encode()),
     ]
     if kind == "ipxe":
         options += [(77, b"iPXE"), (175, bytes([0x13, 1, 1, 0x11, 1, 1, 0xEB, 3, 1, 0, 0]))]
@@ -221,7 +221,7 @@ def main() -> None:
     d = sub.add_parser("dhcp")
     d.add_argument("--iface", required=True)
     d.add_argument("--mac", required=True)
-    d.add_argument("--kind", choices=["pxe", "ipxe", "gpxe", "ipxe-175-only", "other-user-class"], default="pxe")
+    d.add_argument("--kind", choices=["pxe", "httpclient", "ipxe", "gpxe", "ipxe-175-only", "other-user-class"], default="pxe")
     d.add_argument("--arch", type=int, default=0)
     d.add_argument("--wait", type=float, default=5.0)
     t = sub.add_parser("tftp")

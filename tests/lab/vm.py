@@ -193,6 +193,8 @@ def boot(
     serial: Path | None = None,
     netns: str | None = None,
     memory: int = 256,
+    firmware: tuple[str, list[str]] | None = None,
+    nic_options: str = "",
 ) -> BootResult:
     """Power on a VM that network-boots `boot_url` first, then its disk; wait for it to finish.
 
@@ -208,15 +210,18 @@ def boot(
     `netns`: run QEMU (and its user-mode network) inside that namespace: a guest there reaches
     only what listens in the namespace (its 10.0.2.2 is the namespace's loopback).
     `memory`: MB of RAM (Debian's installer wants 1024).
+    `firmware`: QEMU's machine type and its flash arguments, instead of SeaBIOS or plain OVMF
+    (tests/lab/uefi.py);
+    `nic_options` are added to the NIC's -device (its PCI slot, an empty romfile=).
     `keys` (QEMU key names: `down`, `ret`, `a`…) are typed at the console through QEMU's
     monitor, KEY_DELAY seconds after `keys_when()` first turns true (say, once the server
     answered with a menu), so that iPXE has drawn what they answer.
     """
     qemu = shutil.which("qemu-system-x86_64") or "qemu-system-x86_64"
     debugcon = workdir / f"debugcon-{time.monotonic_ns()}.txt"
-    nic = f"virtio-net-pci,netdev=n0,mac={machine.mac}"
+    nic = f"virtio-net-pci,netdev=n0,mac={machine.mac}" + (f",{nic_options}" if nic_options else "")
     command = [
-        qemu, "-machine", "pc", "-m", str(memory), "-display", "none", "-vga", "std",
+        qemu, "-machine", firmware[0] if firmware else "pc", "-m", str(memory), "-display", "none", "-vga", "std",
         "-no-reboot", "-serial", f"file:{serial}" if serial else "none", "-parallel", "none",
         "-netdev", f"tap,id=n0,ifname={tap[1]},script=no,downscript=no" if tap
         else f"user,id=n0,bootfile={boot_url}" + (f",tftp={tftp_root}" if tftp_root else ""),
@@ -229,7 +234,9 @@ def boot(
     command += ["-monitor", f"unix:{monitor},server=on,wait=off" if keys else "none"]
     if kvm_requested():
         command += ["-enable-kvm"]
-    if uefi:
+    if firmware is not None:
+        command += firmware[1]
+    elif uefi:
         variables = workdir / "OVMF_VARS.fd"
         shutil.copyfile(OVMF_VARS, variables)
         command += [

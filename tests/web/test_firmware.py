@@ -5,6 +5,7 @@ script and decisions for Secure Boot machines, and IPv6 addresses as facts."""
 from __future__ import annotations
 
 import logging
+import re
 import os
 import subprocess
 import sys
@@ -130,7 +131,7 @@ def test_grub_decisions_boot_a_kernel_or_give_the_machine_back_to_the_firmware(f
     script = client.get("/grub/decide?mac=52:54:00:00:00:01&loader=grub&platform=efi").text
     assert script.splitlines() == [
         "# bootrules: rule 'secure-install' (line 2)",
-        "if linux (http,mirror.example.com)/debian/linux 'auto=true hostname=web-01 url=http://10.0.0.1/preseed'; then",
+        "if linux (http,mirror.example.com)/debian/linux 'auto=true' 'hostname=web-01' 'url=http://10.0.0.1/preseed'; then",
         "  if initrd (http,mirror.example.com)/debian/initrd.gz; then",
         "    boot",
         "  fi",
@@ -169,3 +170,56 @@ def test_an_ipv6_only_machine_matches_ip6_and_ip_rules_by_its_ipv6_address(firmw
     assert client.get("/ipxe?mac=52:54:00:00:00:09&ip=10.77.0.9").headers["X-Bootrules-Rule"] == "v4-lab"
     response = client.get("/ipxe?mac=52:54:00:00:00:09&ip6=not-an-address")
     assert response.status_code == 400 and "ip6" in response.text
+
+
+def test_a_once_rule_answers_grub_with_its_done_url_in_the_kernel_arguments(tmp_path):
+    """once: works for GRUB machines: the done URL is written into the arguments (GRUB has no
+    ${bootrules-done}); after done, the machine gets the next rule."""
+    (tmp_path / "rules.yaml").write_text(
+        "rules:\n  - name: install\n    match: {loader: grub}\n    once: v1\n    boot:\n"
+        "      kernel: http://10.0.0.1/linux\n      args: auto=true done=${bootrules-done}\n"
+        "  - name: disk\n    exit: true\n")
+    app = create_app(str(tmp_path / "rules.yaml"), poll_interval=0)
+    try:
+        client = app.test_client()
+        script = client.get("/grub/decide?mac=52:54:00:00:00:07&loader=grub", base_url="http://10.0.0.5").text
+        done = re.search(r"'done=(http://10\.0\.0\.5/done/[A-Za-z0-9_-]+)'", script)
+        assert done, script
+        assert client.post(done.group(1).replace("http://10.0.0.5", "")).status_code == 200
+        after = client.get("/grub/decide?mac=52:54:00:00:00:07&loader=grub", base_url="http://10.0.0.5")
+        assert after.headers["X-Bootrules-Rule"] == "disk"
+    finally:
+        services(app).stop()
+
+
+def test_client_and_ip_rules_take_ipv6_networks_and_the_machines_page_lists_ipv6_clients(tmp_path):
+    (tmp_path / "rules.yaml").write_text(
+        "rules:\n  - name: v6-rack\n    match: {client: \"2001:db8:7::/48\"}\n    exit: true\n"
+        "  - name: v6-ip\n    match: {ip: \"2001:db8:9::/64\"}\n    exit: true\n  - name: rest\n    exit: true\n")
+    app = create_app(str(tmp_path / "rules.yaml"), poll_interval=0)
+    try:
+        client = app.test_client()
+        asked = client.get("/ipxe?mac=52:54:00:00:00:08&ip6=2001:db8:7::8",
+                           environ_base={"REMOTE_ADDR": "2001:db8:7::8"})
+        assert asked.headers["X-Bootrules-Rule"] == "v6-rack"
+        other = client.get("/ipxe?mac=52:54:00:00:00:09&ip6=2001:db8:9::9", environ_base={"REMOTE_ADDR": "fe80::9"})
+        assert other.headers["X-Bootrules-Rule"] == "v6-ip"
+        services(app).recorder.flush()
+        listed = client.get("/api/machines").get_json()["machines"]
+        seen = next(each for each in listed if each["facts"]["mac"] == "52:54:00:00:00:08")
+        assert seen["client"] == "2001:db8:7::8" and seen["facts"]["ip6"] == "2001:db8:7::8"
+        assert "2001:db8:7::8" in client.get("/ui/machines").text
+    finally:
+        services(app).stop()
+
+
+def test_a_rule_grub_cannot_follow_answers_with_a_message_and_gives_the_machine_back(tmp_path):
+    (tmp_path / "rules.yaml").write_text("rules:\n  - name: lab\n    match: {mac: \"52:54:00:*\"}\n"
+                                         "    chain: http://boot.example.com/lab.ipxe\n")
+    app = create_app(str(tmp_path / "rules.yaml"), poll_interval=0)
+    try:
+        script = app.test_client().get("/grub/decide?mac=52:54:00:00:00:01&loader=grub").text
+        assert "chain is not something GRUB can do" in script and script.rstrip().endswith("exit")
+        assert "http://boot.example.com" not in script
+    finally:
+        services(app).stop()
