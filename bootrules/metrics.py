@@ -8,6 +8,7 @@ so it is imported here lazily, after `serve` has set the directory.
 
 from __future__ import annotations
 
+import bisect
 import contextlib
 import fcntl
 import glob
@@ -57,7 +58,7 @@ class Metrics:
     """The bootrules metrics of one process."""
 
     def __init__(self) -> None:
-        from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+        from prometheus_client import CollectorRegistry, Counter, Gauge
 
         # In multiprocess mode values go to files whatever the registry; a registry per
         # app keeps apps made in one process (tests) apart.
@@ -90,8 +91,6 @@ class Metrics:
         self.template_failures = Counter("bootrules_template_failures",
                                          "Rules and files that could not be rendered for a machine", registry=registry)
         self.files_served = Counter("bootrules_files", "GET /files/: answers by status", ["status"], registry=registry)
-        self.latency = Histogram("bootrules_request_duration_seconds", "Time to answer a decision request",
-                                 buckets=LATENCY_BUCKETS, registry=registry)
 
     def template_failed(self) -> None:
         self.template_failures.inc()
@@ -101,13 +100,12 @@ class Metrics:
 
     def decided(self, rule: str, action: str, seconds: float) -> None:
         """Count one decision and its latency."""
-        self.decisions.count(rule, action)
-        self.latency.observe(seconds)
+        self.decisions.count(rule, action, seconds)
 
     def refused(self, seconds: float) -> None:
         """Count one request refused with 400."""
         self.bad_requests.inc()
-        self.latency.observe(seconds)
+        self.decisions.observe(seconds)
 
     def loaded(self, rules: int, when: float | None = None, reload: bool = True) -> None:
         """Record a successful load of `rules` rules (`reload`: not the first)."""
@@ -145,27 +143,36 @@ class Metrics:
 
 
 class DecisionCounts:
-    """bootrules_decisions_total by rule and action, cheap to count and to collect.
+    """bootrules_decisions_total by rule and action, and the latency histogram
+    bootrules_request_duration_seconds, cheap to count and to collect.
 
     A prometheus_client Counter makes a child object per label pair, and with several
     workers the child also finds its place in the process's value file. In a boot storm on
     one-per-MAC rules nearly every decision is some rule's first, and making those children
-    was a noticeable share of a worker's time. Here a count is an entry in a dict.
+    was a noticeable share of a worker's time. Here a count is an entry in a dict. With
+    several workers, prometheus_client's Histogram takes its lock twice and writes two
+    values per observation; here one lock covers the count and the latency.
 
     With several workers each count is also written to this process's file of decisions
     in PROMETHEUS_MULTIPROC_DIR (prometheus_client's MmapedDict, keyed by the JSON of
-    [rule, action]), and a scrape adds the files up by key, which is faster than
-    prometheus_client's own collector at one series per rule (README, performance).
+    [rule, action], and of [LATENCY_NAME, "bucket", i] and [LATENCY_NAME, "sum", 0]), and a
+    scrape adds the files up by key, which is faster than prometheus_client's own
+    collector at one series per rule (docs/performance.md).
     """
 
     NAME = "bootrules_decisions"
     HELP = "Decisions sent, by the rule that answered and its action"
     LABELS = ("rule", "action")
+    LATENCY_NAME = "bootrules_request_duration_seconds"
+    LATENCY_HELP = "Time to answer a decision request"
     FILE_SUFFIX = ".decisions"  # not .db: prometheus_client's collector must not read these
 
     def __init__(self, registry: Any) -> None:
         self._lock = threading.Lock()  # the app may run under a threaded server too
         self._counts: dict[tuple[str, str], int] = {}
+        self._buckets = [0] * (len(LATENCY_BUCKETS) + 1)  # per bucket, not cumulative; the last is +Inf
+        self._sum = 0.0
+        self._created = time.time()
         self._file: Any = None  # this process's file of decisions (multiprocess mode)
         self._file_pid = 0
         self._file_keys: dict[tuple[str, str], str] = {}
@@ -173,8 +180,8 @@ class DecisionCounts:
         if not self._multiprocess:
             registry.register(self)  # in multiprocess mode exposition() adds it to its registry
 
-    def count(self, rule: str, action: str) -> None:
-        """Count one decision by `rule` with `action`."""
+    def count(self, rule: str, action: str, seconds: float | None = None) -> None:
+        """Count one decision by `rule` with `action`, and its latency if given."""
         key = (rule, action)
         with self._lock:
             if self._multiprocess and self._file_pid != os.getpid():  # first use, or forked since
@@ -186,12 +193,32 @@ class DecisionCounts:
             self._counts[key] = total
             if self._file is not None:
                 self._file.write_value(self._file_keys[key], float(total), 0.0)
+            if seconds is not None:
+                self._observe(seconds)
+
+    def observe(self, seconds: float) -> None:
+        """Count the latency of one answer that was no decision (a 400)."""
+        with self._lock:
+            if self._multiprocess and self._file_pid != os.getpid():
+                self._open_file()
+            self._observe(seconds)
+
+    def _observe(self, seconds: float) -> None:
+        index = bisect.bisect_left(LATENCY_BUCKETS, seconds)  # the first bound >= seconds: `le`
+        count = self._buckets[index] = self._buckets[index] + 1
+        self._sum += seconds
+        if self._file is not None:
+            self._file.write_value(_BUCKET_KEYS[index], float(count), 0.0)
+            self._file.write_value(_SUM_KEY, self._sum, 0.0)
 
     def _open_file(self) -> None:
         self._counts = {}  # a parent's counts are in the parent's file
         self._file_keys = {}
         self._file = _decision_file()
         self._file_pid = os.getpid()
+        # A process that had this pid before may have left counts here; they are kept.
+        self._buckets = [int(self._file.read_value(key)[0]) for key in _BUCKET_KEYS]
+        self._sum = self._file.read_value(_SUM_KEY)[0]
 
     def _first_count(self, key: tuple[str, str]) -> int:
         """The count so far of a pair not counted yet by this object: 0, or what its file holds."""
@@ -205,23 +232,55 @@ class DecisionCounts:
         """This process's counts, or every worker's files added up."""
         if self._multiprocess:
             with _files_locked(exclusive=False):
-                return _added_up_decision_files()
+                return _decisions_only(_added_up_decision_files())
         with self._lock:
             return {key: float(total) for key, total in self._counts.items()}
 
     def collect(self) -> Iterator[Any]:
-        """The counts as one metric family: this process's, or every worker's files added up."""
-        from prometheus_client.core import CounterMetricFamily
+        """The counts and the latency as metric families: this process's, or every worker's
+        files added up."""
+        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 
         family = CounterMetricFamily(self.NAME, self.HELP, labels=self.LABELS)
         if self._multiprocess:
-            counts = list(_added_up_decision_files().items())  # exposition() holds the files' lock
+            added = _added_up_decision_files()  # exposition() holds the files' lock
+            counts = list(_decisions_only(added).items())
+            buckets = [added.get(tuple(json.loads(key)), 0.0) for key in _BUCKET_KEYS]  # type: ignore[call-overload]
+            total_seconds = added.get(tuple(json.loads(_SUM_KEY)), 0.0)  # type: ignore[call-overload]
         else:
             with self._lock:
                 counts = list(self._counts.items())
+                buckets, total_seconds = [float(count) for count in self._buckets], self._sum
         for labels, total in counts:
             family.add_metric(labels, total)
         yield family
+        cumulative, running = [], 0.0
+        for bound, count in zip((*(_bound_text(bound) for bound in LATENCY_BUCKETS), "+Inf"), buckets):
+            running += count
+            cumulative.append((bound, running))
+        yield HistogramMetricFamily(self.LATENCY_NAME, self.LATENCY_HELP, buckets=cumulative, sum_value=total_seconds)
+        if not self._multiprocess and _created_series():  # as prometheus_client's own Histogram says it
+            yield GaugeMetricFamily(f"{self.LATENCY_NAME}_created", self.LATENCY_HELP, value=self._created)
+
+
+_BUCKET_KEYS = tuple(json.dumps([DecisionCounts.LATENCY_NAME, "bucket", index])
+                     for index in range(len(LATENCY_BUCKETS) + 1))
+_SUM_KEY = json.dumps([DecisionCounts.LATENCY_NAME, "sum", 0])  # three items: never a decision's key
+
+
+def _created_series() -> bool:
+    """Whether metrics carry a `_created` series (prometheus_client's own switch)."""
+    return os.environ.get("PROMETHEUS_DISABLE_CREATED_SERIES", "False").lower() not in ("true", "1", "t")
+
+
+def _bound_text(bound: float) -> str:
+    from prometheus_client.utils import floatToGoString
+
+    return floatToGoString(bound)
+
+
+def _decisions_only(added: dict[tuple[str, ...], float]) -> dict[tuple[str, str], float]:
+    return {key: total for key, total in added.items() if len(key) == 2}  # type: ignore[misc]
 
 
 _decision_files: dict[str, Any] = {}

@@ -223,6 +223,65 @@ def parse_query(query: str) -> dict[str, list[str]]:
     return params
 
 
+def facts_from_query_string(query: str) -> tuple[dict[str, str], list[str]]:
+    """`facts_from_query(parse_query(query))` in one pass over the query, for the common
+    query: no name given two values, none encoded. Any other query takes the two steps."""
+    facts: dict[str, str] = {}
+    ignored: list[str] = []
+    if not query:
+        return facts, ignored
+    fields = query.split("&")
+    if len(fields) > MAX_QUERY_FIELDS:
+        raise FactsError(f"more than {MAX_QUERY_FIELDS} query fields")
+    if ("%" in query or "+" in query) and any("%" in field.partition("=")[0] or "+" in field.partition("=")[0]
+                                              for field in fields):
+        return facts_from_query(parse_query(query))
+    known = _QUERY_FIELDS
+    seen: set[str] = set()
+    valued: list[tuple[str, tuple[str, bool], str]] = []
+    for field in fields:
+        name, _, raw = field.partition("=")
+        spec = known.get(name)
+        if spec is None:
+            if field:
+                ignored.append(name)
+            continue
+        if name in seen:
+            return facts_from_query(parse_query(query))  # given twice: the two steps judge it
+        seen.add(name)
+        if raw:
+            valued.append((name, spec, raw))
+    if len(ignored) > 1:
+        ignored = list(dict.fromkeys(ignored))
+    # Every field is looked at before any value is judged, as in the two steps.
+    for name, spec, raw in valued:
+        if "%" in raw or "+" in raw:
+            raw = urllib.parse.unquote_plus(raw, errors="replace")
+            if not raw:
+                continue
+        _add_fact(facts, name, spec, raw)
+    if "ip6" in facts and "ip" not in facts:
+        facts["ip"] = facts["ip6"]  # an IPv6-only machine: `ip:` rules see its IPv6 address
+    return facts, ignored
+
+
+def _add_fact(facts: dict[str, str], name: str, spec: tuple[str, bool], raw: str) -> None:
+    """Normalise the value `raw` of query field `name` into `facts` (FactsError if it is not one)."""
+    key, hexed = spec
+    try:
+        text = decode_hex_text(raw) if hexed else raw
+        if len(text) > MAX_TEXT_CHARS:
+            raise ValueError(f"is longer than {MAX_TEXT_CHARS} characters")
+        value = normalize_fact(key, text)
+    except ValueError as error:
+        raise FactsError(f"{name}: {error}") from None
+    if value == "" or (key in UUID_KEYS and value in PLACEHOLDER_UUIDS):
+        return  # nothing, or firmware without a UUID: it identifies nothing
+    if key in facts and facts[key] != value:
+        raise FactsError(f"{key} and {key}_hex disagree; send one")
+    facts[key] = value
+
+
 def facts_from_query(params: Mapping[str, Sequence[str]]) -> tuple[dict[str, str], list[str]]:
     """Turn a decision request's query into normalised facts, and list the keys it ignored.
 
@@ -237,7 +296,6 @@ def facts_from_query(params: Mapping[str, Sequence[str]]) -> tuple[dict[str, str
         if field is None:
             ignored.append(name)
             continue
-        key, hexed = field
         if len(given) == 1:
             raw = given[0]
             if not raw:
@@ -249,20 +307,7 @@ def facts_from_query(params: Mapping[str, Sequence[str]]) -> tuple[dict[str, str
             if not distinct:
                 continue
             raw = distinct.pop()
-        try:
-            text = decode_hex_text(raw) if hexed else raw
-            if len(text) > MAX_TEXT_CHARS:
-                raise ValueError(f"is longer than {MAX_TEXT_CHARS} characters")
-            value = normalize_fact(key, text)
-        except ValueError as error:
-            raise FactsError(f"{name}: {error}") from None
-        if key in UUID_KEYS and value in PLACEHOLDER_UUIDS:
-            continue  # firmware without a UUID; it identifies nothing
-        if value == "":
-            continue
-        if key in facts and facts[key] != value:
-            raise FactsError(f"{key} and {key}_hex disagree; send one")
-        facts[key] = value
+        _add_fact(facts, name, field, raw)
     if "ip6" in facts and "ip" not in facts:
         facts["ip"] = facts["ip6"]  # an IPv6-only machine: `ip:` rules see its IPv6 address
     return facts, ignored

@@ -118,11 +118,11 @@ def test_a_body_larger_than_a_few_kilobytes_is_refused_before_it_is_read(tmp_pat
 # --------------------------------------------------------------------------- callbacks beside boots
 
 
-def test_a_callback_waiting_for_the_store_never_holds_up_a_boot(tmp_path):
+def test_a_callback_waiting_for_the_store_never_holds_up_a_boot(tmp_path, http_server):
     """A callback waits for a write lock another process holds; meanwhile the worker answers
-    boots at once (the callback is not answered on the loop that answers machines)."""
+    boots at once (the callback is not answered on the thread that answers machines)."""
     rules = write(tmp_path / "rules.yaml")
-    with BootrulesServer(rules, free_port(), tmp_path / "server.log", args=("--workers", "1")) as server:
+    with BootrulesServer(rules, free_port(), tmp_path / "server.log", args=("--workers", "1", *http_server)) as server:
         token = token_of(server, "52:54:00:12:00:01")
         holder = sqlite3.connect(tmp_path / "bootrules-state.db", isolation_level=None)
         holder.execute("BEGIN IMMEDIATE")

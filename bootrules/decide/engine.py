@@ -180,6 +180,13 @@ class Snapshot:
         """The variables `rule`'s templates see for a machine (bootrules.decide.templating)."""
         return variables({variable.name: variable.value for variable in rule.vars}, facts, row, own)
 
+    def plain_script(self, rule: Rule) -> str | None:
+        """The script every machine `rule` answers gets (the very string decide() returns);
+        None when it is each machine's own (a `once:` token, templates)."""
+        if rule.once is not None or rule.rendered:
+            return None
+        return self._script(rule)
+
     def _script(self, rule: Rule) -> str:
         key = id(rule)
         script = self._scripts.get(key)

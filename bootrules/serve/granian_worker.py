@@ -23,11 +23,12 @@ from __future__ import annotations
 
 import logging
 import os
+import queue
 import socket
 import sys
 import threading
 import time
-from typing import Any, Callable
+from typing import Any, Callable, Iterable
 
 log = logging.getLogger("bootrules")
 
@@ -40,9 +41,10 @@ INSTALL = "pip install -r requirements-granian.txt (or: pip install '.[granian]'
 CLOSING_FOR = 0.5
 WATCH_EVERY = 0.05  # seconds between two looks at the stop request
 # Python threads granian runs the app on, per worker. A decision holds the GIL from start
-# to end, so more threads only contend for it; two let a slow page (/metrics, /ui/) and
-# a decision run side by side.
-PYTHON_THREADS = 2
+# to end, so a second thread only makes the two hand the GIL to each other on every
+# request (docs/performance.md). Slow requests (a scrape, a page, a callback waiting for
+# the store) are answered on a thread of their own instead: WsgiCallback.
+PYTHON_THREADS = 1
 
 
 def missing() -> str | None:
@@ -88,12 +90,26 @@ class WsgiCallback:
     from a copy of the whole process environment: a `BOOTRULES_STATE` URL with its password
     would be in every request's environ. This one starts from WSGI's own keys only. Once
     `retiring`, every answer carries `Connection: close`.
+
+    A plain GET of /ipxe or /boot.ipxe is first offered to the app's `direct` (its WSGI
+    middleware's, bootrules.web.proxies): the same answer, built from granian's own scope and
+    handed to granian whole, without WSGI's environ and start_response around it.
+
+    Requests for `slow_paths` go to a thread of their own, which answers them through
+    their `proto` once done: granian's thread returns at once to answer machines. (granian
+    waits for the answer on a channel the `proto` holds, not for this call to return.)
     """
 
-    def __init__(self, app: Callable[..., Any], iter_wrap: Callable[[Any], Any]) -> None:
+    def __init__(self, app: Callable[..., Any], iter_wrap: Callable[[Any], Any], slow_paths: Iterable[str] = ()) -> None:
         self.app = app
         self.iter_wrap = iter_wrap
         self.retiring = False
+        self.direct = getattr(getattr(app, "wsgi_app", None), "direct", None)
+        slow_paths = tuple(slow_paths)
+        # A path ending in "/" stands for everything under it.
+        self.slow_paths = frozenset(path for path in slow_paths if not path.endswith("/"))
+        self.slow_prefixes = tuple(path for path in slow_paths if path.endswith("/"))
+        self._aside: queue.SimpleQueue[Any] | None = None  # made, with its thread, when first needed
         self.base = {
             "GATEWAY_INTERFACE": "CGI/1.1", "SCRIPT_NAME": "", "wsgi.errors": sys.stderr,
             "wsgi.input_terminated": True, "wsgi.multiprocess": True, "wsgi.multithread": True,
@@ -101,6 +117,43 @@ class WsgiCallback:
         }
 
     def __call__(self, proto: Any, scope: dict) -> int:
+        if self.direct is not None:
+            found = self.direct(scope)
+            if found is not None:
+                status, headers, body = found
+                if self.retiring:
+                    headers = [*headers, ("Connection", "close")]
+                code = int(status[:3])
+                proto.response_bytes(code, headers, body)
+                return code
+        path = scope.get("PATH_INFO") or ""
+        if path in self.slow_paths or (self.slow_prefixes and path.startswith(self.slow_prefixes)):
+            self._put_aside(proto, scope)
+            return 0
+        return self._answer(proto, scope)
+
+    def _put_aside(self, proto: Any, scope: dict) -> None:
+        if self._aside is None:
+            self._aside = queue.SimpleQueue()
+            threading.Thread(target=self._serve_aside, args=(self._aside,), daemon=True,
+                             name="bootrules-slow-requests").start()
+        self._aside.put((proto, scope))
+
+    def _serve_aside(self, requests: queue.SimpleQueue[Any]) -> None:
+        while True:
+            proto, scope = requests.get()
+            try:
+                self._answer(proto, scope)
+            except Exception:  # granian would log it and answer 500: so does this thread
+                log.exception("unexpected error on %s", scope.get("PATH_INFO"))
+                try:
+                    proto.response_bytes(500, [("Content-Type", "text/plain; charset=utf-8")],
+                                         b"500 internal error (see the bootrules log)\n")
+                except Exception:  # noqa: BLE001 - answered already: nothing more to send
+                    pass
+
+    def _answer(self, proto: Any, scope: dict) -> int:
+        """The app under WSGI, its answer handed to granian."""
         answer: list[Any] = [500, []]
 
         def start_response(status: str, headers: list[tuple[str, str]], exc_info: Any = None) -> None:
@@ -122,7 +175,7 @@ class GranianServer:
 
     def __init__(self, app: Any, sock: socket.socket, shutdown: Any, options: dict[str, Any]) -> None:
         self.parts = _internals()
-        self.callback = WsgiCallback(app, self.parts["IterWrap"])
+        self.callback = WsgiCallback(app, self.parts["IterWrap"], options.get("slow_paths", ()))
         self.sock = sock
         self.shutdown = shutdown
         self.options = options

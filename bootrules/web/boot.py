@@ -17,7 +17,7 @@ import mimetypes
 import os
 import re
 import time
-from typing import TYPE_CHECKING, Any, Callable, Iterable
+from typing import TYPE_CHECKING, Any, Callable, Iterable, NamedTuple
 
 from werkzeug.wsgi import get_host
 
@@ -55,6 +55,8 @@ SLOW_PATHS = frozenset({METRICS_PATH, "/ui/", "/api/", DONE_PATH})
 # Entry scripts kept rendered, one per public URL. With --base-url there is one; otherwise
 # the Host header names it, so the number kept is bounded.
 ENTRY_SCRIPTS_KEPT = 64
+PREPARED_KEPT = 4096  # rules whose answers are kept prepared; past it, the kept ones are dropped
+CONTENT_TYPE = "Content-Type"
 MAX_BODY = 4096  # bytes; no endpoint needs a body
 INTERNAL_ERROR = "500 internal error (see the bootrules log)\n"
 FILE_FIELDS = ("token", "machine", "file", "status")
@@ -76,7 +78,11 @@ class BootEndpoints:
         self.base_url = services.settings.base_url
         self.binaries = services.settings.served_binaries()
         self.fallback = fallback
-        self._entry_scripts: dict[tuple[str | None, ...], str] = {}
+        self._entry_scripts: dict[tuple[str | None, ...], Answer] = {}
+        # Per rule of the rules in force: its headers but Date, and its script's bytes when
+        # every machine gets the same (no once:, no templates). Built at its first answer.
+        self._prepared: dict[int, Prepared] = {}
+        self._prepared_for: object = None
 
     def __call__(self, environ: dict, start_response: Callable[..., Any]) -> Iterable[bytes]:
         if environ.get("CONTENT_LENGTH") or environ.get("HTTP_TRANSFER_ENCODING"):
@@ -110,21 +116,42 @@ class BootEndpoints:
             log.exception("unexpected error on %s", path)
             return _respond(start_response, "500 Internal Server Error", INTERNAL_ERROR, (), method)
 
+    def direct(self, environ: dict) -> Answer | None:
+        """The answer to a plain GET of /ipxe or /boot.ipxe, without WSGI's start_response;
+        None for any other request. (granian's worker asks here first: bootrules.serve.granian_worker.)"""
+        if environ.get("REQUEST_METHOD") != "GET" or environ.get("CONTENT_LENGTH") not in (None, "", "0") \
+                or environ.get("HTTP_TRANSFER_ENCODING"):
+            return None
+        path = environ.get("PATH_INFO")
+        try:
+            if path == DECISION_PATH:
+                return self.decision(environ)
+            if path in ENTRY_PATHS:
+                return self.entry_answer(environ)
+        except Exception:  # never a traceback to the machine; the log has it
+            log.exception("unexpected error on %s", path)
+            return _answer("500 Internal Server Error", INTERNAL_ERROR)
+        return None
+
     def entry(self, environ: dict, start_response: Callable[..., Any], method: str) -> Iterable[bytes]:
         """GET /boot.ipxe: the script DHCP points iPXE at; it calls /ipxe with the machine's facts."""
+        return _send(start_response, self.entry_answer(environ), method)
+
+    def entry_answer(self, environ: dict) -> Answer:
         # The script depends on nothing else: a lookup by these spares working out the URL.
         key = (environ.get("HTTP_HOST"), environ.get("SERVER_NAME"), environ.get("SERVER_PORT"),
                environ.get("wsgi.url_scheme"), environ.get("SCRIPT_NAME"))
-        script = self._entry_scripts.get(key)
-        if script is None:
+        found = self._entry_scripts.get(key)
+        if found is None:
             try:
                 url = (self.base_url or request_url_root(environ)) + DECISION_PATH
             except ValueError as error:
-                return _respond(start_response, "400 Bad Request", f"{error}; set --base-url\n", (), method)
+                return _answer("400 Bad Request", f"{error}; set --base-url\n")
             if len(self._entry_scripts) >= ENTRY_SCRIPTS_KEPT:
                 self._entry_scripts.clear()
-            script = self._entry_scripts[key] = render_entry(url)
-        return _respond(start_response, "200 OK", script, (), method)
+            found = self._entry_scripts[key] = _answer("200 OK", render_entry(url))
+        status, headers, body = found
+        return status, [("Date", http_date()), *headers[1:]], body
 
     def autoexec(self, environ: dict, start_response: Callable[..., Any], method: str) -> Iterable[bytes]:
         """GET /autoexec.ipxe: what iPXE loaded by the firmware over HTTP runs first (its network
@@ -171,15 +198,19 @@ class BootEndpoints:
     def decide(self, environ: dict, start_response: Callable[..., Any], method: str,
                grub: bool = False) -> Iterable[bytes]:
         """GET /ipxe: answer one decision request."""
+        return _send(start_response, self.decision(environ, grub), method)
+
+    def decision(self, environ: dict, grub: bool = False) -> Answer:
+        """One decision: its answer, log line, count and sighting."""
         started = time.perf_counter()
         client = environ.get("REMOTE_ADDR") or "-"
         try:
-            facts, ignored = values.facts_from_query(values.parse_query(environ.get("QUERY_STRING", "")))
+            facts, ignored = values.facts_from_query_string(environ.get("QUERY_STRING", ""))
         except FactsError as error:
             reason = str(error)
             log.info("client=%s bad request: reason=%s", client, escaped(reason))
             self.metrics.refused(time.perf_counter() - started)
-            return _respond(start_response, "400 Bad Request", reason + "\n", (), method)
+            return _answer("400 Bad Request", reason + "\n")
         try:
             facts["client"] = values.normalize_fact("client", client)
         except ValueError:
@@ -192,30 +223,57 @@ class BootEndpoints:
             rule, script = snapshot.decide(facts, request, grub=True)
         else:
             rule, script = snapshot.decide(facts, request)
-        if rule is None:
-            headers = [("X-Bootrules-Rule", "(none)"), ("X-Bootrules-Action", "exit")]
-        else:
-            headers = [
-                ("X-Bootrules-Rule", rule.name),
-                ("X-Bootrules-Action", rule.action_name),
-                # The file's base name: the full path says more about the server than a machine needs.
-                ("X-Bootrules-Source", f"{os.path.basename(snapshot.ruleset.source)}:{rule.line}"),
-            ]
+        prepared = self._prepare(snapshot, rule, grub)
+        if prepared.body is not None and script is prepared.script:
+            body, headers = prepared.body, [("Date", http_date()), *prepared.headers]
+        else:  # a script of this machine's own: its token, its templates
+            body = script.encode()
+            headers = [("Date", http_date()), (CONTENT_TYPE, SCRIPT_TYPE), ("Content-Length", str(len(body))),
+                       *prepared.headers[2:]]
         if request.failed:
             headers.append(("X-Bootrules-Template-Error", _HEADER_UNSAFE.sub("?", request.failed)[:200]))
         if ignored:
             # Names come from the client: only a safe alphabet is echoed into a header.
             shown = sorted({name if _PARAM_NAME.fullmatch(name) else "(unprintable)" for name in ignored})
             headers.append(("X-Bootrules-Ignored", ", ".join(shown)[:200]))
-        mac, rule_name, action = facts.get("mac", "-"), headers[0][1], headers[1][1]
-        log_decision(client, mac, rule_name, action)
+        rule_name, action = prepared.rule_name, prepared.action
+        log_decision(client, facts.get("mac", "-"), rule_name, action)
         if self.recorder is not None:
             # Unknown: a catch-all (no match:) or no rule answered, and no `once:` rule has
             # finished with this machine (one that has knows it).
             self.recorder.saw(facts, client, rule_name, action,
                               (rule is None or not rule.selectors) and not request.done_by)
         self.metrics.decided(rule_name, action, time.perf_counter() - started)
-        return _respond(start_response, "200 OK", script, headers, method)
+        return "200 OK", headers, body
+
+    def _prepare(self, snapshot: Any, rule: Rule | None, grub: bool) -> "Prepared":
+        """What every answer of `rule` has in common (kept per rule of the rules in force)."""
+        if snapshot is not self._prepared_for or len(self._prepared) >= PREPARED_KEPT:
+            self._prepared, self._prepared_for = {}, snapshot
+        key = -id(rule) if grub else id(rule)
+        found = self._prepared.get(key)
+        if found is not None and found.rule is rule:
+            return found
+        script: str | None = None
+        if rule is None:
+            named = [("X-Bootrules-Rule", "(none)"), ("X-Bootrules-Action", "exit")]
+            if not grub:
+                script = NO_MATCH_SCRIPT
+        else:
+            named = [
+                ("X-Bootrules-Rule", rule.name),
+                ("X-Bootrules-Action", rule.action_name),
+                # The file's base name: the full path says more about the server than a machine needs.
+                ("X-Bootrules-Source", f"{os.path.basename(snapshot.ruleset.source)}:{rule.line}"),
+            ]
+            if not grub:
+                script = snapshot.plain_script(rule)
+        body = script.encode() if script is not None else None
+        length = str(len(body)) if body is not None else ""
+        prepared = Prepared(rule, script, body, [(CONTENT_TYPE, SCRIPT_TYPE), ("Content-Length", length),
+                                                 ("Cache-Control", "no-store"), *named], named[0][1], named[1][1])
+        self._prepared[key] = prepared
+        return prepared
 
     def file(self, environ: dict, start_response: Callable[..., Any], method: str) -> Iterable[bytes]:
         """GET /files/<token>/<name>: a file a rule serves, rendered for the machine the token
@@ -358,8 +416,35 @@ http_date = PerSecond(lambda second: email.utils.formatdate(second, usegmt=True)
 
 def text_headers(data: bytes, headers: Iterable[tuple[str, str]] = ()) -> list[tuple[str, str]]:
     """The headers of a plain-text answer that no cache keeps (scripts change with rules.yaml)."""
-    return [("Date", http_date()), ("Content-Type", SCRIPT_TYPE), ("Content-Length", str(len(data))),
+    return [("Date", http_date()), (CONTENT_TYPE, SCRIPT_TYPE), ("Content-Length", str(len(data))),
             ("Cache-Control", "no-store"), *headers]
+
+
+# (status line, headers, body): an answer before it is sent, by WSGI or by granian directly.
+Answer = tuple[str, list[tuple[str, str]], bytes]
+
+
+class Prepared(NamedTuple):
+    """What every answer of one rule has in common: its headers but Date, and, when every
+    machine gets the same script, that script and its bytes."""
+
+    rule: Rule | None
+    script: str | None
+    body: bytes | None
+    headers: list[tuple[str, str]]
+    rule_name: str
+    action: str
+
+
+def _answer(status: str, body: str, headers: Iterable[tuple[str, str]] = ()) -> Answer:
+    data = body.encode()
+    return status, text_headers(data, headers), data
+
+
+def _send(start_response: Callable[..., Any], answer: Answer, method: str | None) -> list[bytes]:
+    status, headers, body = answer
+    start_response(status, headers)
+    return [] if method == "HEAD" else [body]
 
 
 def _respond(start_response: Callable[..., Any], status: str, body: str, headers: Iterable[tuple[str, str]],

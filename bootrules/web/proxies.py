@@ -55,12 +55,24 @@ class TrustedProxies:
         return any(parsed in network for network in self.networks)
 
     def __call__(self, environ: dict, start_response: Callable[..., Any]) -> Iterable[bytes]:
+        self._name_the_client(environ)
+        return self.app(environ, start_response)
+
+    def direct(self, environ: dict) -> Any:
+        """The app's answer without WSGI's start_response (bootrules.web.boot.BootEndpoints.direct),
+        for the request as this middleware names it; None where the app has none."""
+        direct = getattr(self.app, "direct", None)
+        if direct is None:
+            return None
+        self._name_the_client(environ)
+        return direct(environ)
+
+    def _name_the_client(self, environ: dict) -> None:
         peer = environ.get("REMOTE_ADDR", "")
         if peer.startswith("::ffff:"):
             environ["REMOTE_ADDR"] = peer = plain_address(peer) or peer
         if self.networks and self.trusted(peer):
             self._believe_proxy(environ, peer)
-        return self.app(environ, start_response)
 
     def _believe_proxy(self, environ: dict, proxy: str) -> None:
         environ[PROXY_KEY] = proxy

@@ -210,6 +210,43 @@ DocumentRoot {www}
     return Server("php", process, port, workdir / "apache-error.log")
 
 
+def start_nginx_static(workdir: Path, port: int, scripts: dict[str, bytes], workers: int) -> Server:
+    """The ceiling: nginx answering each path of `scripts` with a file of that body (whatever
+    the query), `workers` worker processes, keep-alive without a request limit."""
+    root = workdir / "static"
+    root.mkdir(exist_ok=True)
+    for path, body in scripts.items():
+        (root / path.lstrip("/")).write_bytes(body)
+    for path in [workdir, root, *root.iterdir()]:
+        path.chmod(0o755 if path.is_dir() else 0o644)
+    conf = workdir / "nginx-static.conf"
+    conf.write_text(f"""
+daemon off;
+worker_processes {workers};
+pid {workdir}/nginx-static.pid;
+error_log {workdir}/nginx-static-error.log;
+events {{ worker_connections 4096; }}
+http {{
+  access_log off;
+  default_type "text/plain; charset=utf-8";
+  keepalive_requests 1000000;
+  client_body_temp_path {workdir}/nginx-body;
+  proxy_temp_path {workdir}/nginx-proxy;
+  fastcgi_temp_path {workdir}/nginx-fastcgi;
+  uwsgi_temp_path {workdir}/nginx-uwsgi;
+  scgi_temp_path {workdir}/nginx-scgi;
+  server {{
+    listen 127.0.0.1:{port} backlog=1024;
+    root {root};
+  }}
+}}
+""")
+    process = subprocess.Popen(["nginx", "-c", str(conf), "-p", str(workdir)], stdout=subprocess.DEVNULL,
+                               stderr=subprocess.STDOUT, start_new_session=True)
+    wait_http(f"http://127.0.0.1:{port}{next(iter(scripts))}")
+    return Server("nginx", process, port, workdir / "nginx-static-error.log")
+
+
 # --------------------------------------------------------------------------- load
 
 

@@ -1,8 +1,11 @@
 """Value normalisation: the one function per kind used by both rules and requests."""
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from bootrules import values
+from bootrules.errors import FactsError
 
 
 @pytest.mark.parametrize(
@@ -123,3 +126,29 @@ def test_placeholder_uuid_counts_as_absent():
     """The all-zero UUID of firmware without one is dropped rather than matched."""
     facts, _ = values.facts_from_query({"uuid": ["00000000-0000-0000-0000-000000000000"]})
     assert facts == {}
+
+
+QUERY_NAMES = ["mac", "uuid", "serial", "serial_hex", "product_hex", "ip", "ip6", "platform", "buildarch", "loader",
+               "client", "other", "", "ma%63", "serial+hex"]
+QUERY_VALUES = ["", "52:54:00:12:34:56", "52-54-00-12-34-57", "5354", "%41%42", "a+b", "10.1.2.3", "fd00::5",
+                "efi", "pcbios", "grub", "00000000-0000-0000-0000-000000000000", "zz", "%zz", "x" * 300]
+queries = st.lists(st.tuples(st.sampled_from(QUERY_NAMES), st.sampled_from(QUERY_VALUES)), max_size=8).map(
+    lambda fields: "&".join(f"{name}={value}" if index % 3 else (name if not value else f"{name}={value}")
+                            for index, (name, value) in enumerate(fields)))
+
+
+def _outcome(parse, query):
+    try:
+        return parse(query)
+    except FactsError as error:
+        return str(error)
+
+
+@settings(max_examples=400, deadline=None)
+@given(query=queries)
+def test_the_one_pass_query_reader_reads_every_query_as_the_two_steps_do(query):
+    """/ipxe reads its query in one pass; for any query (repeated names, encoded names, empty
+    fields, bad values) the facts, the ignored names and the errors are those of the two
+    steps it replaces."""
+    assert _outcome(values.facts_from_query_string, query) == _outcome(
+        lambda text: values.facts_from_query(values.parse_query(text)), query)
