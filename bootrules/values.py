@@ -45,6 +45,7 @@ PLACEHOLDER_UUIDS = frozenset(
 GLOB_CHARS = frozenset("*?[")
 
 _HEX = frozenset("0123456789abcdef")
+_MAC_WHOLE = re.compile(r"[0-9a-f]{2}([:-])[0-9a-f]{2}(?:\1[0-9a-f]{2}){4}")
 _MAC_SEPARATED = re.compile(r"[0-9a-f]{1,2}([:-])[0-9a-f]{1,2}(?:\1[0-9a-f]{1,2}){4}")
 _MAC_DOTTED = re.compile(r"[0-9a-f]{4}\.[0-9a-f]{4}\.[0-9a-f]{4}")
 _MAC_BARE = re.compile(r"[0-9a-f]{12}")
@@ -60,6 +61,8 @@ def is_glob(text: str) -> bool:
 def normalize_mac(text: str) -> str:
     """Return a MAC address as `aa:bb:cc:dd:ee:ff` from any common notation."""
     value = text.strip().lower()
+    if _MAC_WHOLE.fullmatch(value):  # what iPXE sends (hexhyp): every octet's two digits
+        return value.replace("-", ":")
     if _MAC_SEPARATED.fullmatch(value):
         octets = re.split(r"[:-]", value)
         return ":".join(octet.zfill(2) for octet in octets)

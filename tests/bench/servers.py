@@ -1,14 +1,15 @@
-"""Bench: bootrules under waitress and under granian, beside the PHP switch. Prints figures; about 17 minutes.
+"""Bench: bootrules under waitress and under granian, beside the PHP switch and nginx's ceiling. Prints figures; about 25 minutes.
 
     .venv/bin/python tests/bench/servers.py [--rounds 5] [--flat-cycles 30] [--flat-only] [--quick]
 
 The same box, one sitting, interleaved rounds (the median of each): wrk -t2 against
-/ipxe with 10 rules (PHP: a 10-case switch), keep-alive at -c32 and a new connection per
-request at -c64 (what iPXE does); the 10,000-machine boot storm on 100,000 rules (PHP: its
-10,000-case switch); 100,000 rules' last-rule and no-match rows (a BIOS and a UEFI
-machine) against 10 rules, with a second 10-rule server as the control; and the PSS of
-each bootrules (every process together, 100,000 rules) through a reload, sampled every
-50 ms, fresh and again after the storms. Timings here are figures to read, never pass/fail tests.
+/ipxe with 10 rules, /ipxe's last rule of 100,000 and /boot.ipxe (PHP: a 10-case switch;
+the ceiling: nginx serving scripts of the same size from files), keep-alive at -c32 and a
+new connection per request at -c64 (what iPXE does); the 10,000-machine boot storm on
+100,000 rules (PHP: its 10,000-case switch; nginx: its two files); 100,000 rules'
+last-rule and no-match rows (a BIOS and a UEFI machine) against 10 rules, with a second
+10-rule server as the control; and the PSS of each bootrules (every process together,
+100,000 rules) through a reload, sampled every 50 ms, fresh and again after the storms. Timings here are figures to read, never pass/fail tests.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from generate import mac_for, rules_text  # noqa: E402
 from run import (FLAT_CASES, decision_path, flatness, median_storm, pss_through_reload,  # noqa: E402
-                 start_bootrules, start_php, storm, wrk)
+                 start_bootrules, start_nginx_static, start_php, storm, wrk)
 
 SERVERS = ("waitress", "granian")
 WORKERS = os.cpu_count() or 1
@@ -63,18 +64,28 @@ def main() -> None:
             big[name] = start_bootrules(work / f"rules-100k-{name}.yaml", 18295 + number, work, WORKERS, extra)
             servers.append(big[name])
         hit = decision_path(mac_for(3))
+        nginx = None
         if php is not None:
+            # The ceiling: nginx answering the same two scripts from files, as many workers.
+            scripts = {"/ipxe": _body(small["granian"].url + hit), "/boot.ipxe": _body(small["granian"].url + "/boot.ipxe")}
+            nginx = start_nginx_static(work, 18297, scripts, WORKERS)
+            servers.append(nginx)
             # Memory first, on servers that have answered nothing yet; again after the storms below.
             fresh = {name: pss_through_reload(big[name], work / f"rules-100k-{name}.yaml", "loaded 100000 rules")
                      for name in SERVERS}
             php_hit = f"{php.url}/ipxe10.php?mac={mac_for(3).replace(':', '-')}"
-            urls = {"php": php_hit, **{name: small[name].url + hit for name in SERVERS}}
+            urls = {("php", "ipxe"): php_hit, ("nginx", "ipxe"): nginx.url + hit,
+                    ("nginx", "entry"): nginx.url + "/boot.ipxe"}
+            for name in SERVERS:
+                urls[(name, "ipxe")] = small[name].url + hit
+                urls[(name, "ipxe-100k")] = big[name].url + FLAT_CASES["last"]
+                urls[(name, "entry")] = small[name].url + "/boot.ipxe"
             for _ in range(rounds):
                 for mode in ("keep-alive", "new-connection"):
-                    for name, url in urls.items():
+                    for key, url in urls.items():
                         rate = wrk(url, seconds, 64 if mode == "new-connection" else 32,
                                    new_connections=mode == "new-connection")
-                        rates.setdefault((name, mode), []).append(rate)
+                        rates.setdefault((*key, mode), []).append(rate)
 
         # 100,000 rules against 10, each 100k figure between two 10-rule ones; and a second
         # 10-rule server the same way, whose ratio shows how far the bench itself strays
@@ -87,11 +98,12 @@ def main() -> None:
             flat[name], flat_bases[name] = flatness(small[name].url + hit, cases, flat_cycles)
 
         if php is not None:
-            storms: dict[str, list[dict[str, float]]] = {name: [] for name in (*SERVERS, "php")}
+            storms: dict[str, list[dict[str, float]]] = {name: [] for name in (*SERVERS, "php", "nginx")}
             for number in range(storm_rounds):
                 for name in SERVERS:
                     storms[name].append(storm(big[name].url, "/boot.ipxe", "/ipxe", 10000, first=10000 * number))
                 storms["php"].append(storm(php.url, "/boot.php", "/ipxe.php", 10000))
+                storms["nginx"].append(storm(nginx.url, "/boot.ipxe", "/ipxe", 10000))
             storm_figures = {name: median_storm(runs) for name, runs in storms.items()}
             memory = {name: pss_through_reload(big[name], work / f"rules-100k-{name}.yaml", "loaded 100000 rules")
                       for name in SERVERS}
@@ -111,20 +123,30 @@ def main() -> None:
         return
     median = {key: statistics.median(values) for key, values in rates.items()}
     print(f"\nrequests a second, wrk -t2, {seconds} s, median of {rounds} interleaved rounds; {WORKERS} workers "
-          f"for bootrules; 10 rules (PHP: a 10-case switch)")
-    print(f"  {'server':<22} {'keep-alive -c32':>16} {'new connection -c64':>20}")
-    for name in ("php", *SERVERS):
-        label = "PHP switch (apache2)" if name == "php" else f"bootrules, {name}"
-        print(f"  {label:<22} {median[(name, 'keep-alive')]:>16,.0f} {median[(name, 'new-connection')]:>20,.0f}")
+          f"for bootrules and nginx; in brackets, the share of nginx serving the same script from a file")
+    print(f"  {'server and request':<44} {'keep-alive -c32':>22} {'new connection -c64':>24}")
+    cases = {"ipxe": "/ipxe, 10 rules", "ipxe-100k": "/ipxe, 100,000 rules (the last)", "entry": "/boot.ipxe"}
+    rows = [("nginx", "ipxe", "nginx, a static file of /ipxe's size"), ("nginx", "entry", "nginx, /boot.ipxe's file"),
+            ("php", "ipxe", "PHP switch (apache2), 10 cases")]
+    rows += [(name, case, f"bootrules {name}, {label}") for name in SERVERS for case, label in cases.items()]
+    for name, case, label in rows:
+        figures = []
+        for mode in ("keep-alive", "new-connection"):
+            rate = median[(name, case, mode)]
+            ceiling = median[("nginx", "entry" if case == "entry" else "ipxe", mode)]
+            figures.append(f"{rate:,.0f} ({rate / ceiling:.2f})")
+        print(f"  {label:<44} {figures[0]:>22} {figures[1]:>24}")
     for name in SERVERS:
-        print(f"  {name} / PHP: keep-alive {median[(name, 'keep-alive')] / median[('php', 'keep-alive')]:.2f}, "
-              f"new connection {median[(name, 'new-connection')] / median[('php', 'new-connection')]:.2f}")
+        print(f"  {name} / PHP: keep-alive {median[(name, 'ipxe', 'keep-alive')] / median[('php', 'ipxe', 'keep-alive')]:.2f}, "
+              f"new connection {median[(name, 'ipxe', 'new-connection')] / median[('php', 'ipxe', 'new-connection')]:.2f}")
     print(f"\nstorm: 10,000 new machines x 2 requests, 256 at a time, new connection each; median of {storm_rounds}")
-    for name in (*SERVERS, "php"):
+    for name in ("nginx", *SERVERS, "php"):
         run = storm_figures[name]
-        label = "PHP (10,000 cases)" if name == "php" else f"bootrules {name} (100k rules)"
+        label = {"php": "PHP (10,000 cases)", "nginx": "nginx (static files)"}.get(name, f"bootrules {name} (100k rules)")
+        ratio = "" if name == "nginx" else f" ({run['p99_us'] / storm_figures['nginx']['p99_us']:.2f} of nginx's)"
         print(f"  {label:<30} errors {run['non200'] + run['socket_errors']:.0f}, p50 {run['p50_us'] / 1000:.1f} ms, "
-              f"p99 {run['p99_us'] / 1000:.1f} ms, max {run['max_us'] / 1000:.0f} ms, total {run['elapsed_us'] / 1e6:.2f} s")
+              f"p99 {run['p99_us'] / 1000:.1f} ms{ratio}, max {run['max_us'] / 1000:.0f} ms, "
+              f"total {run['elapsed_us'] / 1e6:.2f} s")
     print(f"\nPSS, every process (parent, leader, {WORKERS} workers), 100,000 rules, sampled every 50 ms "
           "through a reload (target < 300 MB)")
     for when, figures in (("fresh", fresh), ("after the storms", memory)):
@@ -132,6 +154,13 @@ def main() -> None:
             at_rest, most, after = figures[name]
             print(f"  {name:<9} {when:<17} {at_rest:.0f} MB at rest, {most:.0f} MB at most through a reload, "
                   f"{after:.0f} MB after it")
+
+
+def _body(url: str) -> bytes:
+    import urllib.request
+
+    with urllib.request.urlopen(url, timeout=10) as response:
+        return response.read()
 
 
 def _quartiles(values: list[float]) -> str:
