@@ -203,6 +203,14 @@ class BootrulesServer:
     def log(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
 
+    def log_once_it_says(self, text: str, timeout: float = 5.0) -> str:
+        """The log, once `text` is in it or `timeout` has passed: workers write their lines in
+        batches, a moment after the request."""
+        deadline = time.monotonic() + timeout
+        while text not in (log := self.log()) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        return log
+
     def signal(self, signum: int) -> None:
         assert self.process is not None
         self.process.send_signal(signum)

@@ -11,7 +11,6 @@ refused with 413 before it is read.
 
 from __future__ import annotations
 
-import email.utils
 import logging
 import mimetypes
 import os
@@ -19,19 +18,17 @@ import re
 import time
 from typing import TYPE_CHECKING, Any, Callable, Iterable, NamedTuple
 
-from werkzeug.wsgi import get_host
-
 from .. import values
-from ..clock import PerSecond
 from ..decide.engine import FILES_PATH, NO_MATCH_SCRIPT
-from ..decide.grub import render_grub_entry
 from ..decide.render import render_entry
 from ..decide.templating import RenderFailure, render_file
 from ..errors import FactsError
 from ..logs import escaped, log_decision, log_fields
 from ..model import Facts, Rule, machine_names
-from ..settings import HOST_PATTERN, PREFIX_PATTERN
 from ..state.once import DONE, DONE_PATH, OnceGate, shown
+from .answers import (CONTENT_TYPE, INTERNAL_ERROR, SCRIPT_TYPE, Answer, answer, http_date, request_url_root, respond,
+                      send, text_headers)
+from .firmware import DECISION_PATH, GRUB_DECISION_PATH, FirmwareFiles
 from .proxies import WSGIApp
 
 if TYPE_CHECKING:
@@ -39,15 +36,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("bootrules")
 
-SCRIPT_TYPE = "text/plain; charset=utf-8"
-DECISION_PATH = "/ipxe"
 # /boot.ipxe.0: the same script under the name a PXE ROM is given by proxy DHCP.
 ENTRY_PATHS = frozenset({"/boot.ipxe", "/boot.ipxe.0"})
-# What iPXE loaded over HTTP by the firmware runs first, from the folder it was loaded from.
-AUTOEXEC_PATH = "/autoexec.ipxe"
-GRUB_ENTRY_PATH = "/grub/grub.cfg"  # what GRUB loaded over HTTP reads first
-GRUB_DECISION_PATH = "/grub/decide"
-BINARY_TYPE = "application/efi"
 METRICS_PATH = "/metrics"
 # Answered off the server's loop, so that machines do not wait for them (serve.waitress_loop):
 # a scrape of 100,000 rules' counts, pages that read the store, callbacks that write it.
@@ -56,11 +46,8 @@ SLOW_PATHS = frozenset({METRICS_PATH, "/ui/", "/api/", DONE_PATH})
 # the Host header names it, so the number kept is bounded.
 ENTRY_SCRIPTS_KEPT = 64
 PREPARED_KEPT = 4096  # rules whose answers are kept prepared; past it, the kept ones are dropped
-CONTENT_TYPE = "Content-Type"
 MAX_BODY = 4096  # bytes; no endpoint needs a body
-INTERNAL_ERROR = "500 internal error (see the bootrules log)\n"
 FILE_FIELDS = ("token", "machine", "file", "status")
-SERVED_FIELDS = ("file", "client")
 TOKEN_SHAPE = re.compile(r"[A-Za-z0-9_-]{1,128}")
 _HEADER_UNSAFE = re.compile(r"[^A-Za-z0-9 ._:,'()/=-]")
 TOO_LARGE = "413 Payload Too Large: bootrules takes no request body\n"
@@ -76,7 +63,7 @@ class BootEndpoints:
         self.recorder = services.recorder
         self.metrics = services.metrics
         self.base_url = services.settings.base_url
-        self.binaries = services.settings.served_binaries()
+        self.firmware = FirmwareFiles(services.settings)
         self.fallback = fallback
         self._entry_scripts: dict[tuple[str | None, ...], Answer] = {}
         # Per rule of the rules in force: its headers but Date, and its script's bytes when
@@ -98,23 +85,22 @@ class BootEndpoints:
             return self.done(environ, start_response)
         elif path.startswith(FILES_PATH):
             answer = self.file
-        elif path == AUTOEXEC_PATH:
-            answer = self.autoexec
-        elif path in (GRUB_ENTRY_PATH, GRUB_DECISION_PATH):
-            answer = self.grub_entry if path == GRUB_ENTRY_PATH else self.grub_decide
-        elif "/" + path.lstrip("/") in self.binaries:  # shim asks for //grubx64.efi
-            answer = self.binary
+        elif path == GRUB_DECISION_PATH:
+            answer = self.grub_decide
         else:
-            return self.fallback(environ, start_response)
+            found = self.firmware.handler(path)
+            if found is None:
+                return self.fallback(environ, start_response)
+            answer = found
         method = environ.get("REQUEST_METHOD")
         if method not in ("GET", "HEAD"):
-            return _respond(start_response, "405 Method Not Allowed", "405 Method Not Allowed\n",
+            return respond(start_response, "405 Method Not Allowed", "405 Method Not Allowed\n",
                             [("Allow", "GET, HEAD")], method)
         try:
             return answer(environ, start_response, method)
         except Exception:  # never a traceback to the machine; the log has it
             log.exception("unexpected error on %s", path)
-            return _respond(start_response, "500 Internal Server Error", INTERNAL_ERROR, (), method)
+            return respond(start_response, "500 Internal Server Error", INTERNAL_ERROR, (), method)
 
     def direct(self, environ: dict) -> Answer | None:
         """The answer to a plain GET of /ipxe or /boot.ipxe, without WSGI's start_response;
@@ -127,17 +113,17 @@ class BootEndpoints:
             if path == DECISION_PATH:
                 return self.decision(environ)
             if path in ENTRY_PATHS:
-                return self.entry_answer(environ)
+                return self.entryanswer(environ)
         except Exception:  # never a traceback to the machine; the log has it
             log.exception("unexpected error on %s", path)
-            return _answer("500 Internal Server Error", INTERNAL_ERROR)
+            return answer("500 Internal Server Error", INTERNAL_ERROR)
         return None
 
     def entry(self, environ: dict, start_response: Callable[..., Any], method: str) -> Iterable[bytes]:
         """GET /boot.ipxe: the script DHCP points iPXE at; it calls /ipxe with the machine's facts."""
-        return _send(start_response, self.entry_answer(environ), method)
+        return send(start_response, self.entryanswer(environ), method)
 
-    def entry_answer(self, environ: dict) -> Answer:
+    def entryanswer(self, environ: dict) -> Answer:
         # The script depends on nothing else: a lookup by these spares working out the URL.
         key = (environ.get("HTTP_HOST"), environ.get("SERVER_NAME"), environ.get("SERVER_PORT"),
                environ.get("wsgi.url_scheme"), environ.get("SCRIPT_NAME"))
@@ -146,59 +132,21 @@ class BootEndpoints:
             try:
                 url = (self.base_url or request_url_root(environ)) + DECISION_PATH
             except ValueError as error:
-                return _answer("400 Bad Request", f"{error}; set --base-url\n")
+                return answer("400 Bad Request", f"{error}; set --base-url\n")
             if len(self._entry_scripts) >= ENTRY_SCRIPTS_KEPT:
                 self._entry_scripts.clear()
-            found = self._entry_scripts[key] = _answer("200 OK", render_entry(url))
+            found = self._entry_scripts[key] = answer("200 OK", render_entry(url))
         status, headers, body = found
         return status, [("Date", http_date()), *headers[1:]], body
-
-    def autoexec(self, environ: dict, start_response: Callable[..., Any], method: str) -> Iterable[bytes]:
-        """GET /autoexec.ipxe: what iPXE loaded by the firmware over HTTP runs first (its network
-        device closed): the entry script, opening the device first."""
-        try:
-            url = (self.base_url or request_url_root(environ)) + DECISION_PATH
-        except ValueError as error:
-            return _respond(start_response, "400 Bad Request", f"{error}; set --base-url\n", (), method)
-        log_fields("served file=%s client=%s", ("autoexec.ipxe", environ.get("REMOTE_ADDR") or "-"), SERVED_FIELDS)
-        return _respond(start_response, "200 OK", render_entry(url, open_network=True), (), method)
-
-    def grub_entry(self, environ: dict, start_response: Callable[..., Any], method: str) -> Iterable[bytes]:
-        """GET /grub/grub.cfg: GRUB's entry script (bootrules.decide.grub)."""
-        try:
-            url = (self.base_url or request_url_root(environ)) + GRUB_DECISION_PATH
-        except ValueError as error:
-            return _respond(start_response, "400 Bad Request", f"{error}; set --base-url\n", (), method)
-        log_fields("served file=%s client=%s", ("grub/grub.cfg", environ.get("REMOTE_ADDR") or "-"), SERVED_FIELDS)
-        return _respond(start_response, "200 OK", render_grub_entry(url), (), method)
 
     def grub_decide(self, environ: dict, start_response: Callable[..., Any], method: str) -> Iterable[bytes]:
         """GET /grub/decide: the decision, in GRUB's language."""
         return self.decide(environ, start_response, method, grub=True)
 
-    def binary(self, environ: dict, start_response: Callable[..., Any], method: str) -> Iterable[bytes]:
-        """GET or HEAD /ipxe.efi, /snponly.efi, /undionly.kpxe, /shimx64.efi, /grubx64.efi: a boot
-        program, with its length (the firmware asks HEAD first, for the size)."""
-        path = self.binaries["/" + environ.get("PATH_INFO", "").lstrip("/")]
-        try:
-            with open(path, "rb") as stream:
-                data = b"" if method == "HEAD" else stream.read()
-                size = os.fstat(stream.fileno()).st_size
-        except OSError as error:
-            log.error("cannot read %s: %s", path, error.strerror or error)
-            return _respond(start_response, "404 Not Found", f"404 Not Found: {os.path.basename(path)} cannot be read "
-                            "on the server (see its log)\n", (), method)
-        if method != "HEAD":
-            log_fields("served file=%s client=%s", (os.path.basename(environ.get("PATH_INFO", "")),
-                                                     environ.get("REMOTE_ADDR") or "-"), SERVED_FIELDS)
-        start_response("200 OK", [("Date", http_date()), ("Content-Type", BINARY_TYPE), ("Content-Length", str(size)),
-                                  ("Cache-Control", "no-cache")])
-        return [data] if method != "HEAD" else []
-
     def decide(self, environ: dict, start_response: Callable[..., Any], method: str,
                grub: bool = False) -> Iterable[bytes]:
         """GET /ipxe: answer one decision request."""
-        return _send(start_response, self.decision(environ, grub), method)
+        return send(start_response, self.decision(environ, grub), method)
 
     def decision(self, environ: dict, grub: bool = False) -> Answer:
         """One decision: its answer, log line, count and sighting."""
@@ -210,7 +158,7 @@ class BootEndpoints:
             reason = str(error)
             log.info("client=%s bad request: reason=%s", client, escaped(reason))
             self.metrics.refused(time.perf_counter() - started)
-            return _answer("400 Bad Request", reason + "\n")
+            return answer("400 Bad Request", reason + "\n")
         try:
             facts["client"] = values.normalize_fact("client", client)
         except ValueError:
@@ -283,17 +231,17 @@ class BootEndpoints:
         served = [rule for rule in snapshot.ruleset.rules if rule.files] if snapshot is not None else []
         found = self.once.files_claim(token, served) if served else None
         if found is None or name not in found[0].files:
-            return self._file_answer(start_response, method, "404 Not Found", "404 Not Found: no such file\n", token,
+            return self._fileanswer(start_response, method, "404 Not Found", "404 Not Found: no such file\n", token,
                                      None, name)
         rule, claims, expired = found
         machine = claims.identities[0]
         if expired:
-            return self._file_answer(start_response, method, "410 Gone", "410 Gone: this files URL has expired; "
+            return self._fileanswer(start_response, method, "410 Gone", "410 Gone: this files URL has expired; "
                                      "boot the machine again for a new one\n", token, machine, name)
         try:
             base = self.base_url or request_url_root(environ)
         except ValueError as error:
-            return _respond(start_response, "400 Bad Request", f"{error}; set --base-url\n", (), method)
+            return respond(start_response, "400 Bad Request", f"{error}; set --base-url\n", (), method)
         facts = {name.split(":", 1)[0]: name.split(":", 1)[1] for name in claims.identities}
         row = snapshot.ruleset.inventory.find(facts) if snapshot.ruleset.inventory is not None else None
         own = {"base": base, "rule": rule.name, "files": f"{base}{FILES_PATH}{token}/"}
@@ -305,13 +253,13 @@ class BootEndpoints:
             log.warning("files: rule %s file %s cannot be rendered for machine=%s: %s", rule.name, name, machine,
                         failure)
             self.metrics.template_failed()
-            return self._file_answer(start_response, method, "500 Internal Server Error",
+            return self._fileanswer(start_response, method, "500 Internal Server Error",
                                      "500: this file cannot be rendered for this machine (see the bootrules log)\n",
                                      token, machine, name)
-        return self._file_answer(start_response, method, "200 OK", body, token, machine, name,
+        return self._fileanswer(start_response, method, "200 OK", body, token, machine, name,
                                  mimetypes.guess_type(name)[0])
 
-    def _file_answer(self, start_response: Callable[..., Any], method: str, status: str, body: str, token: str,
+    def _fileanswer(self, start_response: Callable[..., Any], method: str, status: str, body: str, token: str,
                      machine: str | None, name: str, content_type: str | None = None) -> list[bytes]:
         """The answer to a file fetch, and its one log line (never the body: it may hold secrets)."""
         log_fields("files: token=%s machine=%s file=%s status=%s",
@@ -330,15 +278,15 @@ class BootEndpoints:
         or a proxy's prefetch can never disarm a machine."""
         method = environ.get("REQUEST_METHOD")
         if method != "POST":
-            return _respond(start_response, "405 Method Not Allowed", "405 Method Not Allowed: POST to report done\n",
+            return respond(start_response, "405 Method Not Allowed", "405 Method Not Allowed: POST to report done\n",
                             [("Allow", "POST")], method)
         token = environ.get("PATH_INFO", "")[len(DONE_PATH):]
         try:
             outcome = self.once.redeem(token, environ.get("REMOTE_ADDR") or "-")
         except Exception:  # never a traceback to the installer; the log has it
             log.exception("unexpected error on the done callback")
-            return _respond(start_response, "500 Internal Server Error", INTERNAL_ERROR, (), method)
-        return _respond(start_response, outcome.status, outcome.message + "\n", (), method)
+            return respond(start_response, "500 Internal Server Error", INTERNAL_ERROR, (), method)
+        return respond(start_response, outcome.status, outcome.message + "\n", (), method)
 
 
 class MachineRequest:
@@ -392,36 +340,8 @@ def _body_refused(environ: dict, start_response: Callable[..., Any]) -> list[byt
     chunked = "chunked" in environ.get("HTTP_TRANSFER_ENCODING", "").lower()
     if not chunked and length.isdigit() and int(length) <= MAX_BODY:
         return None
-    return _respond(start_response, "413 Payload Too Large", TOO_LARGE, [("Connection", "close")],
+    return respond(start_response, "413 Payload Too Large", TOO_LARGE, [("Connection", "close")],
                     environ.get("REQUEST_METHOD"))
-
-
-def request_url_root(environ: dict) -> str:
-    """The URL this request reached bootrules at (as trusted proxies name it), without a path."""
-    if not environ.get("HTTP_HOST"):
-        # The server would name itself instead (waitress: "waitress.invalid"), which no machine can reach.
-        raise ValueError("the request has no Host header")
-    host = get_host(environ)
-    if not HOST_PATTERN.fullmatch(host):
-        raise ValueError("the Host header is not a host name")
-    prefix = environ.get("SCRIPT_NAME", "").rstrip("/")
-    if not PREFIX_PATTERN.fullmatch(prefix):
-        raise ValueError("the forwarded path prefix is not a plain path")
-    return f"{environ['wsgi.url_scheme']}://{host}{prefix}"
-
-
-# Given by the app, the Date header spares waitress formatting one per response.
-http_date = PerSecond(lambda second: email.utils.formatdate(second, usegmt=True))
-
-
-def text_headers(data: bytes, headers: Iterable[tuple[str, str]] = ()) -> list[tuple[str, str]]:
-    """The headers of a plain-text answer that no cache keeps (scripts change with rules.yaml)."""
-    return [("Date", http_date()), (CONTENT_TYPE, SCRIPT_TYPE), ("Content-Length", str(len(data))),
-            ("Cache-Control", "no-store"), *headers]
-
-
-# (status line, headers, body): an answer before it is sent, by WSGI or by granian directly.
-Answer = tuple[str, list[tuple[str, str]], bytes]
 
 
 class Prepared(NamedTuple):
@@ -434,21 +354,3 @@ class Prepared(NamedTuple):
     headers: list[tuple[str, str]]
     rule_name: str
     action: str
-
-
-def _answer(status: str, body: str, headers: Iterable[tuple[str, str]] = ()) -> Answer:
-    data = body.encode()
-    return status, text_headers(data, headers), data
-
-
-def _send(start_response: Callable[..., Any], answer: Answer, method: str | None) -> list[bytes]:
-    status, headers, body = answer
-    start_response(status, headers)
-    return [] if method == "HEAD" else [body]
-
-
-def _respond(start_response: Callable[..., Any], status: str, body: str, headers: Iterable[tuple[str, str]],
-             method: str | None) -> list[bytes]:
-    data = body.encode()
-    start_response(status, text_headers(data, headers))
-    return [] if method == "HEAD" else [data]

@@ -26,7 +26,7 @@ from ..state.database import shown_location
 from ..state.machine_store import MAX_PAGE_SIZE, NO_RULE, PAGE_SIZE, Filter, Machine, Page
 from ..values import TEXT_KEYS
 from .access import refusal
-from .boot import request_url_root
+from .answers import request_url_root
 from .snippet import rule_to_paste
 from .views import plain_text
 

@@ -14,7 +14,8 @@ from ..logs import escaped
 from ..services import services
 from ..state.database import is_server
 from .access import refusal
-from .boot import INTERNAL_ERROR, METRICS_PATH, text_headers
+from .answers import INTERNAL_ERROR, text_headers
+from .boot import METRICS_PATH
 
 log = logging.getLogger("bootrules")
 

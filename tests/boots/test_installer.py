@@ -147,7 +147,7 @@ def test_two_machines_of_one_inventory_get_their_own_hostname_in_args_and_files(
               args: console=ttyS0 quiet panic=-1 hostname={{{{ hostname }}}} ds=nocloud-net;s={{{{ files }}}}
         """))
     try:
-        with BootrulesServer(rules, port, tmp_path / "bootrules.log", cwd=tmp_path) as server:
+        with BootrulesServer(rules, port, tmp_path / "bootrules.log", cwd=tmp_path):
             for mac, hostname in (("52:54:00:d2:00:01", "alpha"), ("52:54:00:d2:00:02", "beta")):
                 serial = tmp_path / f"serial-{hostname}.txt"
 

@@ -7,9 +7,7 @@ from __future__ import annotations
 import base64
 import re
 import subprocess
-import textwrap
 import time
-from pathlib import Path
 
 import pytest
 
