@@ -69,13 +69,17 @@ class Reloader:
         self._previous_tick: object = None
         # The other files the rules were read from (inventory, templates): an edit of any reloads.
         self.watched: tuple[str, ...] = ()
+        # With several workers the supervisor learns `watched` from a leader's report while
+        # the watcher thread polls: a poll must see the paths and the versions agree.
+        self._versions = threading.Lock()
 
     # ------------------------------------------------------------ loading
 
     def reload(self) -> bool:
         """Load the file now; on success serve it, on failure keep the last good rules."""
-        before = self.signature()
-        self._attempted = before
+        with self._versions:
+            before = self.signature()
+            self._attempted = before
         if self.on_changed is not None:
             self.on_changed()
             return True
@@ -115,13 +119,14 @@ class Reloader:
         """Follow these files too (the rules' inventory and templates, as the last load named
         them); what was last attempted stays attempted."""
         paths = tuple(paths)
-        if paths == self.watched:
-            return
-        attempted_now = self._attempted == self.signature()
-        self.watched = paths
-        if attempted_now:
-            self._attempted = self.signature()
-        self._previous_tick = self.signature()
+        with self._versions:
+            if paths == self.watched:
+                return
+            attempted_now = self._attempted == self.signature()
+            self.watched = paths
+            if attempted_now:
+                self._attempted = self.signature()
+            self._previous_tick = self.signature()
 
     def retry(self) -> None:
         """Load again at the next tick, even if the file looks the same (it changed while read)."""
@@ -174,12 +179,13 @@ class Reloader:
         Waiting for the file to settle skips the moment between an editor truncating a
         file and writing it back, which would otherwise be read as an empty file.
         """
-        signature = self.signature()
-        if signature == self._attempted:
-            return False  # nothing new since the last attempt, good or bad
-        if signature != self._previous_tick:
-            self._previous_tick = signature
-            return False
+        with self._versions:
+            signature = self.signature()
+            if signature == self._attempted:
+                return False  # nothing new since the last attempt, good or bad
+            if signature != self._previous_tick:
+                self._previous_tick = signature
+                return False
         return self.reload()
 
     # ------------------------------------------------------------ watching

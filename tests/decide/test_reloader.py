@@ -5,6 +5,8 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import sys
+import threading
 
 import pytest
 
@@ -116,3 +118,40 @@ def test_request_reload_reloads_at_once(tmp_path):
         bump(tmp_path / "rules.yaml", GOOD_B)
         store.request_reload()
         assert wait_until(lambda: names(store) == ["version-b"], timeout=2)
+
+
+def test_learning_which_files_the_rules_read_never_counts_as_an_edit(tmp_path):
+    """With several workers the supervisor learns the inventory's and templates' paths from
+    the leader while its watcher thread polls: that moment must not start a second generation."""
+    rules = tmp_path / "rules.yaml"
+    rules.write_text("rules:\n  - name: rest\n    exit: true\n")
+    others = []
+    for name in ("inventory.csv", "preseed.cfg"):
+        (tmp_path / name).write_text("x\n")
+        others.append(str(tmp_path / name))
+    switch_interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)  # threads take turns as often as they can: the moment is short
+    try:
+        learn_paths_while_polling(str(rules), tuple(others))
+    finally:
+        sys.setswitchinterval(switch_interval)
+
+
+def learn_paths_while_polling(rules: str, others: tuple[str, ...]) -> None:
+    for _ in range(300):
+        generations = []
+        reloader = Reloader(rules, poll_interval=0, on_changed=lambda: generations.append(1))
+        reloader.reload()  # the first generation starts; what it reads is not known yet
+        polling = threading.Event()
+
+        def poll() -> None:
+            polling.set()
+            for _ in range(200):
+                reloader.reload_if_changed()
+
+        watcher = threading.Thread(target=poll)
+        watcher.start()
+        polling.wait()
+        reloader.watch(others)  # the leader's report
+        watcher.join()
+        assert generations == [1]
