@@ -57,7 +57,5 @@ def send(start_response: Callable[..., Any], answer: Answer, method: str | None)
 
 
 def respond(start_response: Callable[..., Any], status: str, body: str, headers: Iterable[tuple[str, str]],
-             method: str | None) -> list[bytes]:
-    data = body.encode()
-    start_response(status, text_headers(data, headers))
-    return [] if method == "HEAD" else [data]
+            method: str | None) -> list[bytes]:
+    return send(start_response, answer(status, body, headers), method)

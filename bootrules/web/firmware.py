@@ -48,21 +48,22 @@ class FirmwareFiles:
     def autoexec(self, environ: dict, start_response: Callable[..., Any], method: str) -> Iterable[bytes]:
         """GET /autoexec.ipxe: what iPXE loaded by the firmware over HTTP runs first (its network
         device closed): the entry script, opening the device first."""
-        try:
-            url = (self.base_url or request_url_root(environ)) + DECISION_PATH
-        except ValueError as error:
-            return respond(start_response, "400 Bad Request", f"{error}; set --base-url\n", (), method)
-        log_fields("served file=%s client=%s", ("autoexec.ipxe", environ.get("REMOTE_ADDR") or "-"), SERVED_FIELDS)
-        return respond(start_response, "200 OK", render_entry(url, open_network=True), (), method)
+        return self._entry(environ, start_response, method, "autoexec.ipxe", DECISION_PATH,
+                           lambda url: render_entry(url, open_network=True))
 
     def grub_entry(self, environ: dict, start_response: Callable[..., Any], method: str) -> Iterable[bytes]:
         """GET /grub/grub.cfg: GRUB's entry script (bootrules.decide.grub)."""
+        return self._entry(environ, start_response, method, "grub/grub.cfg", GRUB_DECISION_PATH, render_grub_entry)
+
+    def _entry(self, environ: dict, start_response: Callable[..., Any], method: str, name: str, decision_path: str,
+               render: Callable[[str], str]) -> Iterable[bytes]:
+        """An entry script: what asks `decision_path` of this server, as the machine reaches it."""
         try:
-            url = (self.base_url or request_url_root(environ)) + GRUB_DECISION_PATH
+            url = (self.base_url or request_url_root(environ)) + decision_path
         except ValueError as error:
             return respond(start_response, "400 Bad Request", f"{error}; set --base-url\n", (), method)
-        log_fields("served file=%s client=%s", ("grub/grub.cfg", environ.get("REMOTE_ADDR") or "-"), SERVED_FIELDS)
-        return respond(start_response, "200 OK", render_grub_entry(url), (), method)
+        log_fields("served file=%s client=%s", (name, environ.get("REMOTE_ADDR") or "-"), SERVED_FIELDS)
+        return respond(start_response, "200 OK", render(url), (), method)
 
     def binary(self, environ: dict, start_response: Callable[..., Any], method: str) -> Iterable[bytes]:
         """GET or HEAD /ipxe.efi, /snponly.efi, /undionly.kpxe, /shimx64.efi, /grubx64.efi: a boot
