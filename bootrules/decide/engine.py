@@ -32,6 +32,14 @@ class Request(Protocol):
         """A rule could not be rendered for this machine (it is answered with its failure path)."""
 
 
+def files_url(rule: Rule, request: Request | None, base: str | None, token: str | None) -> str:
+    """The URL of this machine's files of `rule`: under its once token, or a files token of its own."""
+    files_token = token if token is not None else (request.files_token(rule) if request else None)
+    if files_token is None or base is None:
+        raise RenderFailure("no files URL can be given now (see the log)")
+    return f"{base}{FILES_PATH}{files_token}/"
+
+
 class Snapshot:
     """The rules of one load, indexed; `decide` answers a machine from them.
 
@@ -134,10 +142,7 @@ class Snapshot:
                 return script
         try:
             if rule.files:
-                files_token = token if token is not None else (request.files_token(rule) if request else None)
-                if files_token is None or base is None:
-                    raise RenderFailure("no files URL can be given now (see the log)")
-                own["files"] = f"{base}{FILES_PATH}{files_token}/"
+                own["files"] = files_url(rule, request, base, token)
             script = rendered_script(self._script(rule), fields, variables(rule_vars, facts, row, own))
         except RenderFailure as failure:
             if request is not None:
@@ -161,10 +166,7 @@ class Snapshot:
             own["done"] = done_url
         try:
             if rule.files:
-                files_token = token if token is not None else (request.files_token(rule) if request else None)
-                if files_token is None or base is None:
-                    raise RenderFailure("no files URL can be given now (see the log)")
-                own["files"] = f"{base}{FILES_PATH}{files_token}/"
+                own["files"] = files_url(rule, request, base, token)
             if rule.templates:
                 found = self.variables_of(rule, facts, row, own)
                 rule = substituted(rule, rendered_values(rule.templates, found))

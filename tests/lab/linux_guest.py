@@ -15,7 +15,10 @@ import subprocess
 import tarfile
 from pathlib import Path
 
+import pytest
+
 from ipxe_builds import CACHE, fetch_deb, package_record
+from support import IN_CI
 
 SUITE = "bookworm"
 MARKER = "BOOTRULES-LINUX-OK"
@@ -36,6 +39,17 @@ def kernel() -> Path:
         deb = fetch_deb(package_record(SUITE, image, "amd64"))
         target.write_bytes(_member(deb, lambda name: name.startswith("./boot/vmlinuz-")))
     return target
+
+
+def kernel_and_initramfs() -> tuple[bytes, bytes]:
+    """The kernel and the marker initramfs; a skip without them on a laptop with no network
+    and nothing cached, a failure in CI."""
+    try:
+        return kernel().read_bytes(), initramfs()
+    except OSError as error:
+        if IN_CI:
+            raise
+        pytest.skip(f"cannot fetch Debian's kernel or busybox: {error}")
 
 
 def busybox() -> Path:
