@@ -28,8 +28,10 @@ import socket
 import sys
 import threading
 import time
+import warnings
 from typing import Any, Callable, Iterable
 
+import waitress.adjustments
 import waitress.server
 
 log = logging.getLogger("bootrules")
@@ -49,6 +51,14 @@ ACCEPTS_PER_PASS = 4
 # long is idle in a pool: closing it is what the idle timeout does anyway, and the socket
 # is checked for unread bytes first, so a request that has arrived is never dropped.
 QUIET_BEFORE_CLOSE = 2.0
+# waitress sends each write the moment it is made (its send_bytes adjustment, 1 since
+# waitress 1.3): an answer's headers and its body leave in two send() calls, two TCP
+# segments for the machine and two trips through the kernel for the server. Buffered up
+# to this many bytes, an answer leaves whole in one send() when the loop next writes (a
+# pass that answers several connections writes to each once); a larger answer (a scrape,
+# a page) still leaves as it is written. send_bytes is public, documented and deprecated:
+# if a waitress drops it, answers go out in two sends again, as correct as before.
+SEND_AFTER_BYTES = 18000
 LOOP_TIMEOUT = 0.25  # seconds; how soon a signal's request to stop is noticed when idle
 
 
@@ -218,7 +228,11 @@ class LoopServer:
         self.shutdown = shutdown
         self.dispatcher = LoopDispatcher(slow_paths)
         options = {**options, "outbuf_high_watermark": NEVER_WAIT_FOR_FLUSH}
-        self.waitress = waitress.server.create_server(app, sockets=[sock], _dispatcher=self.dispatcher, **options)
+        with warnings.catch_warnings():
+            if hasattr(waitress.adjustments.Adjustments, "send_bytes"):
+                options["send_bytes"] = SEND_AFTER_BYTES
+                warnings.filterwarnings("ignore", "send_bytes", DeprecationWarning)
+            self.waitress = waitress.server.create_server(app, sockets=[sock], _dispatcher=self.dispatcher, **options)
         self.channels: dict[int, Any] = self.waitress._map
         self.waitress.handle_accept = self._accept_several(ACCEPTS_PER_PASS)
         if sys.platform == "linux":

@@ -7,6 +7,7 @@ import os
 import re
 import signal
 import socket
+import struct
 import subprocess
 import sys
 import threading
@@ -39,6 +40,37 @@ def test_serve_answers_curl_style_requests_on_a_real_port(rules_path, tmp_path, 
     log = server.log()
     assert "client=127.0.0.1 mac=00:12:34:56:78:90 rule=lab-rescue action=chain" in log
     assert "Traceback" not in log
+
+
+# Where Linux's struct tcp_info (netinet/tcp.h, since 4.6) keeps tcpi_data_segs_in: the
+# segments this end has received that carried data.
+TCP_INFO_DATA_SEGMENTS_IN = 152
+
+
+@pytest.mark.skipif(not hasattr(socket, "TCP_INFO"), reason="counts segments with Linux's TCP_INFO")
+def test_each_answer_reaches_the_machine_in_one_tcp_segment(rules_path, tmp_path, http_server):
+    """Headers and script leave together, as one TCP segment a machine's small TCP stack takes
+    in one go, not headers first and the script in a second segment."""
+    with BootrulesServer(rules_path, free_port(), tmp_path / "server.log", args=http_server) as server, \
+            socket.create_connection(("127.0.0.1", server.port), timeout=5) as connection:
+        paths = ["/boot.ipxe", "/ipxe?mac=00-12-34-56-78-90"] * 5
+        for path in paths:  # one at a time, on one kept-alive connection
+            connection.sendall(f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n".encode())
+            assert _read_answer(connection).startswith(b"#!ipxe\n")
+        info = connection.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 256)
+        assert struct.unpack_from("I", info, TCP_INFO_DATA_SEGMENTS_IN)[0] == len(paths)
+
+
+def _read_answer(connection: socket.socket) -> bytes:
+    """The body of the next answer on `connection` (which must give a Content-Length)."""
+    data = b""
+    while b"\r\n\r\n" not in data:
+        data += connection.recv(65536)
+    head, _, body = data.partition(b"\r\n\r\n")
+    length = int(re.search(rb"(?im)^content-length: *(\d+)", head).group(1))
+    while len(body) < length:
+        body += connection.recv(65536)
+    return body
 
 
 def test_an_edit_takes_effect_without_a_restart_and_sighup_reloads_at_once(rules_path, tmp_path, http_server):
