@@ -55,6 +55,8 @@ class Services:
         self.reloader.stop()
         if self.prober is not None:
             self.prober.stop()
+        if self.recorder is not None:
+            self.recorder.stop()
 
 
 def services(app: Flask | None = None) -> Services:

@@ -71,6 +71,7 @@ class Recorder:
         self._write_lock = threading.Lock()  # one batch written at a time (the thread, or close())
         self._pruned_at = 0.0
         self._warned_at = 0.0
+        self._stopped = False
         self.last_error: str | None = None
 
     def store(self) -> MachineStore:
@@ -119,7 +120,7 @@ class Recorder:
             os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), RECORDER_NICENESS)
         except OSError:
             pass
-        while os.getpid() == pid:
+        while os.getpid() == pid and not self._stopped:
             self._wakeup.wait(FLUSH_EVERY)
             self._wakeup.clear()
             self.flush()
@@ -216,6 +217,16 @@ class Recorder:
         if now - self._warned_at >= WARN_EVERY:
             self._warned_at = now
             log.warning("machines seen not recorded (%s): %s", what, reason)
+
+    def stop(self) -> None:
+        """Stop recording in the background (an app that is done with; tests make many in one
+        process): what is pending is written now, once, and nothing is left to write at exit,
+        when the store may be long gone."""
+        self._stopped = True
+        self._wakeup.set()
+        atexit.unregister(self.flush)
+        if self._thread_pid == os.getpid():
+            self.flush()
 
     def close(self) -> None:
         """Write what is left (a stopping worker): tried again for a few seconds, since

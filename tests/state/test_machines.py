@@ -6,6 +6,8 @@ from __future__ import annotations
 import json
 import signal
 import sqlite3
+import subprocess
+import sys
 import textwrap
 import time
 
@@ -21,7 +23,7 @@ from bootrules.state.database import SCHEMA_VERSION
 from bootrules.state.machine_store import Filter, Sighting
 from bootrules.state.recorder import Recorder
 from bootrules.web.snippet import PLACEHOLDER, rule_to_paste
-from support import BootrulesServer, free_port, http_get, machine_store, new_database, once_store, wait_until
+from support import ROOT, BootrulesServer, free_port, http_get, machine_store, new_database, once_store, wait_until
 
 RULES = """
 rules:
@@ -360,3 +362,25 @@ def test_the_wal_of_a_busy_store_is_truncated_once_it_has_grown(tmp_path, monkey
     assert wal.stat().st_size > 256 * 1024
     assert wait_until(lambda: wal.stat().st_size <= 256 * 1024, timeout=10), wal.stat().st_size
     assert store.count() == 40 * 64
+
+
+def test_a_stopped_app_writes_what_it_saw_then_and_nothing_at_exit(write_rules):
+    """An app that is stopped writes its machines seen at once, not when the process exits,
+    when its store may long be gone (a run of tests ended with a warning about a database
+    stopped minutes before)."""
+    rules = write_rules("- name: all\n  exit: true\n")
+    script = textwrap.dedent(f"""
+        import os, sys
+        os.environ["BOOTRULES_STATE"] = "postgresql://bootrules:pw@127.0.0.1:{free_port()}/x"  # nothing listens
+        from app import create_app
+        from bootrules.services import services
+        app = create_app({str(rules)!r}, poll_interval=0)
+        assert app.test_client().get("/ipxe?mac=52:54:00:12:34:56").status_code == 200
+        services(app).stop()
+        print("STOPPED", file=sys.stderr, flush=True)
+    """)
+    ran = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert ran.returncode == 0, ran.stderr
+    when_stopped, _, at_exit = ran.stderr.partition("STOPPED\n")
+    assert "machines seen not recorded" in when_stopped
+    assert at_exit == ""
