@@ -19,6 +19,8 @@ import time
 from pathlib import Path
 from typing import Any, Iterator
 
+from . import pid
+
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
 
@@ -184,7 +186,7 @@ class DecisionCounts:
         """Count one decision by `rule` with `action`, and its latency if given."""
         key = (rule, action)
         with self._lock:
-            if self._multiprocess and self._file_pid != os.getpid():  # first use, or forked since
+            if self._multiprocess and self._file_pid != pid.current:  # first use, or forked since
                 self._open_file()
             total = self._counts.get(key)
             if total is None:
@@ -199,7 +201,7 @@ class DecisionCounts:
     def observe(self, seconds: float) -> None:
         """Count the latency of one answer that was no decision (a 400)."""
         with self._lock:
-            if self._multiprocess and self._file_pid != os.getpid():
+            if self._multiprocess and self._file_pid != pid.current:
                 self._open_file()
             self._observe(seconds)
 
@@ -215,7 +217,7 @@ class DecisionCounts:
         self._counts = {}  # a parent's counts are in the parent's file
         self._file_keys = {}
         self._file = _decision_file()
-        self._file_pid = os.getpid()
+        self._file_pid = pid.current
         # A process that had this pid before may have left counts here; they are kept.
         self._buckets = [int(self._file.read_value(key)[0]) for key in _BUCKET_KEYS]
         self._sum = self._file.read_value(_SUM_KEY)[0]

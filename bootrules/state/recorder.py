@@ -26,6 +26,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from .. import pid
 from ..errors import StateError
 from ..model import Facts, machine_key
 from .health import HealthBoard
@@ -87,7 +88,7 @@ class Recorder:
         minute = (int(when // 60), action)
         machine = machine_key(facts, client)
         with self._lock:
-            if self._thread_pid != os.getpid():
+            if self._thread_pid != pid.current:
                 self._start()
             minutes = self._minutes
             minutes[minute] = minutes.get(minute, 0) + 1
@@ -112,7 +113,7 @@ class Recorder:
                          name="bootrules-recorder").start()
         atexit.register(self.flush)
 
-    def _write_now_and_then(self, pid: int) -> None:
+    def _write_now_and_then(self, started_in: int) -> None:
         # Below the loop thread in the CPU scheduler: on a busy box the machines come first,
         # and the batches catch up in the quiet after a storm. (This thread holds the GIL
         # only in short slices, so it cannot hold up the loop thread while it waits.)
@@ -120,7 +121,7 @@ class Recorder:
             os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), RECORDER_NICENESS)
         except OSError:
             pass
-        while os.getpid() == pid and not self._stopped:
+        while os.getpid() == started_in and not self._stopped:
             self._wakeup.wait(FLUSH_EVERY)
             self._wakeup.clear()
             self.flush()
