@@ -221,13 +221,17 @@ class Recorder:
 
     def stop(self) -> None:
         """Stop recording in the background (an app that is done with; tests make many in one
-        process): what is pending is written now, once, and nothing is left to write at exit,
-        when the store may be long gone."""
+        process): what is pending is written now, once, and the store is closed; nothing is
+        left to write at exit, when the store may be long gone."""
         self._stopped = True
         self._wakeup.set()
         atexit.unregister(self.flush)
         if self._thread_pid == os.getpid():
             self.flush()
+        with self._write_lock:
+            store, self._store = self._store, None
+        if store is not None:
+            store.close()
 
     def close(self) -> None:
         """Write what is left (a stopping worker): tried again for a few seconds, since
