@@ -365,9 +365,8 @@ def test_the_wal_of_a_busy_store_is_truncated_once_it_has_grown(tmp_path, monkey
 
 
 def test_a_stopped_app_writes_what_it_saw_then_and_nothing_at_exit(write_rules):
-    """An app that is stopped writes its machines seen at once, not when the process exits,
-    when its store may long be gone (a run of tests ended with a warning about a database
-    stopped minutes before)."""
+    """An app that is stopped writes its machines seen at once, and nothing when the process
+    exits, by when its store may long be gone."""
     rules = write_rules("- name: all\n  exit: true\n")
     script = textwrap.dedent(f"""
         import os, sys
