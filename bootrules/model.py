@@ -83,7 +83,10 @@ class Selector:
         value = facts.get(self.key)
         if value is None:
             return False
-        return any(pattern.matches(value) for pattern in self.patterns)
+        patterns = self.patterns
+        if len(patterns) == 1:  # most selectors: no generator to make
+            return patterns[0].matches(value)
+        return any(pattern.matches(value) for pattern in patterns)
 
 
 # --------------------------------------------------------------------------- actions

@@ -161,31 +161,36 @@ class Matcher:
         # Plain dicts, so that lookups never add entries. Nearly every exact value belongs
         # to one rule; storing that rule's position alone instead of a one-item list saves
         # a list per rule, in every worker.
-        self._exact = {key: {value: _compact(hits) for value, hits in table.items()} for key, table in exact.items()}
-        self._prefix = {key: {n: dict(t) for n, t in sorted(tables.items())} for key, tables in prefix.items()}
+        exact_tables = {key: {value: _compact(hits) for value, hits in table.items()} for key, table in exact.items()}
+        prefix_tables = {key: tuple((n, dict(t)) for n, t in sorted(tables.items())) for key, tables in prefix.items()}
         # Per key: (IP version, netmask as an integer, rules by network address as an integer).
-        self._networks = {
+        network_tables = {
             key: tuple((version, mask, dict(t)) for (version, mask), t in tables.items())
             for key, tables in networks.items()
         }
+        # One lookup per fact finds all three kinds of table for its key.
+        self._tables = {key: (exact_tables.get(key), prefix_tables.get(key), network_tables.get(key))
+                        for key in {*exact_tables, *prefix_tables, *network_tables}}
         self._always = always
 
     def candidate_lists(self, facts: Facts) -> list[Sequence[int]]:
         """The index's lists of rule positions (each in file order) that may match `facts`."""
         lists: list[Sequence[int]] = []
+        by_key = self._tables
         for key, value in facts.items():
-            table = self._exact.get(key)
-            if table is not None:
-                hit = table.get(value)
+            tables = by_key.get(key)
+            if tables is None:
+                continue
+            exact, prefixes, ranges = tables
+            if exact is not None:
+                hit = exact.get(value)
                 if hit is not None:
                     lists.append((hit,) if type(hit) is int else hit)
-            tables = self._prefix.get(key)
-            if tables is not None:
-                for length, by_prefix in tables.items():
+            if prefixes is not None:
+                for length, by_prefix in prefixes:
                     hit = by_prefix.get(value[:length])
                     if hit:
                         lists.append(hit)
-            ranges = self._networks.get(key)
             if ranges is not None:
                 address_version, address = _address_bits(value)
                 for version, mask, by_network in ranges:
