@@ -1,15 +1,17 @@
-"""Bench: bootrules under waitress and under granian, beside the PHP switch and nginx's ceiling. Prints figures; about 25 minutes.
+"""Bench: bootrules under waitress and under granian, beside the PHP switch and nginx's ceiling. Prints figures; about 30 minutes.
 
     .venv/bin/python tests/bench/servers.py [--rounds 5] [--flat-cycles 30] [--flat-only] [--quick]
 
 The same box, one sitting, interleaved rounds (the median of each): wrk -t2 against
 /ipxe with 10 rules, /ipxe's last rule of 100,000 and /boot.ipxe (PHP: a 10-case switch;
-the ceiling: nginx serving scripts of the same size from files), keep-alive at -c32 and a
-new connection per request at -c64 (what iPXE does); the 10,000-machine boot storm on
-100,000 rules (PHP: its 10,000-case switch; nginx: its two files); 100,000 rules'
-last-rule and no-match rows (a BIOS and a UEFI machine) against 10 rules, with a second
-10-rule server as the control; and the PSS of each bootrules (every process together,
-100,000 rules) through a reload, sampled every 50 ms, fresh and again after the storms. Timings here are figures to read, never pass/fail tests.
+the ceiling: nginx serving scripts of the same size from files; and each server under
+bootrules' serving answering those two scripts without deciding, tests/bench/fixed_answer.py),
+keep-alive at -c32 and a new connection per request at -c64 (what iPXE does); the
+10,000-machine boot storm on 100,000 rules (PHP: its 10,000-case switch; nginx and the
+fixed answers: the two scripts); 100,000 rules' last-rule and no-match rows (a BIOS and a
+UEFI machine) against 10 rules, with a second 10-rule server as the control; and the PSS of each bootrules (every process together,
+100,000 rules) through a reload, sampled every 50 ms, fresh and again after the storms.
+Timings here are figures to read, never pass/fail tests.
 """
 
 from __future__ import annotations
@@ -18,17 +20,20 @@ import argparse
 import os
 import shutil
 import statistics
+import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
 
 from generate import mac_for, rules_text  # noqa: E402
-from run import (FLAT_CASES, decision_path, flatness, median_storm, pss_through_reload,  # noqa: E402
-                 start_bootrules, start_nginx_static, start_php, storm, wrk)
+from run import (FLAT_CASES, PYTHON, ROOT, Server, decision_path, flatness, median_storm,  # noqa: E402
+                 pss_through_reload, start_bootrules, start_nginx_static, start_php, storm, wait_http, wrk)
 
 SERVERS = ("waitress", "granian")
+FIXED = {name: f"{name}-fixed" for name in SERVERS}  # the same server answering without deciding
 WORKERS = os.cpu_count() or 1
 
 
@@ -40,7 +45,7 @@ def main() -> None:
     parser.add_argument("--flat-only", action="store_true", help="only the 100,000-rule rows (about 9 minutes)")
     parser.add_argument("--quick", action="store_true", help="one round of each (figures are rougher)")
     args = parser.parse_args()
-    rounds, storm_rounds, seconds = (1, 1, 3) if args.quick else (args.rounds, 3, 4)
+    rounds, storm_rounds, seconds = (1, 1, 3) if args.quick else (args.rounds, 5, 4)
     flat_cycles = 3 if args.quick else args.flat_cycles
     work = Path(tempfile.mkdtemp(prefix="bootrules-servers-bench-"))
     os.chmod(work, 0o755)
@@ -70,6 +75,10 @@ def main() -> None:
             scripts = {"/ipxe": _body(small["granian"].url + hit), "/boot.ipxe": _body(small["granian"].url + "/boot.ipxe")}
             nginx = start_nginx_static(work, 18297, scripts, WORKERS)
             servers.append(nginx)
+            fixed = {}
+            for number, name in enumerate(SERVERS):
+                fixed[name] = _start_fixed(work / "static", work / "rules-10.yaml", 18288 + number, work, name)
+                servers.append(fixed[name])
             # Memory first, on servers that have answered nothing yet; again after the storms below.
             fresh = {name: pss_through_reload(big[name], work / f"rules-100k-{name}.yaml", "loaded 100000 rules")
                      for name in SERVERS}
@@ -80,6 +89,7 @@ def main() -> None:
                 urls[(name, "ipxe")] = small[name].url + hit
                 urls[(name, "ipxe-100k")] = big[name].url + FLAT_CASES["last"]
                 urls[(name, "entry")] = small[name].url + "/boot.ipxe"
+                urls[(FIXED[name], "ipxe")] = fixed[name].url + hit
             for _ in range(rounds):
                 for mode in ("keep-alive", "new-connection"):
                     for key, url in urls.items():
@@ -98,10 +108,12 @@ def main() -> None:
             flat[name], flat_bases[name] = flatness(small[name].url + hit, cases, flat_cycles)
 
         if php is not None:
-            storms: dict[str, list[dict[str, float]]] = {name: [] for name in (*SERVERS, "php", "nginx")}
+            storms: dict[str, list[dict[str, float]]] = {
+                name: [] for name in (*SERVERS, *FIXED.values(), "php", "nginx")}
             for number in range(storm_rounds):
                 for name in SERVERS:
                     storms[name].append(storm(big[name].url, "/boot.ipxe", "/ipxe", 10000, first=10000 * number))
+                    storms[FIXED[name]].append(storm(fixed[name].url, "/boot.ipxe", "/ipxe", 10000))
                 storms["php"].append(storm(php.url, "/boot.php", "/ipxe.php", 10000))
                 storms["nginx"].append(storm(nginx.url, "/boot.ipxe", "/ipxe", 10000))
             storm_figures = {name: median_storm(runs) for name, runs in storms.items()}
@@ -129,6 +141,7 @@ def main() -> None:
     rows = [("nginx", "ipxe", "nginx, a static file of /ipxe's size"), ("nginx", "entry", "nginx, /boot.ipxe's file"),
             ("php", "ipxe", "PHP switch (apache2), 10 cases")]
     rows += [(name, case, f"bootrules {name}, {label}") for name in SERVERS for case, label in cases.items()]
+    rows += [(FIXED[name], "ipxe", f"{name}, a fixed answer (no decision)") for name in SERVERS]
     for name, case, label in rows:
         figures = []
         for mode in ("keep-alive", "new-connection"):
@@ -140,9 +153,11 @@ def main() -> None:
         print(f"  {name} / PHP: keep-alive {median[(name, 'ipxe', 'keep-alive')] / median[('php', 'ipxe', 'keep-alive')]:.2f}, "
               f"new connection {median[(name, 'ipxe', 'new-connection')] / median[('php', 'ipxe', 'new-connection')]:.2f}")
     print(f"\nstorm: 10,000 new machines x 2 requests, 256 at a time, new connection each; median of {storm_rounds}")
-    for name in ("nginx", *SERVERS, "php"):
+    for name in ("nginx", *SERVERS, *FIXED.values(), "php"):
         run = storm_figures[name]
-        label = {"php": "PHP (10,000 cases)", "nginx": "nginx (static files)"}.get(name, f"bootrules {name} (100k rules)")
+        label = {"php": "PHP (10,000 cases)", "nginx": "nginx (static files)",
+                 **{fixed: f"{name}, fixed answers" for name, fixed in FIXED.items()}}.get(
+            name, f"bootrules {name} (100k rules)")
         ratio = "" if name == "nginx" else f" ({run['p99_us'] / storm_figures['nginx']['p99_us']:.2f} of nginx's)"
         print(f"  {label:<30} errors {run['non200'] + run['socket_errors']:.0f}, p50 {run['p50_us'] / 1000:.1f} ms, "
               f"p99 {run['p99_us'] / 1000:.1f} ms{ratio}, max {run['max_us'] / 1000:.0f} ms, "
@@ -154,6 +169,17 @@ def main() -> None:
             at_rest, most, after = figures[name]
             print(f"  {name:<9} {when:<17} {at_rest:.0f} MB at rest, {most:.0f} MB at most through a reload, "
                   f"{after:.0f} MB after it")
+
+
+def _start_fixed(scripts: Path, rules: Path, port: int, work: Path, server: str) -> Server:
+    """bootrules' serving under `server`, its workers answering the scripts in `scripts`
+    without deciding (tests/bench/fixed_answer.py)."""
+    log = work / f"fixed-{port}.log"
+    process = subprocess.Popen([PYTHON, str(HERE / "fixed_answer.py"), str(scripts), "serve", "--rules", str(rules),
+                                "--port", str(port), "--workers", str(WORKERS), "--server", server],
+                               stdout=open(log, "wb"), stderr=subprocess.STDOUT, cwd=ROOT)
+    wait_http(f"http://127.0.0.1:{port}/healthz")
+    return Server("bootrules", process, port, log)
 
 
 def _body(url: str) -> bytes:
