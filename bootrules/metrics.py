@@ -14,6 +14,7 @@ import fcntl
 import glob
 import json
 import os
+import re
 import threading
 import time
 from pathlib import Path
@@ -226,7 +227,7 @@ class DecisionCounts:
         """The count so far of a pair not counted yet by this object: 0, or what its file holds."""
         if self._file is None:
             return 0
-        file_key = self._file_keys[key] = json.dumps(key)
+        file_key = self._file_keys[key] = _file_key(key)
         # A process that had this pid before may have left counts here; they are kept.
         return int(self._file.read_value(file_key)[0])
 
@@ -283,6 +284,20 @@ def _bound_text(bound: float) -> str:
 
 def _decisions_only(added: dict[tuple[str, ...], float]) -> dict[tuple[str, str], float]:
     return {key: total for key, total in added.items() if len(key) == 2}  # type: ignore[misc]
+
+
+# Text JSON writes as it is: no quote, backslash, control or non-ASCII character.
+_JSON_AS_IS = re.compile(r"[A-Za-z0-9 ._:/()-]*")
+
+
+def _file_key(key: tuple[str, str]) -> str:
+    """`json.dumps(key)`, the key a count has in the files. In a boot storm on one-per-MAC
+    rules nearly every decision is some rule's first, and rule names are nearly always
+    plain: those are written out directly, at a quarter of json.dumps' cost."""
+    rule, action = key
+    if _JSON_AS_IS.fullmatch(rule) and _JSON_AS_IS.fullmatch(action):
+        return f'["{rule}", "{action}"]'
+    return json.dumps(key)
 
 
 _decision_files: dict[str, Any] = {}

@@ -105,6 +105,30 @@ def test_decision_counts_in_a_reused_process_file_are_kept(tmp_path, monkeypatch
     assert metric(text, 'bootrules_decisions_total{action="exit",rule="everyone-else"}') == 2
 
 
+def test_counts_of_a_worker_gone_add_to_the_same_series_whatever_the_rule_name(tmp_path, monkeypatch):
+    """A dead worker's file keys each count by the JSON of [rule, action] (as json.dumps
+    writes it): a live worker counting the same rules adds to those series, never beside them."""
+    from prometheus_client.mmap_dict import MmapedDict
+
+    from bootrules.metrics import Metrics
+
+    monkeypatch.setenv("PROMETHEUS_MULTIPROC_DIR", str(tmp_path))
+    names = ["lab-rescue", "rack 12/row (b):a.b_c", 'odd "name" \\ ü', "tab\there"]
+    gone = MmapedDict(str(tmp_path / "999999999.decisions"))
+    for name in names:
+        gone.write_value(json.dumps([name, "chain"]), 2.0, 0.0)
+    gone.close()
+    metrics = Metrics()
+    for name in names:
+        metrics.decided(name, "chain", 0.001)
+    text = metrics.exposition()[0].decode()
+    from prometheus_client.parser import text_string_to_metric_families
+
+    family = next(f for f in text_string_to_metric_families(text) if f.name == "bootrules_decisions")
+    counted = [(s.labels["rule"], s.value) for s in family.samples if s.name.endswith("_total")]
+    assert sorted(counted) == sorted((name, 3.0) for name in names)
+
+
 def test_several_workers_refuse_to_start_on_a_prometheus_client_without_what_they_use(rules_path, monkeypatch,
                                                                                      runner):
     """The workers' metrics files are added up with prometheus_client internals: an installed

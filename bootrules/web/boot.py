@@ -70,6 +70,7 @@ class BootEndpoints:
         # every machine gets the same (no once:, no templates). Built at its first answer.
         self._prepared: dict[int, Prepared] = {}
         self._prepared_for: object = None
+        self._source_name = ""  # the rules file's name, in X-Bootrules-Source
 
     def __call__(self, environ: dict, start_response: Callable[..., Any]) -> Iterable[bytes]:
         if environ.get("CONTENT_LENGTH") or environ.get("HTTP_TRANSFER_ENCODING"):
@@ -198,6 +199,8 @@ class BootEndpoints:
         """What every answer of `rule` has in common (kept per rule of the rules in force)."""
         if snapshot is not self._prepared_for or len(self._prepared) >= PREPARED_KEPT:
             self._prepared, self._prepared_for = {}, snapshot
+            # The file's base name: the full path says more about the server than a machine needs.
+            self._source_name = os.path.basename(snapshot.ruleset.source) if snapshot is not None else ""
         key = -id(rule) if grub else id(rule)
         found = self._prepared.get(key)
         if found is not None and found.rule is rule:
@@ -211,8 +214,7 @@ class BootEndpoints:
             named = [
                 ("X-Bootrules-Rule", rule.name),
                 ("X-Bootrules-Action", rule.action_name),
-                # The file's base name: the full path says more about the server than a machine needs.
-                ("X-Bootrules-Source", f"{os.path.basename(snapshot.ruleset.source)}:{rule.line}"),
+                ("X-Bootrules-Source", f"{self._source_name}:{rule.line}"),
             ]
             if not grub:
                 script = snapshot.plain_script(rule)
