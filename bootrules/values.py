@@ -200,6 +200,13 @@ MAX_TEXT_CHARS = 256
 MAX_QUERY_FIELDS = 64
 # Query field name -> (selector key, whether the value is hex-encoded text).
 _QUERY_FIELDS = {key: (key, False) for key in QUERY_KEYS} | {f"{key}_hex": (key, True) for key in TEXT_KEYS}
+# The fields the entry script sends, in its order (bootrules.decide.render.ENTRY_FACTS).
+ENTRY_QUERY_NAMES = ("mac", "uuid", "serial_hex", "product_hex", "manufacturer_hex", "asset_hex", "hostname_hex",
+                     "ip", "ip6", "platform", "buildarch")
+# Nearly every decision request is the entry script's query, field for field, with nothing
+# percent-encoded: one regular expression reads it, in C, instead of a split and a partition per field.
+_ENTRY_QUERY = re.compile("&".join(f"{name}=([^&%+]*)" for name in ENTRY_QUERY_NAMES))
+_ENTRY_FIELDS = tuple((name, _QUERY_FIELDS[name]) for name in ENTRY_QUERY_NAMES)
 
 
 def parse_query(query: str) -> dict[str, list[str]]:
@@ -228,10 +235,19 @@ def parse_query(query: str) -> dict[str, list[str]]:
 
 def facts_from_query_string(query: str) -> tuple[dict[str, str], list[str]]:
     """`facts_from_query(parse_query(query))` in one pass over the query, for the common
-    query: no name given two values, none encoded. Any other query takes the two steps."""
+    query: no name given two values, none encoded; the entry script's query in one regular
+    expression. Any other query takes the two steps."""
     facts: dict[str, str] = {}
     ignored: list[str] = []
     if not query:
+        return facts, ignored
+    sent = _ENTRY_QUERY.fullmatch(query)
+    if sent is not None:  # the entry script's: every name known, each once, nothing to decode
+        for (name, spec), raw in zip(_ENTRY_FIELDS, sent.groups()):
+            if raw:
+                _add_fact(facts, name, spec, raw)
+        if "ip6" in facts and "ip" not in facts:
+            facts["ip"] = facts["ip6"]
         return facts, ignored
     fields = query.split("&")
     if len(fields) > MAX_QUERY_FIELDS:

@@ -11,27 +11,29 @@ from __future__ import annotations
 import re
 
 from ..model import Boot, Chain, Exit, Menu, MenuItem, Rule, Sanboot, Setting
+from ..values import ENTRY_QUERY_NAMES
 
 FAILED_LABEL = "bootrules_failed"
 OR_FAIL = f" || goto {FAILED_LABEL}"
 
-# What the entry script reports, as (query key, iPXE expansion). Free text goes as
+# What the entry script reports: the iPXE expansion of each query key. Free text goes as
 # `:hexraw` because iPXE does not URL-encode `${serial}` and old builds leave `&` and `+`
 # raw even with `:uristring`; hex survives every version exactly.
-ENTRY_FACTS = (
-    ("mac", "${netX/mac:hexhyp}"),
-    ("uuid", "${uuid}"),
-    ("serial_hex", "${serial:hexraw}"),
-    ("product_hex", "${product:hexraw}"),
-    ("manufacturer_hex", "${manufacturer:hexraw}"),
-    ("asset_hex", "${asset:hexraw}"),
-    ("hostname_hex", "${hostname:hexraw}"),
-    ("ip", "${netX/ip}"),
-    ("ip6", "${netX/ip6}"),  # empty (so absent) where the build or the network has no IPv6
-    ("platform", "${platform}"),
-    ("buildarch", "${buildarch}"),
-)
-
+_EXPANSIONS = {
+    "mac": "${netX/mac:hexhyp}",
+    "uuid": "${uuid}",
+    "serial_hex": "${serial:hexraw}",
+    "product_hex": "${product:hexraw}",
+    "manufacturer_hex": "${manufacturer:hexraw}",
+    "asset_hex": "${asset:hexraw}",
+    "hostname_hex": "${hostname:hexraw}",
+    "ip": "${netX/ip}",
+    "ip6": "${netX/ip6}",  # empty (so absent) where the build or the network has no IPv6
+    "platform": "${platform}",
+    "buildarch": "${buildarch}",
+}
+# (query key, iPXE expansion), in the order bootrules.values reads them fastest.
+ENTRY_FACTS = tuple((name, _EXPANSIONS[name]) for name in ENTRY_QUERY_NAMES)
 
 def render_entry(decision_url: str, open_network: bool = False) -> str:
     """Return the entry script that sends a machine's facts to `decision_url` (…/ipxe).

@@ -55,7 +55,7 @@ function request()
   if step % 2 == 0 then
     return wrk.format("GET", entry, headers)
   end
-  local query = "?mac=" .. mac(machine) .. "&uuid=&serial_hex=&product_hex=&manufacturer_hex=&asset_hex=&hostname_hex=&ip=10.1.2.3&platform=pcbios&buildarch=i386"
+  local query = "?mac=" .. mac(machine) .. "&uuid=&serial_hex=&product_hex=&manufacturer_hex=&asset_hex=&hostname_hex=&ip=10.1.2.3&ip6=&platform=pcbios&buildarch=i386"
   return wrk.format("GET", decision .. query, headers)
 end
 

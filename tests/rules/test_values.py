@@ -1,7 +1,7 @@
 """Value normalisation: the one function per kind used by both rules and requests."""
 
 import pytest
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from bootrules import values
@@ -150,5 +150,32 @@ def test_the_one_pass_query_reader_reads_every_query_as_the_two_steps_do(query):
     """/ipxe reads its query in one pass; for any query (repeated names, encoded names, empty
     fields, bad values) the facts, the ignored names and the errors are those of the two
     steps it replaces."""
+    assert _outcome(values.facts_from_query_string, query) == _outcome(
+        lambda text: values.facts_from_query(values.parse_query(text)), query)
+
+
+
+_ENTRY_TEXT = ["", "5354", "e9", "zz", "a+b", "%41", "41" * 300]
+ENTRY_VALUES = {
+    "mac": ["", "52-54-00-12-34-56", "52:54:00:12:34:zz", "%41"],
+    "uuid": ["", "564d1234-5678-90ab-cdef-1234567890ab", "00000000-0000-0000-0000-000000000000", "zz"],
+    **{name: _ENTRY_TEXT for name in values.ENTRY_QUERY_NAMES if name.endswith("_hex")},
+    "ip": ["", "10.1.2.3", "10.1.2.3=x", "10.1.2"],
+    "ip6": ["", "fd00::5", "fd00::zz"],
+    "platform": ["", "efi", "pcbios", "pc bios"],
+    "buildarch": ["", "x86_64", "i386", "+"],
+}
+entry_queries = st.tuples(*(st.sampled_from(ENTRY_VALUES[name]) for name in values.ENTRY_QUERY_NAMES)).map(
+    lambda sent: "&".join(f"{name}={value}" for name, value in zip(values.ENTRY_QUERY_NAMES, sent)))
+
+
+@settings(max_examples=400, deadline=None)
+@given(query=entry_queries)
+@example(query="mac=52-54-00-12-34-56&uuid=&serial_hex=&product_hex=&manufacturer_hex=&asset_hex=&hostname_hex="
+               "&ip=&ip6=fd00::5&platform=efi&buildarch=x86_64")
+def test_the_entry_scripts_query_is_read_as_the_two_steps_read_it(query):
+    """The query the entry script sends is read with one regular expression: whatever its
+    values (empty, malformed, encoded, too long, a placeholder UUID, IPv6 only), the facts
+    and the errors are those of the two steps."""
     assert _outcome(values.facts_from_query_string, query) == _outcome(
         lambda text: values.facts_from_query(values.parse_query(text)), query)
