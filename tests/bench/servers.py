@@ -1,4 +1,4 @@
-"""Bench: bootrules under waitress and under granian, beside the PHP switch and nginx's ceiling. Prints figures; about 30 minutes.
+"""Bench: bootrules under waitress and under granian, beside the PHP switch and nginx's ceiling. Prints figures; about 25 minutes.
 
     .venv/bin/python tests/bench/servers.py [--rounds 5] [--flat-cycles 30] [--flat-only] [--quick]
 
