@@ -13,6 +13,16 @@ from support import SAMPLE_RULES, BootrulesServer, free_port, http_get
 from bootrules.services import services
 
 
+@pytest.fixture(autouse=True)
+def _decision_files_closed():
+    """A process keeps its file of decision counts open for its life; these tests make one
+    in each test's directory, all in one process: each is closed with its test."""
+    from bootrules import metrics
+
+    yield
+    for path in list(metrics._decision_files):
+        metrics._decision_files.pop(path).close()
+
 
 # --------------------------------------------------------------------------- metrics
 
