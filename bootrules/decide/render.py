@@ -35,6 +35,7 @@ _EXPANSIONS = {
 # (query key, iPXE expansion), in the order bootrules.values reads them fastest.
 ENTRY_FACTS = tuple((name, _EXPANSIONS[name]) for name in ENTRY_QUERY_NAMES)
 
+
 def render_entry(decision_url: str, open_network: bool = False) -> str:
     """Return the entry script that sends a machine's facts to `decision_url` (…/ipxe).
 

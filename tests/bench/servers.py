@@ -9,9 +9,10 @@ bootrules' serving answering those two scripts without deciding, tests/bench/fix
 keep-alive at -c32 and a new connection per request at -c64 (what iPXE does); the
 10,000-machine boot storm on 100,000 rules (PHP: its 10,000-case switch; nginx and the
 fixed answers: the two scripts); 100,000 rules' last-rule and no-match rows (a BIOS and a
-UEFI machine) against 10 rules, with a second 10-rule server as the control; and the PSS of each bootrules (every process together,
-100,000 rules) through a reload, sampled every 50 ms, fresh and again after the storms.
-Timings here are figures to read, never pass/fail tests.
+UEFI machine) against 10 rules, with a second 10-rule server as the control; and the PSS
+of each bootrules (every process together, 100,000 rules) through a reload, sampled every
+50 ms, fresh and again after the storms. Timings here are figures to read, never
+pass/fail tests.
 """
 
 from __future__ import annotations

@@ -154,7 +154,6 @@ def test_the_one_pass_query_reader_reads_every_query_as_the_two_steps_do(query):
         lambda text: values.facts_from_query(values.parse_query(text)), query)
 
 
-
 _ENTRY_TEXT = ["", "5354", "e9", "zz", "a+b", "%41", "41" * 300]
 ENTRY_VALUES = {
     "mac": ["", "52-54-00-12-34-56", "52:54:00:12:34:zz", "%41"],
