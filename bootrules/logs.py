@@ -29,6 +29,9 @@ from .clock import PerSecond
 from .settings import LOG_FORMATS
 
 FLUSH_INTERVAL = 0.5
+# Text that JSON writes as it is (no quote, backslash, control or non-ASCII character):
+# rule names, actions and addresses nearly always are, and are written without json.dumps.
+JSON_AS_IS = re.compile(r"[A-Za-z0-9 ._:/()-]*")
 TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 LOGGER_NAME = "bootrules"
 DECISION_MESSAGE = "client=%s mac=%s rule=%s action=%s"

@@ -14,13 +14,13 @@ import fcntl
 import glob
 import json
 import os
-import re
 import threading
 import time
 from pathlib import Path
 from typing import Any, Iterator
 
 from . import pid
+from .logs import JSON_AS_IS
 
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
@@ -286,16 +286,12 @@ def _decisions_only(added: dict[tuple[str, ...], float]) -> dict[tuple[str, str]
     return {key: total for key, total in added.items() if len(key) == 2}  # type: ignore[misc]
 
 
-# Text JSON writes as it is: no quote, backslash, control or non-ASCII character.
-_JSON_AS_IS = re.compile(r"[A-Za-z0-9 ._:/()-]*")
-
-
 def _file_key(key: tuple[str, str]) -> str:
     """`json.dumps(key)`, the key a count has in the files. In a boot storm on one-per-MAC
     rules nearly every decision is some rule's first, and rule names are nearly always
     plain: those are written out directly, at a quarter of json.dumps' cost."""
     rule, action = key
-    if _JSON_AS_IS.fullmatch(rule) and _JSON_AS_IS.fullmatch(action):
+    if JSON_AS_IS.fullmatch(rule) and JSON_AS_IS.fullmatch(action):
         return f'["{rule}", "{action}"]'
     return json.dumps(key)
 

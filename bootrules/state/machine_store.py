@@ -14,12 +14,12 @@ row, so two workers (or two servers) recording one machine never lose each other
 from __future__ import annotations
 
 import json
-import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
 from ..clock import utc
+from ..logs import JSON_AS_IS
 from ..model import Facts, machine_names
 from .database import Database
 from .once_store import OnceRow, OnceStore
@@ -67,12 +67,9 @@ class Sighting:
         del self.recent[:-self.RECENT_KEPT]
 
 
-_PLAIN = re.compile(r"[A-Za-z0-9._:()-]*")  # rule names, actions, addresses: no JSON escaping needed
-
-
 def recent_line(when: float, rule: str, action: str, client: str) -> str:
     """One decision as a line of the `recent` column (a JSON array)."""
-    if _PLAIN.fullmatch(rule) and _PLAIN.fullmatch(client):
+    if JSON_AS_IS.fullmatch(rule) and JSON_AS_IS.fullmatch(client):
         return f'[{when:.3f},"{rule}","{action}","{client}"]\n'
     return json.dumps([round(when, 3), rule, action, client]) + "\n"
 
