@@ -197,6 +197,7 @@ def normalize_fact(key: str, text: str) -> str:
 
 
 MAX_TEXT_CHARS = 256
+TOO_LONG = f"is longer than {MAX_TEXT_CHARS} characters"
 MAX_QUERY_FIELDS = 64
 # Query field name -> (selector key, whether the value is hex-encoded text).
 _QUERY_FIELDS = {key: (key, False) for key in QUERY_KEYS} | {f"{key}_hex": (key, True) for key in TEXT_KEYS}
@@ -244,8 +245,21 @@ def facts_from_query_string(query: str) -> tuple[dict[str, str], list[str]]:
     sent = _ENTRY_QUERY.fullmatch(query)
     if sent is not None:  # the entry script's: every name known, each once, nothing to decode
         for (name, spec), raw in zip(_ENTRY_FIELDS, sent.groups()):
-            if raw:
-                _add_fact(facts, name, spec, raw)
+            if not raw:
+                continue
+            # _add_fact, inline: each key comes once, so no two can disagree.
+            key, hexed = spec
+            try:
+                if hexed:
+                    value = _hex_fact(key, raw)
+                elif len(raw) <= MAX_TEXT_CHARS:
+                    value = normalize_fact(key, raw)
+                else:
+                    raise ValueError(TOO_LONG)
+            except ValueError as error:
+                raise FactsError(f"{name}: {error}") from None
+            if value and (key != "uuid" or value not in PLACEHOLDER_UUIDS):
+                facts[key] = value
         if "ip6" in facts and "ip" not in facts:
             facts["ip"] = facts["ip6"]
         return facts, ignored
@@ -288,10 +302,12 @@ def _add_fact(facts: dict[str, str], name: str, spec: tuple[str, bool], raw: str
     """Normalise the value `raw` of query field `name` into `facts` (FactsError if it is not one)."""
     key, hexed = spec
     try:
-        text = decode_hex_text(raw) if hexed else raw
-        if len(text) > MAX_TEXT_CHARS:
-            raise ValueError(f"is longer than {MAX_TEXT_CHARS} characters")
-        value = normalize_fact(key, text)
+        if hexed:
+            value = _hex_fact(key, raw)
+        elif len(raw) <= MAX_TEXT_CHARS:
+            value = normalize_fact(key, raw)
+        else:
+            raise ValueError(TOO_LONG)
     except ValueError as error:
         raise FactsError(f"{name}: {error}") from None
     if value == "" or (key in UUID_KEYS and value in PLACEHOLDER_UUIDS):
@@ -299,6 +315,16 @@ def _add_fact(facts: dict[str, str], name: str, spec: tuple[str, bool], raw: str
     if key in facts and facts[key] != value:
         raise FactsError(f"{key} and {key}_hex disagree; send one")
     facts[key] = value
+
+
+@functools.lru_cache(maxsize=16384)
+def _hex_fact(key: str, raw: str) -> str:
+    """normalize_fact of the text `raw` encodes in hex (cached likewise: a fleet shares its
+    products and manufacturers)."""
+    text = decode_hex_text(raw)
+    if len(text) > MAX_TEXT_CHARS:
+        raise ValueError(TOO_LONG)
+    return normalize_fact(key, text)
 
 
 def facts_from_query(params: Mapping[str, Sequence[str]]) -> tuple[dict[str, str], list[str]]:

@@ -30,19 +30,24 @@ def test_json_logs_carry_one_object_per_line_with_the_decision_fields(rules_path
 
 @pytest.mark.parametrize("formatter", [SecondCachingFormatter(), JsonFormatter()], ids=["text", "json"])
 def test_queued_decision_lines_read_as_logged_records_and_keep_their_order(formatter):
-    """A decision handed straight to the log handler is written exactly as the same
-    record logged the ordinary way, before any later line, and a warning flushes it."""
-    fields = ("10.0.0.7", "00:12:34:56:78:90", "lab-rescue", "chain")
-    record = logging.LogRecord("bootrules", logging.INFO, __file__, 1, DECISION_MESSAGE, fields, None)
-    record.__dict__.update(zip(("client", "mac", "rule", "action"), fields))
+    """Decisions handed straight to the log handler are written exactly as the same
+    records logged the ordinary way, in order (in one second, across seconds, at a second's
+    last millisecond), before any later line, and a warning flushes them."""
     stream = io.StringIO()
     handler = BatchingHandler(stream, interval=3600)
     handler.setFormatter(formatter)
-    handler.queued.append((record.created, DECISION_MESSAGE, fields, ("client", "mac", "rule", "action")))
+    records = []
+    for created in (1796601600.0, 1796601600.0005, 1796601600.9996, 1796601601.25, 1796601601.5, 1796601663.001):
+        fields = ("10.0.0.7", f"00:12:34:56:78:{len(records):02x}", "lab-rescue", "chain")
+        record = logging.LogRecord("bootrules", logging.INFO, __file__, 1, DECISION_MESSAGE, fields, None)
+        record.created, record.msecs = created, (created - int(created)) * 1000
+        record.__dict__.update(zip(("client", "mac", "rule", "action"), fields))
+        records.append(record)
+        handler.queued.append((created, DECISION_MESSAGE, fields, ("client", "mac", "rule", "action")))
     handler.handle(logging.LogRecord("bootrules", logging.WARNING, __file__, 1, "reload failed", (), None))
     lines = stream.getvalue().splitlines()
-    assert len(lines) == 2 and "reload failed" in lines[1]
-    assert lines[0] == formatter.format(record)
+    assert len(lines) == len(records) + 1 and "reload failed" in lines[-1]
+    assert lines[:-1] == [formatter.format(record) for record in records]
 
 
 LOGFMT_PAIR = re.compile(r'(\w+)=("(?:[^"\\]|\\.)*"|\S*)')
