@@ -51,6 +51,8 @@ _MAC_DOTTED = re.compile(r"[0-9a-f]{4}\.[0-9a-f]{4}\.[0-9a-f]{4}")
 _MAC_BARE = re.compile(r"[0-9a-f]{12}")
 _UUID_BARE = re.compile(r"[0-9a-f]{32}")
 _WORD = re.compile(r"[a-z0-9_]{1,32}")
+_OCTET = "(?:25[0-5]|2[0-4][0-9]|1[0-9][0-9]|[1-9]?[0-9])"  # 0-255, no leading zero
+_IPV4_CANONICAL = re.compile(rf"{_OCTET}(?:\.{_OCTET}){{3}}")
 
 
 def is_glob(text: str) -> bool:
@@ -153,6 +155,8 @@ def normalize_address(text: str) -> str:
     An IPv4-mapped IPv6 address (::ffff:10.0.0.5, what an IPv6 socket reports for an IPv4
     peer) becomes the IPv4 address, so IPv4 rules match it.
     """
+    if _IPV4_CANONICAL.fullmatch(text):  # what iPXE and every IPv4 socket write: already canonical
+        return text
     try:
         address = ipaddress.ip_address(text.strip())
     except ValueError:

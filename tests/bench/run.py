@@ -37,7 +37,7 @@ from generate import mac_for, mixed_rules_text, rules_text  # noqa: E402
 
 PYTHON = sys.executable
 # After the MAC, what the entry script makes a BIOS machine without SMBIOS strings send
-# (bootrules.decide.render.ENTRY_FACTS); storm.lua sends the same.
+# (bootrules.decide.render.ENTRY_FACTS); storm.lua sends the same, each machine with an address of its own.
 ENTRY_QUERY = ("uuid=&serial_hex=&product_hex=&manufacturer_hex=&asset_hex=&hostname_hex=&ip=10.1.2.3&ip6="
                "&platform=pcbios&buildarch=i386")
 

@@ -46,6 +46,11 @@ local function mac(index)
   return string.format("02-00-00-%02x-%02x-%02x", math.floor(index / 65536) % 256, math.floor(index / 256) % 256, index % 256)
 end
 
+-- each machine its own address, as DHCP gives them
+local function address(index)
+  return string.format("10.%d.%d.%d", math.floor(index / 65536) % 256, math.floor(index / 256) % 256, index % 256)
+end
+
 function request()
   if first_us == 0 then first_us = now_us() end
   local step = sent
@@ -55,7 +60,8 @@ function request()
   if step % 2 == 0 then
     return wrk.format("GET", entry, headers)
   end
-  local query = "?mac=" .. mac(machine) .. "&uuid=&serial_hex=&product_hex=&manufacturer_hex=&asset_hex=&hostname_hex=&ip=10.1.2.3&ip6=&platform=pcbios&buildarch=i386"
+  local query = "?mac=" .. mac(machine) .. "&uuid=&serial_hex=&product_hex=&manufacturer_hex=&asset_hex=&hostname_hex=&ip="
+    .. address(machine) .. "&ip6=&platform=pcbios&buildarch=i386"
   return wrk.format("GET", decision .. query, headers)
 end
 

@@ -181,3 +181,33 @@ def test_the_entry_scripts_query_is_read_as_the_two_steps_read_it(query):
     and the errors are those of the two steps."""
     assert _outcome(values.facts_from_query_string, query) == _outcome(
         lambda text: values.facts_from_query(values.parse_query(text)), query)
+
+
+def _address_by_ipaddress(text):
+    """What normalize_address answers, as Python's ipaddress alone would."""
+    import ipaddress
+
+    try:
+        address = ipaddress.ip_address(text.strip())
+    except ValueError:
+        return "refused"
+    return str(address.ipv4_mapped if address.version == 6 and address.ipv4_mapped else address)
+
+
+_octets = st.one_of(st.integers(0, 300).map(str), st.integers(0, 99).map(lambda n: f"0{n}"), st.sampled_from(["", " 7", "1a"]))
+
+
+@settings(max_examples=500, deadline=None)
+@given(octets=st.lists(_octets, min_size=3, max_size=5), around=st.sampled_from(["", " ", "\n"]))
+@example(octets=["255", "255", "255", "255"], around="")
+@example(octets=["0", "0", "0", "0"], around="")
+def test_an_ipv4_address_is_read_as_pythons_ipaddress_reads_it(octets, around):
+    """IPv4 addresses written canonically skip ipaddress (a storm's machines each send their
+    own): any dotted text, with leading zeros, out of range or padded, is still read or
+    refused exactly as ipaddress reads it."""
+    text = around + ".".join(octets) + around
+    try:
+        ours = values.normalize_address(text)
+    except ValueError:
+        ours = "refused"
+    assert ours == _address_by_ipaddress(text)
