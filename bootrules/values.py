@@ -249,21 +249,8 @@ def facts_from_query_string(query: str) -> tuple[dict[str, str], list[str]]:
     sent = _ENTRY_QUERY.fullmatch(query)
     if sent is not None:  # the entry script's: every name known, each once, nothing to decode
         for (name, spec), raw in zip(_ENTRY_FIELDS, sent.groups()):
-            if not raw:
-                continue
-            # _add_fact, inline: each key comes once, so no two can disagree.
-            key, hexed = spec
-            try:
-                if hexed:
-                    value = _hex_fact(key, raw)
-                elif len(raw) <= MAX_TEXT_CHARS:
-                    value = normalize_fact(key, raw)
-                else:
-                    raise ValueError(TOO_LONG)
-            except ValueError as error:
-                raise FactsError(f"{name}: {error}") from None
-            if value and (key != "uuid" or value not in PLACEHOLDER_UUIDS):
-                facts[key] = value
+            if raw:
+                _add_fact(facts, name, spec, raw)
         if "ip6" in facts and "ip" not in facts:
             facts["ip"] = facts["ip6"]
         return facts, ignored
