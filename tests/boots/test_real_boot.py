@@ -107,6 +107,17 @@ GENERATIONS = [
 ]
 
 
+# For a case whose commands both generations run alike: the host's generation by default,
+# trixie's a slow combination (`tests/run --slow`). The cases where the generations differ
+# (what the entry script reports, exit, UEFI, sanboot over iSCSI, menus, real Linux under
+# OVMF) run on both.
+SAME_ON_BOTH = [
+    pytest.param("host", marks=pytest.mark.ipxe_host, id="ipxe-host"),
+    pytest.param("trixie", marks=[pytest.mark.ipxe_trixie, pytest.mark.slow], id="ipxe-trixie"),
+]
+same_on_both = pytest.mark.parametrize("lab", SAME_ON_BOTH, indirect=True)
+
+
 @pytest.fixture(scope="session")
 def trixie_ipxe():
     try:
@@ -178,6 +189,7 @@ def test_entry_script_reports_the_machines_true_identity(lab):
     assert result.marker() == LOCAL_DISK
 
 
+@same_on_both
 def test_chain_runs_the_chained_script_which_fetches_a_third(lab):
     """`chain`: the VM fetches the chained script, and that script runs (it fetches another)."""
     lab.files.files["/second.ipxe"] = f"#!ipxe\nchain {lab.files.url('/third.ipxe')}\n".encode()
@@ -194,6 +206,7 @@ def test_chain_runs_the_chained_script_which_fetches_a_third(lab):
     assert result.marker() == LOCAL_DISK
 
 
+@same_on_both
 def test_sanboot_over_http_boots_the_disk_image(lab):
     """`sanboot` of an HTTP disk image (Range requests) boots the image's boot sector."""
     lab.files.files["/disk.img"] = disk_image(SAN_DISK, 0x11)
@@ -248,6 +261,7 @@ def test_exit_hands_over_to_the_local_disk(lab):
         assert f"iPXE {lab.ipxe.version} -- Open Source Network Boot Firmware" in result.screen_text()
 
 
+@same_on_both
 def test_boot_fetches_kernel_and_initrd_and_runs_the_kernel_with_its_args(lab):
     """`boot`: both files are fetched and the kernel runs with the initrd and arguments."""
     initrd = b"INITRD" * 100
@@ -267,6 +281,7 @@ def test_boot_fetches_kernel_and_initrd_and_runs_the_kernel_with_its_args(lab):
         result.describe()
 
 
+@same_on_both
 def test_no_matching_rule_runs_the_explicit_default(lab):
     """No rule matches: the default script exits and the local disk boots."""
     lab.serve("""
@@ -281,6 +296,7 @@ def test_no_matching_rule_runs_the_explicit_default(lab):
     assert lab.files.paths() == []
 
 
+@same_on_both
 def test_a_chain_that_404s_prints_why_and_falls_through(lab):
     """A chained URL that 404s: the machine says so and boots its local disk."""
     lab.serve("""
@@ -293,6 +309,7 @@ def test_a_chain_that_404s_prints_why_and_falls_through(lab):
     assert "bootrules: rule 'broken-chain': chain failed; falling back to the next boot device" in result.screen_text()
 
 
+@same_on_both
 def test_an_iscsi_target_that_is_down_prints_why_and_falls_through(lab):
     """An iSCSI target nobody listens on: sanboot fails, the machine boots its local disk."""
     with socket.socket() as closed:
@@ -308,6 +325,7 @@ def test_an_iscsi_target_that_is_down_prints_why_and_falls_through(lab):
     assert "bootrules: rule 'san-down': sanboot failed; falling back to the next boot device" in result.screen_text()
 
 
+@same_on_both
 def test_an_unreachable_decision_url_prints_why_and_falls_through(lab):
     """The entry script cannot reach /ipxe: it says so and the local disk boots."""
     dead = free_port()
@@ -401,6 +419,7 @@ def test_the_contrib_pxelinux_entry_chainloads_ipxe_which_reaches_bootrules(host
     assert lab.decisions() == ["after-pxelinux action=sanboot"]
 
 
+@same_on_both
 def test_a_once_rule_installs_then_boots_from_disk_until_its_label_changes(lab):
     """Boot 1: the installer (the marker kernel) gets the done URL in its arguments; the test
     POSTs it as an installer would. Boot 2: the local disk. A new label: boot 3 installs again."""
@@ -490,7 +509,12 @@ def test_a_key_typed_at_the_menu_picks_another_item(lab):
     assert result.elapsed < 50  # chosen, not timed out into the default
 
 
-@pytest.mark.parametrize("firmware", ["seabios", "ovmf"])
+@pytest.mark.parametrize("lab, firmware", [
+    pytest.param("host", "seabios", marks=pytest.mark.ipxe_host, id="ipxe-host-seabios"),
+    pytest.param("trixie", "seabios", marks=[pytest.mark.ipxe_trixie, pytest.mark.slow], id="ipxe-trixie-seabios"),
+    pytest.param("host", "ovmf", marks=pytest.mark.ipxe_host, id="ipxe-host-ovmf"),
+    pytest.param("trixie", "ovmf", marks=pytest.mark.ipxe_trixie, id="ipxe-trixie-ovmf"),
+], indirect=["lab"])
 def test_boot_starts_debian_s_own_linux_with_its_arguments_intact(lab, firmware):
     """`boot` of Debian's real kernel (EFI stub and all) with an initramfs built here: its
     /init prints /proc/cmdline to the serial console. Args with `=`, `,` and an iPXE
