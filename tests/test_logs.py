@@ -11,7 +11,7 @@ import urllib.parse
 import pytest
 
 from app import create_app
-from bootrules.logs import DECISION_MESSAGE, BatchingHandler, JsonFormatter, SecondCachingFormatter
+from bootrules.logs import DECISION_MESSAGE, BatchingHandler, JsonFormatter, SecondCachingFormatter, escaped
 from bootrules.services import services
 from support import BootrulesServer, free_port, http_get
 
@@ -32,13 +32,14 @@ def test_json_logs_carry_one_object_per_line_with_the_decision_fields(rules_path
 def test_queued_decision_lines_read_as_logged_records_and_keep_their_order(formatter):
     """Decisions handed straight to the log handler are written exactly as the same
     records logged the ordinary way, in order (in one second, across seconds, at a second's
-    last millisecond), before any later line, and a warning flushes them."""
+    last millisecond, a value JSON must escape), before any later line, and a warning flushes them."""
     stream = io.StringIO()
     handler = BatchingHandler(stream, interval=3600)
     handler.setFormatter(formatter)
     records = []
     for created in (1796601600.0, 1796601600.0005, 1796601600.9996, 1796601601.25, 1796601601.5, 1796601663.001):
-        fields = ("10.0.0.7", f"00:12:34:56:78:{len(records):02x}", "lab-rescue", "chain")
+        mac = escaped('x"\u00e9\\') if len(records) == 4 else f"00:12:34:56:78:{len(records):02x}"
+        fields = ("10.0.0.7", mac, "lab-rescue", "chain")
         record = logging.LogRecord("bootrules", logging.INFO, __file__, 1, DECISION_MESSAGE, fields, None)
         record.created, record.msecs = created, (created - int(created)) * 1000
         record.__dict__.update(zip(("client", "mac", "rule", "action"), fields))
