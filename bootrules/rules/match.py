@@ -84,7 +84,7 @@ def _network(text: str) -> Network:
             raise ValueError(f"{text!r} has host bits set (did you mean {wide}?)") from None
         raise ValueError(f"{text!r} is not an IP address or CIDR range") from None
     if unmapped_network(network) != network:
-        # Machines' IPv4-mapped addresses are unmapped before matching (bootrules.proxies).
+        # Machines' IPv4-mapped addresses are unmapped before matching (bootrules.web.proxies).
         raise ValueError(f"{text!r} is an IPv4-mapped range; write it as {unmapped_network(network)}")
     return Network(network)
 

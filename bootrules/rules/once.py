@@ -1,4 +1,4 @@
-"""A rule's `once:`: install once, then let the machine fall through (see bootrules.once)."""
+"""A rule's `once:`: install once, then let the machine fall through (see bootrules.state.once)."""
 
 from __future__ import annotations
 

@@ -19,7 +19,7 @@ log = logging.getLogger("bootrules")
 
 
 class Supervisor:
-    """Forks and watches one generation's workers (in its leader, bootrules.generations).
+    """Forks and watches one generation's workers (in its leader, bootrules.serve.generations).
 
     Everything happens on the main loop of `run`; the signal handlers only set a flag and
     wake it. SIGTERM or SIGINT stops the workers (they drain within STOP_GRACE), SIGUSR1

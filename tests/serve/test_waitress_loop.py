@@ -1,4 +1,4 @@
-"""bootrules' waitress driver (bootrules/server.py): answers on the loop, scrapes aside, pipelining, the fallback."""
+"""bootrules' waitress driver (bootrules/serve/waitress_loop.py): answers on the loop, scrapes aside, pipelining, the fallback."""
 
 from __future__ import annotations
 
