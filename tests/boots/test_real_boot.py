@@ -111,11 +111,11 @@ GENERATIONS = [
 # trixie's a slow combination (`tests/run --slow`). The cases where the generations differ
 # (what the entry script reports, exit, UEFI, sanboot over iSCSI, menus, real Linux under
 # OVMF) run on both.
-SAME_ON_BOTH = [
+ALIKE_ON_BOTH = [
     pytest.param("host", marks=pytest.mark.ipxe_host, id="ipxe-host"),
     pytest.param("trixie", marks=[pytest.mark.ipxe_trixie, pytest.mark.slow], id="ipxe-trixie"),
 ]
-same_on_both = pytest.mark.parametrize("lab", SAME_ON_BOTH, indirect=True)
+alike_on_both = pytest.mark.parametrize("lab", ALIKE_ON_BOTH, indirect=True)
 
 
 @pytest.fixture(scope="session")
@@ -189,7 +189,7 @@ def test_entry_script_reports_the_machines_true_identity(lab):
     assert result.marker() == LOCAL_DISK
 
 
-@same_on_both
+@alike_on_both
 def test_chain_runs_the_chained_script_which_fetches_a_third(lab):
     """`chain`: the VM fetches the chained script, and that script runs (it fetches another)."""
     lab.files.files["/second.ipxe"] = f"#!ipxe\nchain {lab.files.url('/third.ipxe')}\n".encode()
@@ -206,7 +206,7 @@ def test_chain_runs_the_chained_script_which_fetches_a_third(lab):
     assert result.marker() == LOCAL_DISK
 
 
-@same_on_both
+@alike_on_both
 def test_sanboot_over_http_boots_the_disk_image(lab):
     """`sanboot` of an HTTP disk image (Range requests) boots the image's boot sector."""
     lab.files.files["/disk.img"] = disk_image(SAN_DISK, 0x11)
@@ -261,7 +261,7 @@ def test_exit_hands_over_to_the_local_disk(lab):
         assert f"iPXE {lab.ipxe.version} -- Open Source Network Boot Firmware" in result.screen_text()
 
 
-@same_on_both
+@alike_on_both
 def test_boot_fetches_kernel_and_initrd_and_runs_the_kernel_with_its_args(lab):
     """`boot`: both files are fetched and the kernel runs with the initrd and arguments."""
     initrd = b"INITRD" * 100
@@ -281,7 +281,7 @@ def test_boot_fetches_kernel_and_initrd_and_runs_the_kernel_with_its_args(lab):
         result.describe()
 
 
-@same_on_both
+@alike_on_both
 def test_no_matching_rule_runs_the_explicit_default(lab):
     """No rule matches: the default script exits and the local disk boots."""
     lab.serve("""
@@ -296,7 +296,7 @@ def test_no_matching_rule_runs_the_explicit_default(lab):
     assert lab.files.paths() == []
 
 
-@same_on_both
+@alike_on_both
 def test_a_chain_that_404s_prints_why_and_falls_through(lab):
     """A chained URL that 404s: the machine says so and boots its local disk."""
     lab.serve("""
@@ -309,7 +309,7 @@ def test_a_chain_that_404s_prints_why_and_falls_through(lab):
     assert "bootrules: rule 'broken-chain': chain failed; falling back to the next boot device" in result.screen_text()
 
 
-@same_on_both
+@alike_on_both
 def test_an_iscsi_target_that_is_down_prints_why_and_falls_through(lab):
     """An iSCSI target nobody listens on: sanboot fails, the machine boots its local disk."""
     with socket.socket() as closed:
@@ -325,7 +325,7 @@ def test_an_iscsi_target_that_is_down_prints_why_and_falls_through(lab):
     assert "bootrules: rule 'san-down': sanboot failed; falling back to the next boot device" in result.screen_text()
 
 
-@same_on_both
+@alike_on_both
 def test_an_unreachable_decision_url_prints_why_and_falls_through(lab):
     """The entry script cannot reach /ipxe: it says so and the local disk boots."""
     dead = free_port()
@@ -419,7 +419,7 @@ def test_the_contrib_pxelinux_entry_chainloads_ipxe_which_reaches_bootrules(host
     assert lab.decisions() == ["after-pxelinux action=sanboot"]
 
 
-@same_on_both
+@alike_on_both
 def test_a_once_rule_installs_then_boots_from_disk_until_its_label_changes(lab):
     """Boot 1: the installer (the marker kernel) gets the done URL in its arguments; the test
     POSTs it as an installer would. Boot 2: the local disk. A new label: boot 3 installs again."""
