@@ -153,6 +153,19 @@ def first_answer(url: str, timeout: float = 15.0) -> tuple[int, dict[str, str], 
             time.sleep(0.1)
 
 
+# What `serve` logs when new workers take over: the pids of the workers it retires.
+RELOADED = re.compile(r"new rules: started workers [0-9 ]+, retiring ([0-9 ]+|none)$", re.MULTILINE)
+
+
+def _running(pid: int) -> bool:
+    """Whether process `pid` is alive (not exited, nor a zombie waiting to be reaped)."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0]
+    except (OSError, IndexError):
+        return False
+    return state not in ("Z", "X")
+
+
 @dataclass
 class BootrulesServer:
     """`python app.py serve` in a child process, logging to a file the test can read."""
@@ -214,6 +227,23 @@ class BootrulesServer:
     def signal(self, signum: int) -> None:
         assert self.process is not None
         self.process.send_signal(signum)
+
+    def reloads(self) -> int:
+        """How many times new workers have taken over from old ones so far."""
+        return len(RELOADED.findall(self.log()))
+
+    def wait_for_reload(self, reloads_before: int, timeout: float = 15.0) -> None:
+        """Wait for a reload after the first `reloads_before`, and for every worker it retired
+        to exit. Until they have, a retiring worker may still answer with the old rules: a
+        new worker's answer alone does not say the old ones are gone."""
+        deadline = time.monotonic() + timeout
+        while len(found := RELOADED.findall(self.log())) <= reloads_before:
+            assert time.monotonic() < deadline, f"no reload within {timeout} s:\n{self.log()}"
+            time.sleep(0.1)
+        for pid in [int(word) for word in found[-1].split() if word.isdigit()]:
+            while _running(pid):
+                assert time.monotonic() < deadline, f"retired worker {pid} still running:\n{self.log()}"
+                time.sleep(0.05)
 
     def stop(self) -> int | None:
         """Stop the server (SIGTERM, then SIGKILL) and return its exit status."""

@@ -365,15 +365,14 @@ def test_an_edit_made_while_the_machine_is_off_applies_at_its_next_boot(host_lab
         """)
     first = lab.boot()
     assert first.marker() == LOCAL_DISK and lab.files.paths() == []
+    reloads = server.reloads()
     lab.write_rules("""
         rules:
           - name: after-edit
             chain: FILES/after-edit.ipxe
         """)
-    deadline = time.monotonic() + 5
-    while http_get(server.url + "/ipxe")[1]["X-Bootrules-Rule"] != "after-edit":
-        assert time.monotonic() < deadline, server.log()
-        time.sleep(0.1)
+    server.wait_for_reload(reloads)
+    assert http_get(server.url + "/ipxe")[1]["X-Bootrules-Rule"] == "after-edit"
     second = lab.boot()
     assert lab.files.paths() == ["/after-edit.ipxe"], second.describe()
     assert lab.decisions(expected=2) == ["before-edit action=exit", "after-edit action=chain"]
@@ -433,6 +432,13 @@ def test_under_granian_a_machine_installs_once_then_boots_from_disk(granian_lab)
     assert "granian worker(s)" in granian_lab.server.log()
 
 
+# What the log says when a once: rule lets a machine fall through because the state file
+# stayed locked by another writer (bootrules.state.database.LOCK_TIMEOUT).
+STORE_LOCKED = "state store unavailable (still locked by another writer"
+# What the marker kernel prints when the once: rule's installer runs: the done URL it was given.
+INSTALLER_RAN = re.compile(rf"{KERNEL} initrd=0000003c cmdline=initrd=initrd.img auto=true bootrules.done=(\S+)")
+
+
 def install_once_cycle(lab: Lab) -> None:
     lab.files.files["/vmlinuz"] = marker_kernel(KERNEL, 0x12)
     lab.files.files["/initrd.img"] = b"INITRD" * 10
@@ -450,7 +456,7 @@ def install_once_cycle(lab: Lab) -> None:
         """
     server = lab.serve(rules.replace("LABEL", "debian13-2026-11"))
     first = lab.boot()
-    found = re.fullmatch(rf"{KERNEL} initrd=0000003c cmdline=initrd=initrd.img auto=true bootrules.done=(\S+)", first.marker() or "")
+    found = INSTALLER_RAN.fullmatch(first.marker() or "")
     assert found, first.describe()
     done_url = found.group(1)
     assert done_url.startswith(f"http://{HOST_FROM_GUEST}:{server.port}/done/")
@@ -461,18 +467,24 @@ def install_once_cycle(lab: Lab) -> None:
     second = lab.boot()
     assert second.marker() == LOCAL_DISK, second.describe()
 
-    loaded = http_get(server.url + "/healthz")[2]
-    time.sleep(1.1)  # loaded_at has a resolution of one second
+    reloads = server.reloads()
     lab.write_rules(rules.replace("LABEL", "debian13-2026-12"))
     server.signal(signal.SIGHUP)
-    deadline = time.monotonic() + 5
-    while http_get(server.url + "/healthz")[2] == loaded:
-        assert time.monotonic() < deadline, server.log()
-        time.sleep(0.1)
+    server.wait_for_reload(reloads)
     third = lab.boot()
-    again = re.fullmatch(rf"{KERNEL} initrd=0000003c cmdline=initrd=initrd.img auto=true bootrules.done=(\S+)", third.marker() or "")
+    again = INSTALLER_RAN.fullmatch(third.marker() or "")
+    decisions = ["install action=boot", "local-disk action=exit", "install action=boot"]
+    if again is None and STORE_LOCKED in server.log():
+        # Seen once in CI, on a busy disk: another connection held the state file's lock
+        # past LOCK_TIMEOUT, so that boot safely went to the disk (docs/install-once.md).
+        # The label's install must then come at the next boot.
+        assert third.marker() == LOCAL_DISK, third.describe()
+        print(f"install once: the store was locked at the third boot:\n{server.log()}")
+        third = lab.boot()
+        again = INSTALLER_RAN.fullmatch(third.marker() or "")
+        decisions[2:2] = ["local-disk action=exit"]
     assert again and again.group(1) != done_url, third.describe()
-    assert lab.decisions(expected=3) == ["install action=boot", "local-disk action=exit", "install action=boot"]
+    assert lab.decisions(expected=len(decisions)) == decisions
 
 
 MENU_RULES = """
