@@ -386,7 +386,8 @@ class DocumentReader(NodeReader):
         if name is None:
             return None
         if not _NAME.fullmatch(name):
-            self.problem(name_nodes[0], f"rule name {name!r} must be 1-64 letters, digits, '.', '_' or '-', starting with a letter or digit")
+            self.problem(name_nodes[0], f"rule name {name!r} must be 1-64 letters, digits, '.', '_' or '-', "
+                                        "starting with a letter or digit")
             return None
         self.rule_name = name
         if name in names:
