@@ -475,9 +475,9 @@ def install_once_cycle(lab: Lab) -> None:
     again = INSTALLER_RAN.fullmatch(third.marker() or "")
     decisions = ["install action=boot", "local-disk action=exit", "install action=boot"]
     if again is None and STORE_LOCKED in server.log():
-        # Seen once in CI, on a busy disk: another connection held the state file's lock
-        # past LOCK_TIMEOUT, so that boot safely went to the disk (docs/install-once.md).
-        # The label's install must then come at the next boot.
+        # Seen once in CI: another connection held the state file's lock past
+        # LOCK_TIMEOUT, so that boot safely went to the disk (docs/install-once.md). The
+        # label's install must then come at the next boot.
         assert third.marker() == LOCAL_DISK, third.describe()
         print(f"install once: the store was locked at the third boot:\n{server.log()}")
         third = lab.boot()
