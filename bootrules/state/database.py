@@ -22,13 +22,17 @@ are installed, and reinstall them.
 SQLite runs in WAL mode: readers never wait for the writer, and a process killed in the
 middle of a write leaves the last committed state intact. Armed rows and machines seen
 are written with synchronous=NORMAL; a `done` or a re-arm, which must survive anything
-once answered, with synchronous=FULL. A thread of each process copies the WAL into the
-database every CHECKPOINT_EVERY seconds, and truncates it once it has grown past
-WAL_LIMIT_BYTES, so the WAL never keeps the disk space a burst of writes took.
+once answered, with synchronous=FULL. A thread of each process syncs the WAL to disk every
+CHECKPOINT_EVERY seconds, so that what NORMAL wrote is as durable as a checkpoint would
+make it, copies the WAL into the database once it holds CHECKPOINT_AFTER_BYTES, and
+truncates it once it has grown past WAL_LIMIT_BYTES (why not copy it every time: see
+`_checkpoint_now_and_then`). A write that holds the write lock for SLOW_WRITE seconds or
+more is logged: every other writer waited for it.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import socket
 import sqlite3
@@ -40,13 +44,18 @@ from typing import Any, Callable, Sequence
 from ..errors import StateError
 from . import tokens
 
+log = logging.getLogger("bootrules")
+
 SCHEMA_VERSION = 4
 LOCK_TIMEOUT = 2.0  # seconds a write waits for another writer before the store counts as failing
 DEADLINE = 1.5  # seconds a transaction on the request path may take before it is aborted
 PATIENT_DEADLINE = 30.0  # the same, off the request path (batches, pruning, pages, the command line)
 WATCH_EVERY = 0.25  # how often the watchdog looks: an abort comes at most this late
-CHECKPOINT_EVERY = 2.0  # seconds between two copies of SQLite's WAL into the database
+CHECKPOINT_EVERY = 2.0  # seconds between two looks at SQLite's WAL (a sync, or a checkpoint)
+CHECKPOINT_AFTER_BYTES = 4 * 1024 * 1024  # the WAL is copied into the database once it holds this much
 WAL_LIMIT_BYTES = 64 * 1024 * 1024  # past this, the WAL is truncated at the next checkpoint
+SLOW_WRITE = 1.0  # seconds; a write that held the write lock this long is logged
+SLOW_WRITE_WARN_EVERY = 60.0  # seconds between two such warnings, per store and process
 
 SCHEMA = (
     "CREATE TABLE IF NOT EXISTS bootrules_meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)",
@@ -175,6 +184,7 @@ class Database:
         self.token_key: str | None = None
         self.store_id: str | None = None
         self._aborted = False
+        self._slow_warned_at = -SLOW_WRITE_WARN_EVERY
 
     # ------------------------------------------------------------ engine specifics
 
@@ -245,8 +255,11 @@ class Database:
                 try:
                     if write and not single:
                         self._begin(cursor)
+                    began = time.monotonic()
                     result = work(cursor)
                     connection.commit()
+                    if write:
+                        self._held(time.monotonic() - began, full)
                     return result
                 except BaseException:
                     try:
@@ -267,6 +280,17 @@ class Database:
             finally:
                 WATCHDOG.release(watched)
                 self._current = None
+
+    def _held(self, seconds: float, full: bool) -> None:
+        """A write has ended that held the write lock for `seconds` (taken at its start)."""
+        if seconds < SLOW_WRITE:
+            return
+        now = time.monotonic()
+        if now - self._slow_warned_at >= SLOW_WRITE_WARN_EVERY:
+            self._slow_warned_at = now
+            log.warning("state store %s: a write held the write lock for %.1f s (%s); every other writer waited "
+                        "for it: a disk slow to sync?", shown_location(self.location), seconds,
+                        "a commit synced to disk" if full else "its statements and commit")
 
     def _abort_now(self) -> None:
         connection = self._current
@@ -421,7 +445,9 @@ class SqliteDatabase(Database):
             # pages, fsync included, on the worker's loop thread: a stall for every few
             # hundred machines a storm arms. A thread of this process does it instead.
             connection.execute("PRAGMA wal_autocheckpoint=0")
-            connection.execute(f"PRAGMA journal_size_limit={WAL_LIMIT_BYTES}")
+            # A WAL started again is cut to what it holds at its first commit: its size is
+            # then what the checkpoint thread has not copied yet (it goes by that size).
+            connection.execute("PRAGMA journal_size_limit=0")
             if self.patient:
                 # Batches of machines seen touch pages all over the listing index: keep more of them.
                 connection.execute("PRAGMA cache_size=-8192")
@@ -452,16 +478,35 @@ class SqliteDatabase(Database):
                          name="bootrules-state-checkpoint").start()
 
     def _checkpoint_now_and_then(self, pid: int) -> None:
-        """Copy the WAL into the database every CHECKPOINT_EVERY seconds, without blocking
-        anyone; once it has grown past WAL_LIMIT_BYTES, wait for a moment when nobody
-        writes and truncate it."""
+        """Every CHECKPOINT_EVERY seconds, without blocking anyone: sync the WAL to disk, or,
+        once it holds CHECKPOINT_AFTER_BYTES, copy it into the database; once it has grown
+        past WAL_LIMIT_BYTES, wait for a moment when nobody writes and truncate it.
+
+        Why not copy it every time: once everything in the WAL is copied, the next write
+        starts the WAL again from the beginning, and SQLite syncs its new header to disk
+        before going on, while it holds the write lock (power-loss safety). Copied every
+        few seconds, nearly every write after a quiet moment (a prober's heartbeat, a
+        batch, a new worker's first `once:` row) did that sync, and on a disk slow to sync
+        every other writer waited behind it: a `once:` decision that waited past
+        LOCK_TIMEOUT fell through. Copied once per CHECKPOINT_AFTER_BYTES, the WAL starts
+        again that rarely; the sync from here holds no lock (SQLite locks the database
+        file and the -shm file, never the WAL, so opening and closing it here releases
+        none of its locks).
+        """
         wal = self.path + "-wal"
+        synced: tuple[int, int, int] | None = None
         while os.getpid() == pid:
             time.sleep(CHECKPOINT_EVERY)
             try:
-                large = os.path.getsize(wal) > WAL_LIMIT_BYTES
+                info = os.stat(wal)
             except OSError:
-                large = False
+                continue  # no WAL: nothing written since the last connection closed
+            if info.st_size < min(CHECKPOINT_AFTER_BYTES, WAL_LIMIT_BYTES):
+                seen = (info.st_ino, info.st_size, info.st_mtime_ns)
+                if seen != synced:
+                    synced = seen if _sync_to_disk(wal) else None
+                continue
+            large = info.st_size > WAL_LIMIT_BYTES
             try:  # mode=rw: a file that is gone is not made again here
                 with sqlite3.connect(f"file:{urllib.parse.quote(os.path.abspath(self.path))}?mode=rw",
                                      timeout=LOCK_TIMEOUT, uri=True) as connection:
@@ -469,6 +514,7 @@ class SqliteDatabase(Database):
                 connection.close()
             except sqlite3.Error:
                 pass  # the next round tries again; a failing store shows where it is used
+            synced = None
 
     def _retryable(self, error: BaseException) -> bool:
         return isinstance(error, sqlite3.OperationalError) and ("locked" in str(error) or "busy" in str(error))
@@ -542,6 +588,21 @@ def open_database(location: str, *, patient: bool = False, deadline: float | Non
     told the identity found when none was expected."""
     kind = PostgresDatabase if is_server(location) else SqliteDatabase
     return kind(location, patient=patient, deadline=deadline, expected_id=expected_id, found_id=found_id)
+
+
+def _sync_to_disk(path: str) -> bool:
+    """fdatasync() the file at `path`; False if it cannot be (gone, or the disk failed)."""
+    try:
+        descriptor = os.open(path, os.O_RDONLY)
+    except OSError:
+        return False
+    try:
+        os.fdatasync(descriptor)
+        return True
+    except OSError:
+        return False
+    finally:
+        os.close(descriptor)
 
 
 def shown_location(location: str) -> str:

@@ -234,6 +234,90 @@ def test_a_missing_file_is_not_made_again_once_a_store_was_known(tmp_path):
     assert not path.exists()
 
 
+def wal_header(wal) -> bytes:
+    """The WAL header's checkpoint sequence number and salts (sqlite.org/fileformat2.html,
+    "WAL File Format"): they change each time a writer starts the WAL again."""
+    with open(wal, "rb") as file:
+        return file.read(24)[12:24]
+
+
+def rows_in_the_database_file(path) -> int:
+    """The once: rows in the database file itself, without what is still only in its WAL."""
+    with sqlite3.connect(f"file:{path}?mode=ro&immutable=1", uri=True) as db:
+        if db.execute("SELECT 1 FROM sqlite_master WHERE name = 'bootrules_once'").fetchone() is None:
+            return 0  # even the schema is still only in the WAL
+        return db.execute("SELECT count(*) FROM bootrules_once").fetchone()[0]
+
+
+def test_a_write_after_a_quiet_moment_never_waits_for_the_disk(tmp_path, monkeypatch):
+    """Between two writes the checkpoint thread runs several times, and the second write
+    still appends to the WAL. Had the thread copied the WAL into the database, the second
+    write would start the WAL again, and SQLite syncs a new WAL's header to disk while it
+    holds the write lock: on a disk slow to sync, every other writer (a `once:` decision)
+    waited behind that. What the first write put in the WAL is synced by the thread."""
+    from bootrules.state import database as database_module
+
+    monkeypatch.setattr(database_module, "CHECKPOINT_EVERY", 0.05)
+    synced: list[str] = []
+    fdatasync = os.fdatasync
+
+    def recorded(descriptor: int) -> None:
+        synced.append(os.readlink(f"/proc/self/fd/{descriptor}"))
+        fdatasync(descriptor)
+
+    monkeypatch.setattr(database_module.os, "fdatasync", recorded)
+    path = tmp_path / "state.db"
+    wal = tmp_path / "state.db-wal"
+    store = OnceStore(open_database(str(path)))
+    now = time.time()
+    store.arm(armed("mac:52:54:00:00:00:01", "token-1", now, now + 3600))
+    assert wait_until(lambda: str(wal) in synced, timeout=5), synced
+    header, size = wal_header(wal), wal.stat().st_size
+    time.sleep(0.5)  # ten rounds of the checkpoint thread
+    store.arm(armed("mac:52:54:00:00:00:02", "token-2", now, now + 3600))
+    assert wal_header(wal) == header
+    assert wal.stat().st_size > size
+    assert [row.machine for row in store.rows()] == ["mac:52:54:00:00:00:01", "mac:52:54:00:00:00:02"]
+    store.close()
+
+
+def test_the_wal_is_copied_into_the_database_once_it_holds_enough(tmp_path, monkeypatch):
+    """Past CHECKPOINT_AFTER_BYTES the checkpoint thread copies the WAL into the database
+    file, and the next write starts the WAL again, cut to what it then holds."""
+    from bootrules.state import database as database_module
+
+    monkeypatch.setattr(database_module, "CHECKPOINT_EVERY", 0.05)
+    monkeypatch.setattr(database_module, "CHECKPOINT_AFTER_BYTES", 64 * 1024)
+    path = tmp_path / "state.db"
+    wal = tmp_path / "state.db-wal"
+    store = OnceStore(open_database(str(path)))
+    now = time.time()
+    store.arm(armed("mac:52:54:00:00:00:00", "token-0", now, now + 3600))
+    time.sleep(0.3)
+    assert rows_in_the_database_file(path) == 0  # a small WAL stays a WAL
+    for number in range(1, 200):
+        store.arm(armed(f"mac:52:54:00:00:01:{number:02x}", f"token-{number}", now, now + 3600))
+    assert wal.stat().st_size > 64 * 1024
+    assert wait_until(lambda: rows_in_the_database_file(path) == 200, timeout=5)
+    header = wal_header(wal)
+    store.arm(armed("mac:52:54:00:00:02:00", "token-200", now, now + 3600))
+    assert wal_header(wal) != header
+    assert wal.stat().st_size < 64 * 1024
+    store.close()
+
+
+def test_a_write_that_holds_the_lock_for_long_is_logged(tmp_path, caplog):
+    """Every other writer waited for it: the log says which store, and how long."""
+    database = open_database(str(tmp_path / "state.db"))
+    OnceStore(database).check()
+    with caplog.at_level("WARNING", logger="bootrules"):
+        database.run(lambda cursor: time.sleep(0.2), write=True)
+        assert "held the write lock" not in caplog.text
+        database.run(lambda cursor: time.sleep(1.1), write=True)
+    assert f"state store {tmp_path / 'state.db'}: a write held the write lock for 1.1 s" in caplog.text
+    database.close()
+
+
 # --------------------------------------------------------------------------- PostgreSQL, two servers
 
 
