@@ -167,6 +167,7 @@ class Database:
     kind = "database"
     placeholder = "?"
     table_options = ""
+    locks_at_begin = False  # whether a write transaction holds the store's one write lock from its start
 
     def __init__(self, location: str, *, patient: bool = False, deadline: float | None = None,
                  expected_id: Callable[[], str | None] = lambda: None,
@@ -258,7 +259,7 @@ class Database:
                     began = time.monotonic()
                     result = work(cursor)
                     connection.commit()
-                    if write:
+                    if write and not single and self.locks_at_begin:
                         self._held(time.monotonic() - began, full)
                     return result
                 except BaseException:
@@ -406,6 +407,7 @@ os.register_at_fork(before=_CHECKPOINTING_LOCK.acquire, after_in_parent=_CHECKPO
 
 class SqliteDatabase(Database):
     kind = "sqlite"
+    locks_at_begin = True  # BEGIN IMMEDIATE
     # The rows live in the primary key's own tree: one tree to write per armed machine, not two.
     table_options = " WITHOUT ROWID"
 
