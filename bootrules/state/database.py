@@ -39,6 +39,7 @@ import sqlite3
 import threading
 import time
 import urllib.parse
+import weakref
 from typing import Any, Callable, Sequence
 
 from ..errors import StateError
@@ -161,6 +162,46 @@ os.register_at_fork(before=WATCHDOG._lock.acquire, after_in_parent=WATCHDOG._loc
                     after_in_child=WATCHDOG._lock.release)
 
 
+# Every Database of this process: each closes its connection before the process forks.
+_OPENED: "weakref.WeakSet[Database]" = weakref.WeakSet()
+_OPENED_LOCK = threading.Lock()
+
+
+def _close_before_fork() -> None:
+    """Close this process's connections, none in the middle of a transaction, before a fork.
+
+    A child must not inherit an open connection. SQLite keeps what each process holds of
+    a file's locks in its own memory, shared by all of that process's connections: a
+    child inherits that memory but not the locks, so its connections counted on locks it
+    did not have, or met a parent's transaction that would never end in the child ("database
+    is locked", seen in a worker forked while the parent's prober was writing). A
+    PostgreSQL connection's socket would be shared, and closing it in the child would end
+    the parent's session. Each connection is opened again when next used.
+    """
+    _OPENED_LOCK.acquire()
+    databases = sorted(_OPENED, key=id)
+    for database in databases:
+        database._lock.acquire()  # no transaction in flight, none started until after the fork
+    _CHECKPOINT_CONNECTING.acquire()
+    for database in databases:
+        if database._connection is not None and database._pid == os.getpid():
+            database._drop()
+    _FORK_HELD[:] = databases
+
+
+def _release_after_fork() -> None:
+    _CHECKPOINT_CONNECTING.release()
+    for database in _FORK_HELD:
+        database._lock.release()
+    _FORK_HELD.clear()
+    _OPENED_LOCK.release()
+
+
+_FORK_HELD: list["Database"] = []
+# Held while the checkpoint thread has a connection of its own open.
+_CHECKPOINT_CONNECTING = threading.Lock()
+
+
 class Database:
     """One connection per process (made again after a fork), each transaction under a deadline."""
 
@@ -186,6 +227,8 @@ class Database:
         self.store_id: str | None = None
         self._aborted = False
         self._slow_warned_at = -SLOW_WRITE_WARN_EVERY
+        with _OPENED_LOCK:
+            _OPENED.add(self)
 
     # ------------------------------------------------------------ engine specifics
 
@@ -403,6 +446,10 @@ _CHECKPOINTING: set[tuple[int, str]] = set()
 _CHECKPOINTING_LOCK = threading.Lock()
 os.register_at_fork(before=_CHECKPOINTING_LOCK.acquire, after_in_parent=_CHECKPOINTING_LOCK.release,
                     after_in_child=_CHECKPOINTING_LOCK.release)
+# Registered after the watchdog's: run before it, so that a transaction in flight, which
+# needs the watchdog's lock to end, ends before the fork.
+os.register_at_fork(before=_close_before_fork, after_in_parent=_release_after_fork,
+                    after_in_child=_release_after_fork)
 
 
 class SqliteDatabase(Database):
@@ -510,10 +557,11 @@ class SqliteDatabase(Database):
                 continue
             large = info.st_size > WAL_LIMIT_BYTES
             try:  # mode=rw: a file that is gone is not made again here
-                with sqlite3.connect(f"file:{urllib.parse.quote(os.path.abspath(self.path))}?mode=rw",
-                                     timeout=LOCK_TIMEOUT, uri=True) as connection:
-                    connection.execute(f"PRAGMA wal_checkpoint({'TRUNCATE' if large else 'PASSIVE'})")
-                connection.close()
+                with _CHECKPOINT_CONNECTING:  # never open across a fork (_close_before_fork)
+                    with sqlite3.connect(f"file:{urllib.parse.quote(os.path.abspath(self.path))}?mode=rw",
+                                         timeout=LOCK_TIMEOUT, uri=True) as connection:
+                        connection.execute(f"PRAGMA wal_checkpoint({'TRUNCATE' if large else 'PASSIVE'})")
+                    connection.close()
             except sqlite3.Error:
                 pass  # the next round tries again; a failing store shows where it is used
             synced = None

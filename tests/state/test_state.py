@@ -10,6 +10,7 @@ import sqlite3
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 import urllib.request
 
@@ -304,6 +305,49 @@ def test_the_wal_is_copied_into_the_database_once_it_holds_enough(tmp_path, monk
     assert wal_header(wal) != header
     assert wal.stat().st_size < 64 * 1024
     store.close()
+
+
+def test_a_process_forked_while_the_store_is_written_can_write_to_it(tmp_path):
+    """serve forks its leader and workers while the parent's prober may be writing. A
+    worker forked in the middle of that write found the store "locked" for good: SQLite
+    keeps what a process holds of a file's locks in its own memory, shared by all the
+    process's connections, and a child inherits that memory without the locks. The fork
+    waits for the write and closes the parent's connections; the child's are its own."""
+    path = tmp_path / "state.db"
+    prober = open_database(str(path))
+    OnceStore(prober).check()
+    writing = threading.Event()
+    writer = threading.Thread(target=lambda: prober.run(lambda cursor: (writing.set(), time.sleep(0.5)), write=True))
+    writer.start()
+    writing.wait(5)
+    child = os.fork()
+    if child == 0:  # a worker: a store of its own on the same file
+        code = 1
+        try:
+            now = time.time()
+            OnceStore(open_database(str(path))).arm(armed("mac:52:54:00:00:00:09", "token-9", now, now + 3600))
+            code = 0
+        except BaseException as error:
+            os.write(2, f"the forked process: {error!r}\n".encode())
+        finally:
+            os._exit(code)
+    writer.join()
+    exit_codes: list[int] = []
+
+    def reaped() -> bool:
+        pid, status = os.waitpid(child, os.WNOHANG)
+        if pid == child:
+            exit_codes.append(os.waitstatus_to_exitcode(status))
+        return bool(exit_codes)
+
+    if not wait_until(reaped, timeout=20):
+        os.kill(child, signal.SIGKILL)
+        os.waitpid(child, 0)
+    assert exit_codes == [0], "the forked process could not write to the store"
+    store = OnceStore(open_database(str(path)))
+    assert [row.machine for row in store.rows()] == ["mac:52:54:00:00:00:09"]
+    store.close()
+    prober.close()
 
 
 def test_a_write_that_holds_the_lock_for_long_is_logged(tmp_path, caplog):
