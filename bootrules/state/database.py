@@ -172,11 +172,12 @@ def _close_before_fork() -> None:
 
     A child must not inherit an open connection. SQLite keeps what each process holds of
     a file's locks in its own memory, shared by all of that process's connections: a
-    child inherits that memory but not the locks, so its connections counted on locks it
-    did not have, or met a parent's transaction that would never end in the child ("database
-    is locked", seen in a worker forked while the parent's prober was writing). A
+    child inherits that memory but not the locks, so its own connections would count on
+    locks it does not have, or meet a parent's transaction that never ends in the child
+    (every write "locked", in a worker forked while the parent's prober writes). A
     PostgreSQL connection's socket would be shared, and closing it in the child would end
-    the parent's session. Each connection is opened again when next used.
+    the parent's session. Each connection is opened again when next used. A fork waits
+    at most for a transaction's deadline (serve forks at start and on new rules only).
     """
     _OPENED_LOCK.acquire()
     databases = sorted(_OPENED, key=id)
@@ -535,12 +536,12 @@ class SqliteDatabase(Database):
         starts the WAL again from the beginning, and SQLite syncs its new header to disk
         before going on, while it holds the write lock (power-loss safety). Copied every
         few seconds, nearly every write after a quiet moment (a prober's heartbeat, a
-        batch, a new worker's first `once:` row) did that sync, and on a disk slow to sync
-        every other writer waited behind it: a `once:` decision that waited past
-        LOCK_TIMEOUT fell through. Copied once per CHECKPOINT_AFTER_BYTES, the WAL starts
-        again that rarely; the sync from here holds no lock (SQLite locks the database
-        file and the -shm file, never the WAL, so opening and closing it here releases
-        none of its locks).
+        batch, a new worker's first `once:` row) would make that sync, and on a disk slow
+        to sync every other writer would wait behind it: a `once:` decision that waits
+        past LOCK_TIMEOUT falls through. Copied once per CHECKPOINT_AFTER_BYTES, the WAL
+        starts again that rarely; the sync from here holds no lock (SQLite locks the
+        database file and the -shm file, never the WAL, so opening and closing it here
+        releases none of its locks).
         """
         wal = self.path + "-wal"
         synced: tuple[int, int, int] | None = None
