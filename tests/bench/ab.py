@@ -28,9 +28,11 @@ from generate import mac_for, rules_text  # noqa: E402
 
 def start(root: Path, rules: Path, port: int, work: Path, server: str) -> run.Server:
     log = work / f"{port}.log"
+    # A state file of its own: both trees' servers read rules from one folder, and would
+    # otherwise record the machines they see into one file, each waiting for the other's writes.
     process = subprocess.Popen([run.PYTHON, str(root / "app.py"), "serve", "--rules", str(rules), "--port", str(port),
-                                "--workers", "2", "--server", server], stdout=open(log, "wb"), stderr=subprocess.STDOUT,
-                               cwd=root)
+                                "--workers", "2", "--server", server, "--state", str(work / f"state-{port}.db")],
+                               stdout=open(log, "wb"), stderr=subprocess.STDOUT, cwd=root)
     run.wait_http(f"http://127.0.0.1:{port}/healthz")
     return run.Server("bootrules", process, port, log)
 

@@ -60,14 +60,19 @@ def main() -> None:
         php = None if args.flat_only else start_php(work, 18290)
         servers.append(php)
         small, big, control = {}, {}, {}
+
+        def options(name: str, port: int) -> tuple[str, ...]:  # each server a state file of its own
+            return ("--server", name, "--state", str(work / f"state-{port}.db"))
+
         for number, name in enumerate(SERVERS):
-            extra = ("--server", name)
-            small[name] = start_bootrules(work / "rules-10.yaml", 18291 + number, work, WORKERS, extra)
+            small[name] = start_bootrules(work / "rules-10.yaml", 18291 + number, work, WORKERS, options(name, 18291 + number))
             servers.append(small[name])
-            control[name] = start_bootrules(work / "rules-10.yaml", 18293 + number, work, WORKERS, extra)
+            control[name] = start_bootrules(work / "rules-10.yaml", 18293 + number, work, WORKERS,
+                                            options(name, 18293 + number))
             servers.append(control[name])
             (work / f"rules-100k-{name}.yaml").write_text(rules_text(100000))
-            big[name] = start_bootrules(work / f"rules-100k-{name}.yaml", 18295 + number, work, WORKERS, extra)
+            big[name] = start_bootrules(work / f"rules-100k-{name}.yaml", 18295 + number, work, WORKERS,
+                                        options(name, 18295 + number))
             servers.append(big[name])
         hit = decision_path(mac_for(3))
         nginx = None
