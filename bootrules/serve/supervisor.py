@@ -151,27 +151,3 @@ def _run_worker(serve: Callable[[server.Shutdown], None], number: int, mask: set
         serve(shutdown)
 
     exit_after(work, f"worker {number}")
-
-
-def _run_worker(serve: Callable[[server.Shutdown], None], number: int, mask: set, retire_grace: float,
-                parents: set[int]) -> None:
-    """The body of a forked worker: its own handlers first, then signals unblocked; never returns.
-
-    SIGUSR1 retires the worker (new rules: drain within `retire_grace`), SIGTERM and
-    SIGINT stop it (drain within STOP_GRACE; a second one: at once), SIGHUP is the parent's.
-    """
-
-    def work() -> None:
-        shutdown = server.Shutdown()
-        stop_on_signals(shutdown)
-        signal.signal(signal.SIGUSR1, lambda _s, _f: shutdown.request(retire_grace))
-        signal.signal(signal.SIGHUP, signal.SIG_IGN)
-        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
-        signal.pthread_sigmask(signal.SIG_SETMASK, mask)
-        if parents - {0}:
-            watch_parents(parents, lambda: shutdown.request(STOP_GRACE), f"worker {number}")
-        serve(shutdown)
-
-    exit_after(work, f"worker {number}")
-
-
