@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 from flask import Flask, redirect
 from werkzeug.exceptions import HTTPException
 
+from .decide.engine import Snapshot
 from .decide.reloader import Reloader
 from .logs import configure_logging
 from .metrics import Metrics
@@ -15,7 +16,7 @@ from .settings import Settings
 from .state import open_stores
 from .state.database import is_server
 from .state.health import HealthBoard, ProbedStore, Prober
-from .state.once import OnceGate
+from .state.once import OnceGate, make_store_ahead
 from .state.recorder import Recorder
 from .web import views
 from .web.boot import BootEndpoints
@@ -50,17 +51,19 @@ def create_app(
 
     if metrics is None:
         metrics = Metrics()
+    prober = None
+    if board is None:
+        board = HealthBoard()
+        prober = Prober(board, probed_stores(settings))
     if reloader is None:  # this app follows the file itself
-        reloader = Reloader(settings.rules, settings.poll_interval, metrics=metrics)
+        reloader = Reloader(settings.rules, settings.poll_interval, metrics=metrics,
+                            on_loaded=state_store_ahead(settings, board))
         reloader.reload()
         reloader.start()
     elif reloader.snapshot is not None:  # loaded (and followed) by the caller: report it, not a reload
         metrics.rules_loaded.set(len(reloader.snapshot.ruleset))
         metrics.last_reload.set(reloader.snapshot.loaded_at.timestamp())
-    prober = None
-    if board is None:
-        board = HealthBoard()
-        prober = Prober(board, probed_stores(settings))
+    if prober is not None:
         prober.start()
 
     def rules_in_force() -> tuple:
@@ -92,6 +95,17 @@ def create_app(
     boot = BootEndpoints(app.extensions[EXTENSION], app.wsgi_app)
     app.wsgi_app = TrustedProxies(boot, settings.trusted_proxies)  # type: ignore[method-assign]
     return app
+
+
+def state_store_ahead(settings: Settings, board: HealthBoard) -> Callable[[Snapshot], None]:
+    """What a Reloader does with each version it loads: rules with `once:` get their state
+    store made then, if it is not there yet (bootrules.state.once.make_store_ahead)."""
+
+    def prepare(snapshot: Snapshot) -> None:
+        if snapshot.has_once:
+            make_store_ahead(settings, board)
+
+    return prepare
 
 
 def probed_stores(settings: Settings) -> list[ProbedStore]:

@@ -240,6 +240,24 @@ def test_workers_stop_when_the_supervisor_is_killed_and_the_next_start_cleans_up
 # --------------------------------------------------------------------------- the state file deleted
 
 
+def test_the_state_file_is_made_as_the_rules_load_before_any_machine_asks(tmp_path):
+    """Several workers: the leader makes the state file as it loads rules with `once:`, before it
+    forks the workers (no machine's request waits for its syncs), and a reload does not make it again."""
+    rules = write(tmp_path / "rules.yaml")
+    state = tmp_path / "state.db"
+    with BootrulesServer(rules, free_port(), tmp_path / "server.log",
+                         args=("--workers", "2", "--state", str(state))) as server:
+        assert state.exists()  # serving, and no machine has asked
+        assert server.log().count(f"made the state store {state} for the once: rules") == 1
+        assert wait_until(lambda: health(server).get("state", {}).get("status") == "ok", timeout=10)
+        assert token_of(server, "52:54:00:12:00:01")
+        reloads = server.reloads()
+        server.signal(signal.SIGHUP)
+        server.wait_for_reload(reloads)
+        assert token_of(server, "52:54:00:12:00:02")
+    assert server.log().count("made the state store") == 1
+
+
 def test_a_deleted_state_file_is_never_silently_replaced_and_nothing_reinstalls(tmp_path):
     """The state file is deleted under a running server: /healthz says degraded, once: rules
     fall through (no machine reinstalls), and after a reload the new workers make no new file."""

@@ -47,7 +47,8 @@ class Reloader:
 
     def __init__(self, path: str, poll_interval: float = 1.0, *, metrics: Metrics | None = None,
                  status_path: str | None = None,
-                 on_changed: Callable[[], None] | None = None, counts_as_reload: bool = False) -> None:
+                 on_changed: Callable[[], None] | None = None, counts_as_reload: bool = False,
+                 on_loaded: Callable[[Snapshot], None] | None = None) -> None:
         self.path = path
         self.poll_interval = poll_interval
         self.metrics = metrics
@@ -57,6 +58,8 @@ class Reloader:
         self.on_changed = on_changed
         # The first load of a process that replaces another's rules (a new generation).
         self.counts_as_reload = counts_as_reload
+        # Told of each version loaded, before anyone is answered from it (off the request path).
+        self.on_loaded = on_loaded
         self.snapshot: Snapshot | None = None
         self.last_error: RulesError | None = None
         self.last_error_at: datetime | None = None
@@ -100,14 +103,21 @@ class Reloader:
             return False
         self.watch(ruleset.watched)
         first = self.snapshot is None and not self.counts_as_reload
-        self.snapshot = Snapshot(ruleset=ruleset, loaded_at=datetime.now(timezone.utc))
+        snapshot = Snapshot(ruleset=ruleset, loaded_at=datetime.now(timezone.utc))
+        took = time.monotonic() - started
+        if self.on_loaded is not None:
+            try:
+                self.on_loaded(snapshot)
+            except Exception:  # what the rules need ahead is made again on first use
+                log.exception("preparing for the rules from %s failed", self.path)
+        self.snapshot = snapshot
         if self.metrics is not None:  # the load at start-up is not a reload
             self.metrics.loaded(len(ruleset), self.snapshot.loaded_at.timestamp(), reload=not first)
         if self.last_error is not None:
             log.info("rules file %s is valid again", self.path)
         self.last_error = None
         self.last_error_at = None
-        log.info("loaded %d rules from %s in %.2f s", len(ruleset), self.path, time.monotonic() - started)
+        log.info("loaded %d rules from %s in %.2f s", len(ruleset), self.path, took)
         self._write_status()
         return True
 

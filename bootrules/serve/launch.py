@@ -28,7 +28,7 @@ import socket
 import tempfile
 from pathlib import Path
 
-from ..application import probed_stores
+from ..application import probed_stores, state_store_ahead
 from ..decide.reloader import Reloader
 from ..errors import StartError
 from ..logs import configure_logging
@@ -89,7 +89,8 @@ def serve(settings: Settings) -> int:
 
 def _serve_alone(settings: Settings, metrics: Metrics, board: HealthBoard) -> int:
     """One process: it loads and follows the file itself, and serves."""
-    reloader = Reloader(settings.rules, settings.poll_interval, metrics=metrics)
+    reloader = Reloader(settings.rules, settings.poll_interval, metrics=metrics,
+                        on_loaded=state_store_ahead(settings, board))
     if not reloader.reload():
         raise StartError(f"{settings.rules} is not valid, not starting:\n{reloader.last_error or 'cannot load the rules'}")
     sock = _listen(settings)
@@ -139,8 +140,9 @@ def _lead(settings: Settings, metrics: Metrics, board: HealthBoard, sock: socket
         signal.signal(signal.SIGHUP, signal.SIG_IGN)  # the parent's
         signal.pthread_sigmask(signal.SIG_SETMASK, mask)
         watch_parents({root}, supervisor.request_stop, f"the leader of generation {generation}")
+        # The workers are forked once the rules have loaded, and whatever they need made ahead.
         reloader = Reloader(settings.rules, 0, metrics=metrics, status_path=status_path,
-                            counts_as_reload=generation > 1)
+                            counts_as_reload=generation > 1, on_loaded=state_store_ahead(settings, board))
         if not reloader.reload():
             if reloader.last_error is not None:
                 report(report_fd, "failed", problems=str(reloader.last_error), watched=list(reloader.watched))

@@ -23,6 +23,7 @@ primary key.
 from __future__ import annotations
 
 import logging
+import os
 import re
 import threading
 import time
@@ -34,7 +35,7 @@ from ..errors import StateError
 from ..logs import log_fields
 from ..model import Facts, Rule, machine_names
 from ..settings import Settings
-from . import open_stores, tokens
+from . import is_server, open_stores, tokens
 from .arming import ArmWriter
 from .health import HealthBoard
 from .once_store import OnceRow, OnceStore
@@ -58,6 +59,31 @@ def shown(token: str | None) -> str:
     return (token or "")[:SHOWN_CHARS] + "…"
 
 
+def make_store_ahead(settings: Settings, board: HealthBoard) -> None:
+    """Make the `once:` state file now, when rules with `once:` have loaded, if it is not there.
+
+    Otherwise the first machine a `once:` rule answers would make it, on the request path:
+    journal mode, schema and identity are several syncs to disk, which the deadline's
+    interrupt cannot cut short, so on a slow or stalled disk that machine's worker would
+    stop answering everyone. A file the server has used already is never made again (it
+    was deleted or replaced: bootrules.state.database refuses it), nor is a PostgreSQL
+    schema made here (the prober does it, as it connects at start). A failure is logged
+    and put on the board, and `once:` rules fall through until the store can be used.
+    """
+    location = settings.state_location()
+    if is_server(location) or os.path.exists(location) or board.expected_id("state")() is not None:
+        return
+    stores = open_stores(settings, "background", board)
+    try:
+        stores.once.check()
+        log.info("made the state store %s for the once: rules", location)
+    except StateError as error:
+        board.failed("state", error)
+        log.warning("state store %s cannot be made (%s); once: rules fall through until it can", location, error)
+    finally:
+        stores.close()
+
+
 @dataclass(frozen=True)
 class Callback:
     """The outcome of POST /done/<token>: HTTP status and one line for the caller."""
@@ -70,8 +96,9 @@ class OnceGate:
     """Decides, per machine, whether a `once:` rule still answers it; takes the callbacks.
 
     The store is opened in the process that first needs it (forked workers each open their
-    own connection); rules without `once:` never come here. `rules_in_force()` gives the
-    rules being served (a callback's token is checked against their `once:` names).
+    own connection; its SQLite file was made as the rules loaded: make_store_ahead); rules
+    without `once:` never come here. `rules_in_force()` gives the rules being served (a
+    callback's token is checked against their `once:` names).
     """
 
     def __init__(self, settings: Settings, board: HealthBoard, metrics: object | None = None,

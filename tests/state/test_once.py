@@ -201,6 +201,49 @@ def test_rules_without_once_never_touch_the_state_store(tmp_path):
     services(app).stop()
 
 
+def test_the_state_store_is_made_as_once_rules_load_never_by_a_machine(tmp_path, caplog, monkeypatch):
+    """Rules with `once:` make their state file as they load, here when a reload brings the
+    first `once:` rule: the first machine finds it made (making it means syncs to disk, which
+    on a slow disk would hold up that machine's worker)."""
+    rules = tmp_path / "rules.yaml"
+    rules.write_text((ROOT / "rules.yaml").read_text())
+    state = tmp_path / "bootrules-state.db"
+    app = create_app(str(rules), poll_interval=0)
+    client = app.test_client()
+    assert not state.exists()
+    write_once_rules(rules)
+    with caplog.at_level(logging.INFO, logger="bootrules"):
+        assert services(app).reloader.reload()
+    assert f"made the state store {state} for the once: rules" in caplog.text
+    assert rows(state) == []  # made, schema and all, before any machine asked
+
+    made_by_a_request = []
+    make_schema = database_module.Database._make_schema
+
+    def watched(database, connection):
+        made_by_a_request.append(database.location)
+        return make_schema(database, connection)
+
+    monkeypatch.setattr(database_module.Database, "_make_schema", watched)
+    assert ask(client)[0] == "install-debian"
+    assert str(state) not in made_by_a_request
+    services(app).stop()
+
+
+def test_a_state_store_that_cannot_be_made_shows_on_healthz_before_any_machine_asks(tmp_path, caplog, monkeypatch):
+    """The state file cannot be made where it is set: the log says so as the rules load, and
+    /healthz is degraded before a machine has asked."""
+    rules = write_once_rules(tmp_path / "rules.yaml")
+    monkeypatch.setenv("BOOTRULES_STATE", broken_state("unreachable", tmp_path))
+    with caplog.at_level(logging.INFO, logger="bootrules"):
+        app = create_app(str(rules), poll_interval=0)
+    assert re.search(r"state store \S+/not-a-dir/state.db cannot be made \(.+\); once: rules fall through until it "
+                     r"can", caplog.text), caplog.text
+    health = app.test_client().get("/healthz").get_json()
+    assert health["status"] == "degraded" and health["state"]["status"] == "error", health
+    services(app).stop()
+
+
 # --------------------------------------------------------------------------- failing safe
 
 
