@@ -99,7 +99,9 @@ def check(path: str, strict: bool, **served: str | None) -> None:
 
     Warnings (exit 0 unless --strict) flag rules that can never match because an
     earlier rule always wins (an earlier catch-all, the same MAC twice, a glob or CIDR
-    covering a later value), and a file without a catch-all rule at the end.
+    covering a later value), a file without a catch-all rule at the end, and a
+    template's variable that some machines lack, or whose value (in their inventory
+    row, or a default in the rule's vars:) the script cannot take.
 
     Example:
 

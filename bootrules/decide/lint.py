@@ -20,6 +20,7 @@ from dataclasses import dataclass
 
 from .. import values
 from .matching import Matcher, index_selector
+from .templating import value_problem
 from ..model import Exact, Glob, Network, Pattern, Rule, RuleSet, Selector
 
 MAX_COMBINATIONS = 16
@@ -51,7 +52,7 @@ def lint(ruleset: RuleSet) -> list[Warning]:
             # A shadowed rule is not filed: whatever it would cover, the rule covering it covers too.
             broad.add(rule)
     warnings.extend(_once_without_fallthrough(rules))
-    warnings.extend(_variables_some_machines_lack(ruleset))
+    warnings.extend(_inventory_and_vars(ruleset))
     if all(rule.selectors for rule in rules):
         last = rules[-1].line if rules else 1
         warnings.append(Warning(last, "no catch-all rule at the end: a machine no rule matches is sent on with "
@@ -130,35 +131,102 @@ class _BroadRules:
 MAX_ROWS_NAMED = 5
 
 
-def _variables_some_machines_lack(ruleset: RuleSet) -> list[Warning]:
-    """A template's variable that only the inventory gives, which some of the rows the rule can
-    match lack (those machines would get the rule's failure path)."""
+OWN_VARIABLES = frozenset({"base", "rule", "files", "done"})
+
+
+def _inventory_and_vars(ruleset: RuleSet) -> list[Warning]:
+    """What gives some machines a rule's failure path although the rules load: a variable the
+    inventory alone gives and rows lack, and a value (a row's, or a default of the rule's
+    `vars:`) that can never go into the script."""
     inventory = ruleset.inventory
-    if inventory is None or not len(inventory):
-        return []
     found = []
     for rule in ruleset.rules:
-        given = {variable.name for variable in rule.vars} | {"base", "rule", "files", "done"}
+        pasted = _pasted(rule)
+        found.extend(_defaults_refused(rule, pasted))
+        if inventory is None or not len(inventory):
+            continue
+        given = {variable.name for variable in rule.vars} | OWN_VARIABLES
         needed = {name for field in rule.templates for name in field.template.names} - given - set(values.SELECTOR_KEYS)
         needed |= {name for file in rule.files if file in ruleset.files
                    for name in ruleset.files[file].names} - given - {"mac", "uuid"}
-        if not needed:
+        from_rows = {name: words for name, words in pasted.items() if name in inventory.columns}
+        if not needed and not from_rows:
             continue
         rows = [row for row in inventory.rows if _may_match(rule, row, inventory.columns)]
-        for name in sorted(needed):
-            lacking = [row.where for row in rows if name not in row.values]
-            # Only a column no machine sends (role:, rack:) keeps out machines the inventory lacks.
-            outside = not any(selector.key in inventory.columns and selector.key not in values.SELECTOR_KEYS
-                              for selector in rule.selectors)
-            if not lacking and not outside:
-                continue
-            named = ", ".join(lacking[:MAX_ROWS_NAMED]) + (f" and {len(lacking) - MAX_ROWS_NAMED} more"
-                                                            if len(lacking) > MAX_ROWS_NAMED else "")
-            who = (f"the inventory rows {named}" if lacking else "") + \
-                  (" and " if lacking and outside else "") + \
-                  ("machines not in the inventory (the rule does not match on a column)" if outside else "")
-            found.append(Warning(rule.line, f"rule '{rule.name}': variable '{name}' is given by the inventory only, "
-                                            f"and {who} lack it: those machines get the rule's failure path"))
+        found.extend(_variables_some_rows_lack(rule, needed, rows, inventory.columns))
+        found.extend(_row_values_refused(rule, from_rows, rows))
+    return found
+
+
+def _pasted(rule: Rule) -> dict[str, bool]:
+    """The variables a rule's script values take from a row, `vars:` or what the machine sent,
+    each with whether a space may go in (only where every field it is in takes words)."""
+    pasted: dict[str, bool] = {}
+    for field in rule.templates:
+        for name in field.template.names:
+            if name not in OWN_VARIABLES:
+                pasted[name] = pasted.get(name, True) and field.words
+    return pasted
+
+
+def _refused(value: str, words: bool) -> str | None:
+    """Why `value` cannot go into the script where a template puts it (as rendering judges)."""
+    problem = value_problem(value)
+    return None if words and problem == "holds a space" else problem
+
+
+def _named(rows: list[str]) -> str:
+    return ", ".join(rows[:MAX_ROWS_NAMED]) + (f" and {len(rows) - MAX_ROWS_NAMED} more"
+                                               if len(rows) > MAX_ROWS_NAMED else "")
+
+
+def _defaults_refused(rule: Rule, pasted: dict[str, bool]) -> list[Warning]:
+    """A `vars:` default that can never go into the script: every machine that takes it (no
+    inventory row overrides it) gets the failure path. The value is not shown: it may be secret."""
+    found = []
+    for variable in rule.vars:
+        problem = _refused(variable.value, pasted[variable.name]) if variable.name in pasted else None
+        if problem:
+            found.append(Warning(rule.line, f"rule '{rule.name}': vars: '{variable.name}' {problem}, which the "
+                                            "script cannot take: the machines no inventory row gives "
+                                            f"'{variable.name}' get the rule's failure path"))
+    return found
+
+
+def _variables_some_rows_lack(rule: Rule, needed: set[str], rows: list, columns: frozenset[str]) -> list[Warning]:
+    """A template's variable that only the inventory gives, which some of the rows the rule can
+    match lack (those machines would get the rule's failure path)."""
+    found = []
+    # Only a column no machine sends (role:, rack:) keeps out machines the inventory lacks.
+    outside = not any(selector.key in columns and selector.key not in values.SELECTOR_KEYS
+                      for selector in rule.selectors)
+    for name in sorted(needed):
+        lacking = [row.where for row in rows if name not in row.values]
+        if not lacking and not outside:
+            continue
+        who = (f"the inventory rows {_named(lacking)}" if lacking else "") + \
+              (" and " if lacking and outside else "") + \
+              ("machines not in the inventory (the rule does not match on a column)" if outside else "")
+        found.append(Warning(rule.line, f"rule '{rule.name}': variable '{name}' is given by the inventory only, "
+                                        f"and {who} lack it: those machines get the rule's failure path"))
+    return found
+
+
+def _row_values_refused(rule: Rule, pasted: dict[str, bool], rows: list) -> list[Warning]:
+    """Rows the rule may match whose value of a variable it pastes cannot go into the script
+    (a row wins over `vars:` and over what the machine sends). Values are not shown."""
+    found = []
+    for name in sorted(pasted):
+        refused: dict[str, list[str]] = defaultdict(list)
+        for row in rows:
+            value = row.values.get(name)
+            problem = _refused(value, pasted[name]) if value is not None else None
+            if problem:
+                refused[problem].append(row.where)
+        for problem, where in refused.items():
+            found.append(Warning(rule.line, f"rule '{rule.name}': in the inventory rows {_named(where)}, variable "
+                                            f"'{name}' {problem}, which the script cannot take: those machines get "
+                                            "the rule's failure path"))
     return found
 
 

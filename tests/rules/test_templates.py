@@ -84,6 +84,40 @@ def test_a_variable_some_rows_lack_is_a_check_warning_naming_them(tmp_path, runn
             "column) lack it: those machines get the rule's failure path") in result.output
 
 
+def test_a_value_the_script_cannot_take_is_a_check_warning_naming_its_rows(tmp_path, runner):
+    """`check` warns about a row value or a `vars:` default that rendering would refuse (the
+    machines that get it take the failure path), naming the rows but never the value; a value
+    with spaces where words may go (a `set:` value) is no warning."""
+    csv = CSV + "52:54:00:00:00:03,web'03,/dev/vdb,\n52:54:00:00:00:04,web 04,/dev/vdb,\n"
+    path = write(tmp_path, "hostname={{ hostname }} disk={{ disk }}", csv=csv,
+                 extra="    set: {motd: 'welcome to {{ hostname }}'}\n")
+    path.write_text(path.read_text().replace("disk: /dev/sda", "disk: \"/dev/sda ${secret}\""))
+    result = runner.invoke(cli, ["check", str(path)])
+    assert result.exit_code == 0, result.output
+    warned = [line for line in result.output.splitlines() if ": warning: " in line]
+    assert warned == [
+        f"{path}:3: warning: rule 'install': vars: 'disk' holds a space, which the script cannot take: the "
+        "machines no inventory row gives 'disk' get the rule's failure path",
+        f"{path}:3: warning: rule 'install': in the inventory rows inventory.csv:3, inventory.csv:5, variable "
+        "'hostname' holds a space, which the script cannot take: those machines get the rule's failure path",
+        f"{path}:3: warning: rule 'install': in the inventory rows inventory.csv:4, variable 'hostname' holds a "
+        "quote, which the script cannot take: those machines get the rule's failure path",
+    ]
+    assert "secret" not in result.output and "web'03" not in result.output
+    # What check warned of is what those machines get; a row that gives its own disk does not.
+    app = create_app(str(path), poll_interval=0)
+    try:
+        client = app.test_client()
+        for mac, problem in (("04", "'hostname' holds a space"), ("03", "'hostname' holds a quote"),
+                             ("09", "'disk' holds a space")):
+            script = client.get(f"/ipxe?mac=52:54:00:00:00:{mac}&hostname=web-{mac}").get_data(as_text=True)
+            assert f"variable {problem} (boot args)" in script
+        fine = client.get("/ipxe?mac=52:54:00:00:00:01").get_data(as_text=True)
+        assert "hostname=web-01 disk=/dev/vda" in fine
+    finally:
+        services(app).stop()
+
+
 @pytest.fixture
 def served(tmp_path):
     made = []
