@@ -13,7 +13,10 @@ import contextlib
 import fcntl
 import glob
 import json
+import mmap
 import os
+import struct
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -49,7 +52,28 @@ def missing_internals() -> str | None:
     needed = [(MmapedDict, name) for name in ("read_value", "write_value", "read_all_values_from_file", "close")]
     needed.append((mp, "mark_process_dead"))
     lacking = [f"{getattr(owner, '__name__', owner)}.{name}" for owner, name in needed if not hasattr(owner, name)]
+    if not lacking and not _layout_is_prometheus_clients():
+        lacking.append("the layout of MmapedDict's files (DecisionFile writes it)")
     return ", ".join(lacking) or None
+
+
+def _layout_is_prometheus_clients() -> bool:
+    """Whether MmapedDict reads what DecisionFile writes, as it was when this was written."""
+    from prometheus_client.mmap_dict import MmapedDict
+
+    with tempfile.TemporaryDirectory() as folder:
+        path = os.path.join(folder, "check" + DecisionCounts.FILE_SUFFIX)
+        written = DecisionFile(path)
+        try:
+            for number, key in enumerate(('["a", "b"]', '["ab", "c"]', '["ü", "exit"]'), start=1):
+                written.write(written.slot(key), float(number))
+        finally:
+            written.close()
+        try:
+            read = [(key, value) for key, value, *_ in MmapedDict.read_all_values_from_file(path)]
+        except Exception:  # noqa: BLE001 - any failure to read it is the answer
+            return False
+    return read == [('["a", "b"]', 1.0), ('["ab", "c"]', 2.0), ('["ü", "exit"]', 3.0)]
 
 
 def multiprocess() -> bool:
@@ -157,10 +181,11 @@ class DecisionCounts:
     values per observation; here one lock covers the count and the latency.
 
     With several workers each count is also written to this process's file of decisions
-    in PROMETHEUS_MULTIPROC_DIR (prometheus_client's MmapedDict, keyed by the JSON of
-    [rule, action], and of [LATENCY_NAME, "bucket", i] and [LATENCY_NAME, "sum", 0]), and a
-    scrape adds the files up by key, which is faster than prometheus_client's own
-    collector at one series per rule (docs/performance.md).
+    in PROMETHEUS_MULTIPROC_DIR (DecisionFile, keyed by the JSON of [rule, action], and of
+    [LATENCY_NAME, "bucket", i] and [LATENCY_NAME, "sum", 0]), and a scrape adds the files
+    up by key, which is faster than prometheus_client's own collector at one series per
+    rule (docs/performance.md). Each pair keeps its count and where the file holds it in
+    one slot, so that a count is one lookup and one write.
     """
 
     NAME = "bootrules_decisions"
@@ -172,13 +197,15 @@ class DecisionCounts:
 
     def __init__(self, registry: Any) -> None:
         self._lock = threading.Lock()  # the app may run under a threaded server too
-        self._counts: dict[tuple[str, str], int] = {}
+        # Per (rule, action): [count, offset of its value in the file (-1: no file)].
+        self._slots: dict[tuple[str, str], list[int]] = {}
         self._buckets = [0] * (len(LATENCY_BUCKETS) + 1)  # per bucket, not cumulative; the last is +Inf
         self._sum = 0.0
         self._created = time.time()
-        self._file: Any = None  # this process's file of decisions (multiprocess mode)
+        self._file: DecisionFile | None = None  # this process's file of decisions (multiprocess mode)
         self._file_pid = 0
-        self._file_keys: dict[tuple[str, str], str] = {}
+        self._bucket_offsets: list[int] = []
+        self._sum_offset = 0
         self._multiprocess = multiprocess()
         if not self._multiprocess:
             registry.register(self)  # in multiprocess mode exposition() adds it to its registry
@@ -189,13 +216,12 @@ class DecisionCounts:
         with self._lock:
             if self._multiprocess and self._file_pid != pid.current:  # first use, or forked since
                 self._open_file()
-            total = self._counts.get(key)
-            if total is None:
-                total = self._first_count(key)
-            total += 1
-            self._counts[key] = total
+            slot = self._slots.get(key)
+            if slot is None:
+                slot = self._first_count(key)
+            total = slot[0] = slot[0] + 1
             if self._file is not None:
-                self._file.write_value(self._file_keys[key], float(total), 0.0)
+                self._file.write(slot[1], total)
             if seconds is not None:
                 self._observe(seconds)
 
@@ -211,25 +237,30 @@ class DecisionCounts:
         count = self._buckets[index] = self._buckets[index] + 1
         self._sum += seconds
         if self._file is not None:
-            self._file.write_value(_BUCKET_KEYS[index], float(count), 0.0)
-            self._file.write_value(_SUM_KEY, self._sum, 0.0)
+            self._file.write(self._bucket_offsets[index], count)
+            self._file.write(self._sum_offset, self._sum)
 
     def _open_file(self) -> None:
-        self._counts = {}  # a parent's counts are in the parent's file
-        self._file_keys = {}
-        self._file = _decision_file()
+        self._slots = {}  # a parent's counts are in the parent's file
+        self._file = file = _decision_file()
         self._file_pid = pid.current
         # A process that had this pid before may have left counts here; they are kept.
-        self._buckets = [int(self._file.read_value(key)[0]) for key in _BUCKET_KEYS]
-        self._sum = self._file.read_value(_SUM_KEY)[0]
+        self._bucket_offsets = [file.slot(key) for key in _BUCKET_KEYS]
+        self._buckets = [int(file.read(offset)) for offset in self._bucket_offsets]
+        self._sum_offset = file.slot(_SUM_KEY)
+        self._sum = file.read(self._sum_offset)
 
-    def _first_count(self, key: tuple[str, str]) -> int:
-        """The count so far of a pair not counted yet by this object: 0, or what its file holds."""
-        if self._file is None:
-            return 0
-        file_key = self._file_keys[key] = _file_key(key)
+    def _first_count(self, key: tuple[str, str]) -> list[int]:
+        """The slot of a pair not counted yet by this object, with its count so far: 0, or
+        what its file holds."""
+        file = self._file
+        if file is None:
+            slot = self._slots[key] = [0, -1]
+            return slot
+        offset = file.slot(_file_key(key))
         # A process that had this pid before may have left counts here; they are kept.
-        return int(self._file.read_value(file_key)[0])
+        slot = self._slots[key] = [int(file.read(offset)), offset]
+        return slot
 
     def totals(self) -> dict[tuple[str, str], float]:
         """This process's counts, or every worker's files added up."""
@@ -237,7 +268,7 @@ class DecisionCounts:
             with _files_locked(exclusive=False):
                 return _decisions_only(_added_up_decision_files())
         with self._lock:
-            return {key: float(total) for key, total in self._counts.items()}
+            return {key: float(slot[0]) for key, slot in self._slots.items()}
 
     def collect(self) -> Iterator[Any]:
         """The counts and the latency as metric families: this process's, or every worker's
@@ -252,7 +283,7 @@ class DecisionCounts:
             total_seconds = added.get(tuple(json.loads(_SUM_KEY)), 0.0)  # type: ignore[call-overload]
         else:
             with self._lock:
-                counts = list(self._counts.items())
+                counts = [(key, float(slot[0])) for key, slot in self._slots.items()]
                 buckets, total_seconds = [float(count) for count in self._buckets], self._sum
         for labels, total in counts:
             family.add_metric(labels, total)
@@ -296,16 +327,94 @@ def _file_key(key: tuple[str, str]) -> str:
     return json.dumps(key)
 
 
-_decision_files: dict[str, Any] = {}
+_INT = struct.Struct("i")
+_DOUBLE = struct.Struct("d")
+_NO_VALUE = bytes(16)  # a new key's value and timestamp: 0.0, 0.0
 
 
-def _decision_file() -> Any:
+class DecisionFile:
+    """One process's file of decision counts, in the layout of prometheus_client's
+    multiprocess files, which its MmapedDict reads (and bootrules folds and adds up with
+    it): a 4-byte count of the bytes used, 4 bytes of padding, then per key its length (4
+    bytes), the key in UTF-8 padded with spaces to an 8-byte boundary, its value and a
+    timestamp (8-byte doubles). `missing_internals` checks at start that MmapedDict still
+    reads what this writes.
+
+    Written here rather than through MmapedDict, which looks every write's key up twice by
+    its text and makes a struct format for each new key (in a boot storm on one-per-MAC
+    rules nearly every decision is some rule's first): here a key is looked up when first
+    counted, and each count is written at its offset. Only the process whose file it is
+    writes it, and a key is written whole before the count of bytes used says it is
+    there, so a scrape reading the file meanwhile sees the key or nothing of it.
+    """
+
+    INITIAL_SIZE = 1 << 16  # bytes; doubled as needed
+
+    def __init__(self, path: str) -> None:
+        self._file = open(path, "a+b")
+        size = os.fstat(self._file.fileno()).st_size
+        if size == 0:
+            self._file.truncate(self.INITIAL_SIZE)
+            size = self.INITIAL_SIZE
+        self._size = size
+        self._map = mmap.mmap(self._file.fileno(), size)
+        self._offsets: dict[str, int] = {}  # key -> offset of its value
+        used = _INT.unpack_from(self._map, 0)[0]
+        if used == 0:
+            used = 8
+            self._map[0:4] = _INT.pack(used)
+        else:  # a process that had this pid before wrote it
+            from prometheus_client.mmap_dict import MmapedDict
+
+            for key, _value, _timestamp, offset in MmapedDict.read_all_values_from_file(path):
+                self._offsets[key] = offset
+        self._used = used
+
+    def slot(self, key: str) -> int:
+        """The offset of `key`'s value in the file; a key not there yet is added, at 0."""
+        offset = self._offsets.get(key)
+        if offset is not None:
+            return offset
+        encoded = key.encode("utf-8")
+        entry = b"".join((_INT.pack(len(encoded)), encoded, b" " * (8 - (len(encoded) + 4) % 8), _NO_VALUE))
+        start, end = self._used, self._used + len(entry)
+        if end > self._size:
+            self._grow(end)
+        self._map[start:end] = entry
+        self._map[0:4] = _INT.pack(end)  # only now do readers see the key
+        self._used = end
+        offset = self._offsets[key] = end - 16
+        return offset
+
+    def write(self, offset: int, value: float) -> None:
+        # Assigned, not struct.pack_into: a reader never sees the value half written.
+        self._map[offset:offset + 8] = _DOUBLE.pack(value)
+
+    def read(self, offset: int) -> float:
+        return _DOUBLE.unpack_from(self._map, offset)[0]
+
+    def _grow(self, needed: int) -> None:
+        size = self._size
+        while size < needed:
+            size *= 2
+        self._file.truncate(size)
+        self._map.close()
+        self._map = mmap.mmap(self._file.fileno(), size)
+        self._size = size
+
+    def close(self) -> None:
+        self._map.close()
+        self._file.close()
+
+
+_decision_files: dict[str, DecisionFile] = {}
+
+
+def _decision_file() -> DecisionFile:
     """This process's file of decision counts, opened once (as prometheus_client does its own)."""
-    from prometheus_client.mmap_dict import MmapedDict
-
     path = os.path.join(os.environ[MULTIPROC_ENV], f"{os.getpid()}{DecisionCounts.FILE_SUFFIX}")
     if path not in _decision_files:
-        _decision_files[path] = MmapedDict(path)
+        _decision_files[path] = DecisionFile(path)
     return _decision_files[path]
 
 

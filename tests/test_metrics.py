@@ -115,6 +115,36 @@ def test_decision_counts_in_a_reused_process_file_are_kept(tmp_path, monkeypatch
     assert metric(text, 'bootrules_decisions_total{action="exit",rule="everyone-else"}') == 2
 
 
+def test_a_process_file_left_by_an_earlier_process_is_read_and_added_to(tmp_path, monkeypatch):
+    """A file of decision counts a process with this pid left (prometheus_client's layout) is
+    added to, key by key; and the file, grown far past its first size by thousands of rules,
+    still reads back whole with prometheus_client's own reader."""
+    import os
+
+    from prometheus_client.mmap_dict import MmapedDict
+
+    from bootrules.metrics import Metrics
+
+    monkeypatch.setenv("PROMETHEUS_MULTIPROC_DIR", str(tmp_path))
+    path = tmp_path / f"{os.getpid()}.decisions"
+    earlier = MmapedDict(str(path))
+    earlier.write_value(json.dumps(["lab-rescue", "chain"]), 5.0, 0.0)
+    earlier.write_value(json.dumps(["bootrules_request_duration_seconds", "sum", 0]), 0.5, 0.0)
+    earlier.close()
+    metrics = Metrics()
+    names = [f"rack-{number:05d}-a-rule-name-long-enough-to-fill-pages" for number in range(3000)]
+    for name in ["lab-rescue", *names, "lab-rescue"]:
+        metrics.decided(name, "chain", 0.25)
+    assert path.stat().st_size > 64 * 1024
+    read = {tuple(json.loads(key)): value for key, value, *_ in MmapedDict.read_all_values_from_file(str(path))}
+    assert read[("lab-rescue", "chain")] == 7
+    assert all(read[(name, "chain")] == 1 for name in names)
+    assert read[("bootrules_request_duration_seconds", "sum", 0)] == pytest.approx(0.5 + 3002 * 0.25)
+    text = metrics.exposition()[0].decode()
+    assert metric(text, 'bootrules_decisions_total{action="chain",rule="lab-rescue"}') == 7
+    assert metric(text, "bootrules_request_duration_seconds_count") == 3002
+
+
 def test_counts_of_a_worker_gone_add_to_the_same_series_whatever_the_rule_name(tmp_path, monkeypatch):
     """A dead worker's file keys each count by the JSON of [rule, action] (as json.dumps
     writes it): a live worker counting the same rules adds to those series, never beside them."""
