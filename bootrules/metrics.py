@@ -2,30 +2,24 @@
 
 With several workers, prometheus_client's multiprocess mode is used: each worker writes
 its numbers to files in one directory (PROMETHEUS_MULTIPROC_DIR, made by `serve`), and
-/metrics adds them up. prometheus_client decides on that mode when it is first imported,
-so it is imported here lazily, after `serve` has set the directory.
+/metrics adds them up (the files: bootrules.metrics_files). prometheus_client decides on
+that mode when it is first imported, so it is imported here lazily, after `serve` has set
+the directory.
 """
 
 from __future__ import annotations
 
 import bisect
-import contextlib
-import fcntl
-import glob
 import json
-import mmap
 import os
-import struct
-import tempfile
 import threading
 import time
-from pathlib import Path
 from typing import Any, Iterator
 
 from . import pid
 from .logs import JSON_AS_IS
+from .metrics_files import DecisionFile, added_up_decision_files, decision_file, files_locked, multiprocess
 
-MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
 
 
@@ -36,49 +30,6 @@ LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0
 _COUNTING = threading.Lock()
 os.register_at_fork(before=_COUNTING.acquire, after_in_parent=_COUNTING.release,
                     after_in_child=_COUNTING.release)
-
-
-def missing_internals() -> str | None:
-    """Why the installed prometheus_client cannot be used with several workers (None: it can).
-
-    Adding up the workers' files (DecisionCounts, worker_exited) uses prometheus_client's
-    MmapedDict and its file names, which are not its public API: checked once at start.
-    """
-    try:
-        from prometheus_client import multiprocess as mp
-        from prometheus_client.mmap_dict import MmapedDict
-    except ImportError as error:
-        return str(error)
-    needed = [(MmapedDict, name) for name in ("read_value", "write_value", "read_all_values_from_file", "close")]
-    needed.append((mp, "mark_process_dead"))
-    lacking = [f"{getattr(owner, '__name__', owner)}.{name}" for owner, name in needed if not hasattr(owner, name)]
-    if not lacking and not _layout_is_prometheus_clients():
-        lacking.append("the layout of MmapedDict's files (DecisionFile writes it)")
-    return ", ".join(lacking) or None
-
-
-def _layout_is_prometheus_clients() -> bool:
-    """Whether MmapedDict reads what DecisionFile writes, as it was when this was written."""
-    from prometheus_client.mmap_dict import MmapedDict
-
-    with tempfile.TemporaryDirectory() as folder:
-        path = os.path.join(folder, "check" + DecisionCounts.FILE_SUFFIX)
-        written = DecisionFile(path)
-        try:
-            for number, key in enumerate(('["a", "b"]', '["ab", "c"]', '["ü", "exit"]'), start=1):
-                written.write(written.slot(key), float(number))
-        finally:
-            written.close()
-        try:
-            read = [(key, value) for key, value, *_ in MmapedDict.read_all_values_from_file(path)]
-        except Exception:  # noqa: BLE001 - any failure to read it is the answer
-            return False
-    return read == [('["a", "b"]', 1.0), ('["ab", "c"]', 2.0), ('["ü", "exit"]', 3.0)]
-
-
-def multiprocess() -> bool:
-    """Tell whether metrics are shared through files between worker processes."""
-    return bool(os.environ.get(MULTIPROC_ENV))
 
 
 class Metrics:
@@ -164,7 +115,7 @@ class Metrics:
             registry = CollectorRegistry()
             mp.MultiProcessCollector(registry)
             registry.register(self.decisions)
-            with _files_locked(exclusive=False):  # not while a dead worker's counts are being folded
+            with files_locked(exclusive=False):  # not while a dead worker's counts are being folded
                 return generate_latest(registry), CONTENT_TYPE_LATEST
         return generate_latest(self.registry), CONTENT_TYPE_LATEST
 
@@ -193,7 +144,6 @@ class DecisionCounts:
     LABELS = ("rule", "action")
     LATENCY_NAME = "bootrules_request_duration_seconds"
     LATENCY_HELP = "Time to answer a decision request"
-    FILE_SUFFIX = ".decisions"  # not .db: prometheus_client's collector must not read these
 
     def __init__(self, registry: Any) -> None:
         self._lock = threading.Lock()  # the app may run under a threaded server too
@@ -242,7 +192,7 @@ class DecisionCounts:
 
     def _open_file(self) -> None:
         self._slots = {}  # a parent's counts are in the parent's file
-        self._file = file = _decision_file()
+        self._file = file = decision_file()
         self._file_pid = pid.current
         # A process that had this pid before may have left counts here; they are kept.
         self._bucket_offsets = [file.slot(key) for key in _BUCKET_KEYS]
@@ -265,8 +215,8 @@ class DecisionCounts:
     def totals(self) -> dict[tuple[str, str], float]:
         """This process's counts, or every worker's files added up."""
         if self._multiprocess:
-            with _files_locked(exclusive=False):
-                return _decisions_only(_added_up_decision_files())
+            with files_locked(exclusive=False):
+                return _decisions_only(added_up_decision_files())
         with self._lock:
             return {key: float(slot[0]) for key, slot in self._slots.items()}
 
@@ -277,7 +227,7 @@ class DecisionCounts:
 
         family = CounterMetricFamily(self.NAME, self.HELP, labels=self.LABELS)
         if self._multiprocess:
-            added = _added_up_decision_files()  # exposition() holds the files' lock
+            added = added_up_decision_files()  # exposition() holds the files' lock
             counts = list(_decisions_only(added).items())
             buckets = [added.get(tuple(json.loads(key)), 0.0) for key in _BUCKET_KEYS]  # type: ignore[call-overload]
             total_seconds = added.get(tuple(json.loads(_SUM_KEY)), 0.0)  # type: ignore[call-overload]
@@ -325,162 +275,3 @@ def _file_key(key: tuple[str, str]) -> str:
     if JSON_AS_IS.fullmatch(rule) and JSON_AS_IS.fullmatch(action):
         return f'["{rule}", "{action}"]'
     return json.dumps(key)
-
-
-_INT = struct.Struct("i")
-_DOUBLE = struct.Struct("d")
-_NO_VALUE = bytes(16)  # a new key's value and timestamp: 0.0, 0.0
-
-
-class DecisionFile:
-    """One process's file of decision counts, in the layout of prometheus_client's
-    multiprocess files, which its MmapedDict reads (and bootrules folds and adds up with
-    it): a 4-byte count of the bytes used, 4 bytes of padding, then per key its length (4
-    bytes), the key in UTF-8 padded with spaces to an 8-byte boundary, its value and a
-    timestamp (8-byte doubles). `missing_internals` checks at start that MmapedDict still
-    reads what this writes.
-
-    Written here rather than through MmapedDict, which looks every write's key up twice by
-    its text and makes a struct format for each new key (in a boot storm on one-per-MAC
-    rules nearly every decision is some rule's first): here a key is looked up when first
-    counted, and each count is written at its offset. Only the process whose file it is
-    writes it, and a key is written whole before the count of bytes used says it is
-    there, so a scrape reading the file meanwhile sees the key or nothing of it.
-    """
-
-    INITIAL_SIZE = 1 << 16  # bytes; doubled as needed
-
-    def __init__(self, path: str) -> None:
-        self._file = open(path, "a+b")
-        size = os.fstat(self._file.fileno()).st_size
-        if size == 0:
-            self._file.truncate(self.INITIAL_SIZE)
-            size = self.INITIAL_SIZE
-        self._size = size
-        self._map = mmap.mmap(self._file.fileno(), size)
-        self._offsets: dict[str, int] = {}  # key -> offset of its value
-        used = _INT.unpack_from(self._map, 0)[0]
-        if used == 0:
-            used = 8
-            self._map[0:4] = _INT.pack(used)
-        else:  # a process that had this pid before wrote it
-            from prometheus_client.mmap_dict import MmapedDict
-
-            for key, _value, _timestamp, offset in MmapedDict.read_all_values_from_file(path):
-                self._offsets[key] = offset
-        self._used = used
-
-    def slot(self, key: str) -> int:
-        """The offset of `key`'s value in the file; a key not there yet is added, at 0."""
-        offset = self._offsets.get(key)
-        if offset is not None:
-            return offset
-        encoded = key.encode("utf-8")
-        entry = b"".join((_INT.pack(len(encoded)), encoded, b" " * (8 - (len(encoded) + 4) % 8), _NO_VALUE))
-        start, end = self._used, self._used + len(entry)
-        if end > self._size:
-            self._grow(end)
-        self._map[start:end] = entry
-        self._map[0:4] = _INT.pack(end)  # only now do readers see the key
-        self._used = end
-        offset = self._offsets[key] = end - 16
-        return offset
-
-    def write(self, offset: int, value: float) -> None:
-        # Assigned, not struct.pack_into: a reader never sees the value half written.
-        self._map[offset:offset + 8] = _DOUBLE.pack(value)
-
-    def read(self, offset: int) -> float:
-        return _DOUBLE.unpack_from(self._map, offset)[0]
-
-    def _grow(self, needed: int) -> None:
-        size = self._size
-        while size < needed:
-            size *= 2
-        self._file.truncate(size)
-        self._map.close()
-        self._map = mmap.mmap(self._file.fileno(), size)
-        self._size = size
-
-    def close(self) -> None:
-        self._map.close()
-        self._file.close()
-
-
-_decision_files: dict[str, DecisionFile] = {}
-
-
-def _decision_file() -> DecisionFile:
-    """This process's file of decision counts, opened once (as prometheus_client does its own)."""
-    path = os.path.join(os.environ[MULTIPROC_ENV], f"{os.getpid()}{DecisionCounts.FILE_SUFFIX}")
-    if path not in _decision_files:
-        _decision_files[path] = DecisionFile(path)
-    return _decision_files[path]
-
-
-def _added_up_decision_files() -> dict[tuple[str, str], float]:
-    """The decision counts of every process, live or gone, that wrote a file here."""
-    from prometheus_client.mmap_dict import MmapedDict
-
-    by_key: dict[str, float] = {}
-    for path in glob.glob(os.path.join(os.environ[MULTIPROC_ENV], "*" + DecisionCounts.FILE_SUFFIX)):
-        for key, value, _timestamp, _position in MmapedDict.read_all_values_from_file(path):
-            by_key[key] = by_key.get(key, 0.0) + value
-    return {tuple(json.loads(key)): total for key, total in by_key.items()}  # type: ignore[misc]
-
-
-# A dead worker's counter, histogram and decision files are added into these, so that a
-# scrape reads one file per live worker plus one per kind, however many reloads there were.
-ARCHIVE = "archive"
-FOLDED_KINDS = ("counter", "histogram")
-LOCK_FILE = "files.lock"
-
-
-@contextlib.contextmanager
-def _files_locked(exclusive: bool) -> Iterator[None]:
-    """Hold the lock on the metrics files: shared to read them, exclusive to fold them."""
-    fd = os.open(os.path.join(os.environ[MULTIPROC_ENV], LOCK_FILE), os.O_RDWR | os.O_CREAT, 0o600)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
-        yield
-    finally:
-        os.close(fd)  # releases the lock
-
-
-def _fold(source: str, archive: str) -> None:
-    """Add every value of the file `source` into the file `archive`, then remove `source`."""
-    from prometheus_client.mmap_dict import MmapedDict
-
-    target = MmapedDict(archive)
-    try:
-        for key, value, timestamp, _position in MmapedDict.read_all_values_from_file(source):
-            total, _previous = target.read_value(key)
-            target.write_value(key, total + value, timestamp)
-    finally:
-        target.close()
-    os.unlink(source)
-
-
-def worker_exited(pid: int) -> None:
-    """Drop a dead worker's live gauges, and fold its counts into the archive (multiprocess mode)."""
-    if not multiprocess():
-        return
-    from prometheus_client import multiprocess as mp
-
-    mp.mark_process_dead(pid)
-    directory = os.environ[MULTIPROC_ENV]
-    with _files_locked(exclusive=True):
-        for kind in FOLDED_KINDS:
-            source = os.path.join(directory, f"{kind}_{pid}.db")
-            if os.path.exists(source):
-                _fold(source, os.path.join(directory, f"{kind}_{ARCHIVE}.db"))
-        source = os.path.join(directory, f"{pid}{DecisionCounts.FILE_SUFFIX}")
-        if os.path.exists(source):
-            _fold(source, os.path.join(directory, ARCHIVE + DecisionCounts.FILE_SUFFIX))
-
-
-def clear_runtime_files(directory: Path) -> None:
-    """Remove metrics files an earlier run left in `directory`."""
-    for pattern in ("*.db", "*" + DecisionCounts.FILE_SUFFIX):
-        for stale in directory.glob(pattern):
-            stale.unlink()

@@ -17,11 +17,11 @@ from bootrules.services import services
 def _decision_files_closed():
     """A process keeps its file of decision counts open for its life; these tests make one
     in each test's directory, all in one process: each is closed with its test."""
-    from bootrules import metrics
+    from bootrules import metrics_files
 
     yield
-    for path in list(metrics._decision_files):
-        metrics._decision_files.pop(path).close()
+    for path in list(metrics_files._decision_files):
+        metrics_files._decision_files.pop(path).close()
 
 
 # --------------------------------------------------------------------------- metrics

@@ -32,7 +32,8 @@ from ..application import probed_stores, state_store_ahead
 from ..decide.reloader import Reloader
 from ..errors import StartError
 from ..logs import configure_logging
-from ..metrics import MULTIPROC_ENV, Metrics, clear_runtime_files, missing_internals, worker_exited
+from ..metrics import Metrics
+from ..metrics_files import MULTIPROC_ENV, clear_runtime_files, missing_internals, worker_exited
 from ..settings import Settings
 from ..state.health import HealthBoard, Prober
 from .forking import exit_after, watch_parents
