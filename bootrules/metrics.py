@@ -135,8 +135,8 @@ class DecisionCounts:
     in PROMETHEUS_MULTIPROC_DIR (DecisionFile, keyed by the JSON of [rule, action], and of
     [LATENCY_NAME, "bucket", i] and [LATENCY_NAME, "sum", 0]), and a scrape adds the files
     up by key, which is faster than prometheus_client's own collector at one series per
-    rule (docs/performance.md). Each pair keeps its count and where the file holds it in
-    one slot, so that a count is one lookup and one write.
+    rule (docs/performance.md). Each pair's count is written at the place in the file
+    found when it was first counted.
     """
 
     NAME = "bootrules_decisions"
@@ -147,8 +147,11 @@ class DecisionCounts:
 
     def __init__(self, registry: Any) -> None:
         self._lock = threading.Lock()  # the app may run under a threaded server too
-        # Per (rule, action): [count, offset of its value in the file (-1: no file)].
-        self._slots: dict[tuple[str, str], list[int]] = {}
+        self._counts: dict[tuple[str, str], int] = {}
+        # Where each pair's count lies in the file. (Two dicts of ints rather than one of
+        # [count, offset] lists: a list per rule would be one more object per rule for the
+        # cyclic garbage collector to walk, and a storm makes thousands.)
+        self._offsets: dict[tuple[str, str], int] = {}
         self._buckets = [0] * (len(LATENCY_BUCKETS) + 1)  # per bucket, not cumulative; the last is +Inf
         self._sum = 0.0
         self._created = time.time()
@@ -166,12 +169,13 @@ class DecisionCounts:
         with self._lock:
             if self._multiprocess and self._file_pid != pid.current:  # first use, or forked since
                 self._open_file()
-            slot = self._slots.get(key)
-            if slot is None:
-                slot = self._first_count(key)
-            total = slot[0] = slot[0] + 1
+            total = self._counts.get(key)
+            if total is None:
+                total = self._first_count(key)
+            total += 1
+            self._counts[key] = total
             if self._file is not None:
-                self._file.write(slot[1], total)
+                self._file.write(self._offsets[key], total)
             if seconds is not None:
                 self._observe(seconds)
 
@@ -191,7 +195,7 @@ class DecisionCounts:
             self._file.write(self._sum_offset, self._sum)
 
     def _open_file(self) -> None:
-        self._slots = {}  # a parent's counts are in the parent's file
+        self._counts, self._offsets = {}, {}  # a parent's counts are in the parent's file
         self._file = file = decision_file()
         self._file_pid = pid.current
         # A process that had this pid before may have left counts here; they are kept.
@@ -200,17 +204,14 @@ class DecisionCounts:
         self._sum_offset = file.slot(_SUM_KEY)
         self._sum = file.read(self._sum_offset)
 
-    def _first_count(self, key: tuple[str, str]) -> list[int]:
-        """The slot of a pair not counted yet by this object, with its count so far: 0, or
-        what its file holds."""
+    def _first_count(self, key: tuple[str, str]) -> int:
+        """The count so far of a pair not counted yet by this object: 0, or what its file holds."""
         file = self._file
         if file is None:
-            slot = self._slots[key] = [0, -1]
-            return slot
-        offset = file.slot(_file_key(key))
+            return 0
+        offset = self._offsets[key] = file.slot(_file_key(key))
         # A process that had this pid before may have left counts here; they are kept.
-        slot = self._slots[key] = [int(file.read(offset)), offset]
-        return slot
+        return int(file.read(offset))
 
     def totals(self) -> dict[tuple[str, str], float]:
         """This process's counts, or every worker's files added up."""
@@ -218,7 +219,7 @@ class DecisionCounts:
             with files_locked(exclusive=False):
                 return _decisions_only(added_up_decision_files())
         with self._lock:
-            return {key: float(slot[0]) for key, slot in self._slots.items()}
+            return {key: float(total) for key, total in self._counts.items()}
 
     def collect(self) -> Iterator[Any]:
         """The counts and the latency as metric families: this process's, or every worker's
@@ -233,7 +234,7 @@ class DecisionCounts:
             total_seconds = added.get(tuple(json.loads(_SUM_KEY)), 0.0)  # type: ignore[call-overload]
         else:
             with self._lock:
-                counts = [(key, float(slot[0])) for key, slot in self._slots.items()]
+                counts = list(self._counts.items())
                 buckets, total_seconds = [float(count) for count in self._buckets], self._sum
         for labels, total in counts:
             family.add_metric(labels, total)
